@@ -1,0 +1,191 @@
+//! The `ese` command line: parses arguments and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::engine;
+use crate::stages::{self, Deps};
+
+/// Event Stream Engine: provider webhooks, consent, receipts and campaigns over Kafka into PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "ese", version, about)]
+pub struct Cli {
+    /// Extra TOML config file (over the embedded defaults, under the environment).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply pending database migrations (a no-op when there are none).
+    Migrate,
+    /// Manage Kafka topics.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+    /// Run one or more stages in this process until SIGINT/SIGTERM.
+    Run {
+        /// Stage names (see `pipelines/`).
+        #[arg(required = true, value_parser = clap::builder::PossibleValuesParser::new(stages::ALL))]
+        stages: Vec<String>,
+    },
+    /// Everything in one process: migrations, topics, every stage, and the
+    /// embedded broker when no brokers are configured.
+    Up,
+    /// Run the embedded Kafka-API broker alone.
+    Broker {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        listen: String,
+        /// `memory://NAME/` (lost on exit) or `sqlite://PATH` (survives kill -9 and restart).
+        #[arg(long, default_value = "memory://ese/")]
+        storage: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicsCommand {
+    /// Create every topic the pipelines name (idempotent).
+    Create,
+}
+
+/// Entry point of the binary: runs the command, prints a one-line reason on failure.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ese: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ese: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tansu=warn,librdkafka=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Migrate => {
+            let applied = crate::db::migrate(&settings.database.url).await?;
+            if applied.is_empty() {
+                println!("database is up to date");
+            } else {
+                for m in applied {
+                    println!("applied {m}");
+                }
+            }
+            Ok(())
+        }
+        Command::Topics {
+            command: TopicsCommand::Create,
+        } => {
+            let topics = settings.all_topics();
+            let created = crate::kafka::create_topics(&settings.kafka, &topics).await?;
+            println!(
+                "{} topics ({} created now): {}",
+                topics.len(),
+                created.len(),
+                topics.join(", ")
+            );
+            Ok(())
+        }
+        Command::Run { stages } => {
+            let shutdown = CancellationToken::new();
+            engine::cancel_on_signal(shutdown.clone());
+            let deps = Deps::new(&settings)?;
+            let metrics = tokio::spawn(crate::metrics::serve(
+                settings.metrics.listen,
+                shutdown.clone(),
+            ));
+            let result = engine::run_stages(&stages, &deps, shutdown.clone()).await;
+            shutdown.cancel();
+            let _ = metrics.await;
+            result
+        }
+        Command::Up => up(settings).await,
+        Command::Broker { listen, storage } => {
+            let broker = crate::broker::start(&listen, &storage).await?;
+            println!("ese broker: Kafka API on {} (storage {storage})", broker.bootstrap);
+            let shutdown = CancellationToken::new();
+            engine::cancel_on_signal(shutdown.clone());
+            shutdown.cancelled().await;
+            drop(broker);
+            Ok(())
+        }
+    }
+}
+
+async fn up(mut settings: Settings) -> anyhow::Result<()> {
+    let _broker = if settings.kafka.brokers.trim().is_empty() {
+        let b = crate::broker::start(&settings.broker.listen, &settings.broker.storage).await?;
+        settings.kafka.brokers = b.bootstrap.clone();
+        Some(b)
+    } else {
+        None
+    };
+    let applied = crate::db::migrate(&settings.database.url).await?;
+    let topics = settings.all_topics();
+    crate::kafka::create_topics(&settings.kafka, &topics).await?;
+    let shutdown = CancellationToken::new();
+    engine::cancel_on_signal(shutdown.clone());
+    let deps = Deps::new(&settings)?;
+    let metrics = tokio::spawn(crate::metrics::serve(
+        settings.metrics.listen,
+        shutdown.clone(),
+    ));
+    println!("ese up");
+    match &_broker {
+        Some(b) => println!(
+            "  kafka      {} (embedded broker, storage {})",
+            b.bootstrap, settings.broker.storage
+        ),
+        None => println!("  kafka      {}", settings.kafka.brokers),
+    }
+    println!(
+        "  postgres   {} ({} migrations applied now)",
+        redact(&settings.database.url),
+        applied.len()
+    );
+    println!("  metrics    http://{}/metrics", settings.metrics.listen);
+    println!("  stages     {}", stages::ALL.join(", "));
+    println!("  topics     {}", topics.len());
+    let names: Vec<String> = stages::ALL.iter().map(|s| s.to_string()).collect();
+    let result = engine::run_stages(&names, &deps, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = metrics.await;
+    result
+}
+
+/// The URL without its password, for banners and logs.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}

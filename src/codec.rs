@@ -1,0 +1,270 @@
+//! Avro records with the schemas in `schemas/`.
+//!
+//! Without a schema registry every record is Avro single-object encoded
+//! (`C3 01`, the 8-byte CRC-64-AVRO fingerprint of the writer schema, then the
+//! datum); every version of every schema is known, so a record written with an
+//! older version is read through schema resolution. With `schema-registry.url`
+//! set, records use the Confluent wire format via `schema_registry_converter`
+//! (topic-name subject strategy; the schema is registered on first use).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use apache_avro::rabin::Rabin;
+use apache_avro::types::Value;
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::writer::datum::GenericDatumWriter;
+use apache_avro::{Schema, from_value, to_value};
+use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::schema_registry_common::{
+    SchemaType, SubjectNameStrategy, SuppliedSchema,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The record types the engine reads and writes; each has a schema file per version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    UserUpsert,
+}
+
+impl Kind {
+    /// Every version's schema text, oldest first; the last is the one written.
+    fn versions(self) -> &'static [&'static str] {
+        match self {
+            Kind::UserUpsert => &[include_str!("../schemas/user_upsert.v1.avsc")],
+        }
+    }
+
+    const ALL: &'static [Kind] = &[Kind::UserUpsert];
+}
+
+/// Why a payload could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("empty payload")]
+    Empty,
+    #[error("not Avro single-object encoded (missing C3 01 marker)")]
+    NotSingleObject,
+    #[error("unknown schema fingerprint {0:016x}")]
+    UnknownFingerprint(u64),
+    #[error("avro: {0}")]
+    Avro(String),
+    #[error("schema registry: {0}")]
+    Registry(String),
+}
+
+/// The schemas of one kind. Schemas are leaked once at start (a handful of
+/// small values) so readers and writers can be resolved once and reused.
+struct Known {
+    current: &'static Schema,
+    writer: GenericDatumWriter<'static>,
+    /// fingerprint → reader from that writer version to the current schema
+    readers: HashMap<u64, GenericDatumReader<'static>>,
+    current_fingerprint: u64,
+    text: &'static str,
+}
+
+/// Encodes and decodes every record type; cheap to clone.
+#[derive(Clone)]
+pub struct Codec {
+    known: Arc<HashMap<Kind, Known>>,
+    registry: Option<Arc<(AvroEncoder, AvroDecoder)>>,
+}
+
+fn fingerprint(schema: &Schema) -> u64 {
+    let fp = schema.fingerprint::<Rabin>();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&fp.bytes[..8]);
+    u64::from_le_bytes(b)
+}
+
+impl Codec {
+    /// Loads the embedded schemas; `registry_url` empty means single-object encoding.
+    pub fn new(registry_url: &str) -> anyhow::Result<Self> {
+        let mut known = HashMap::new();
+        for &kind in Kind::ALL {
+            let mut versions: Vec<(&'static Schema, u64)> = Vec::new();
+            for text in kind.versions() {
+                let schema = Schema::parse_str(text)
+                    .map_err(|e| anyhow::anyhow!("schema for {kind:?} does not parse: {e}"))?;
+                let fp = fingerprint(&schema);
+                versions.push((Box::leak(Box::new(schema)), fp));
+            }
+            let text = kind
+                .versions()
+                .last()
+                .ok_or_else(|| anyhow::anyhow!("no schema for {kind:?}"))?;
+            let (current, current_fingerprint) = versions[versions.len() - 1];
+            let mut readers = HashMap::new();
+            for (writer, fp) in versions {
+                let reader = GenericDatumReader::builder(writer)
+                    .reader_schema(current)
+                    .build()
+                    .map_err(|e| anyhow::anyhow!("schema for {kind:?} does not resolve: {e}"))?;
+                readers.insert(fp, reader);
+            }
+            let writer = GenericDatumWriter::builder(current)
+                .build()
+                .map_err(|e| anyhow::anyhow!("schema for {kind:?}: {e}"))?;
+            known.insert(
+                kind,
+                Known {
+                    current,
+                    writer,
+                    readers,
+                    current_fingerprint,
+                    text,
+                },
+            );
+        }
+        let registry = if registry_url.trim().is_empty() {
+            None
+        } else {
+            let settings = SrSettings::new(registry_url.trim().to_string());
+            Some(Arc::new((
+                AvroEncoder::new(settings.clone()),
+                AvroDecoder::new(settings),
+            )))
+        };
+        Ok(Self {
+            known: Arc::new(known),
+            registry,
+        })
+    }
+
+    fn known(&self, kind: Kind) -> &Known {
+        // Every Kind is loaded in `new`, which fails otherwise.
+        &self.known[&kind]
+    }
+
+    /// Encodes `item` as a `kind` record bound for `topic`.
+    pub async fn encode<T: Serialize>(
+        &self,
+        topic: &str,
+        kind: Kind,
+        item: &T,
+    ) -> Result<Vec<u8>, CodecError> {
+        let known = self.known(kind);
+        let value = to_value(item)
+            .and_then(|v| v.resolve(known.current))
+            .map_err(|e| CodecError::Avro(e.to_string()))?;
+        match &self.registry {
+            None => {
+                let body = known
+                    .writer
+                    .write_value_to_vec(value)
+                    .map_err(|e| CodecError::Avro(e.to_string()))?;
+                let mut out = Vec::with_capacity(body.len() + 10);
+                out.extend_from_slice(&[0xC3, 0x01]);
+                out.extend_from_slice(&known.current_fingerprint.to_le_bytes());
+                out.extend_from_slice(&body);
+                Ok(out)
+            }
+            Some(reg) => {
+                let supplied =
+                    SuppliedSchema::new(None, SchemaType::Avro, known.text.to_string());
+                let strategy =
+                    SubjectNameStrategy::TopicNameStrategyWithSchema(topic.into(), false, supplied);
+                reg.0
+                    .encode_value(value, &strategy)
+                    .await
+                    .map_err(|e| CodecError::Registry(e.to_string()))
+            }
+        }
+    }
+
+    /// Decodes a `kind` record written with any known version of its schema.
+    pub async fn decode<T: DeserializeOwned>(
+        &self,
+        kind: Kind,
+        bytes: &[u8],
+    ) -> Result<T, CodecError> {
+        if bytes.is_empty() {
+            return Err(CodecError::Empty);
+        }
+        let known = self.known(kind);
+        let value: Value = match &self.registry {
+            None => {
+                if bytes.len() < 10 || bytes[0] != 0xC3 || bytes[1] != 0x01 {
+                    return Err(CodecError::NotSingleObject);
+                }
+                let mut fp = [0u8; 8];
+                fp.copy_from_slice(&bytes[2..10]);
+                let fp = u64::from_le_bytes(fp);
+                let reader = known
+                    .readers
+                    .get(&fp)
+                    .ok_or(CodecError::UnknownFingerprint(fp))?;
+                let mut body = &bytes[10..];
+                let value = reader
+                    .read_value(&mut body)
+                    .map_err(|e| CodecError::Avro(e.to_string()))?;
+                if !body.is_empty() {
+                    return Err(CodecError::Avro(format!(
+                        "{} trailing bytes after the record",
+                        body.len()
+                    )));
+                }
+                value
+            }
+            Some(reg) => {
+                reg.1
+                    .decode(Some(bytes))
+                    .await
+                    .map_err(|e| CodecError::Registry(e.to_string()))?
+                    .value
+            }
+        };
+        from_value::<T>(&value).map_err(|e| CodecError::Avro(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct Upsert {
+        event_id: Option<String>,
+        phone: String,
+        attributes: std::collections::BTreeMap<String, serde_json::Value>,
+        occurred_at: i64,
+    }
+
+    #[tokio::test]
+    async fn single_object_round_trip() {
+        let codec = Codec::new("").unwrap();
+        let u = Upsert {
+            event_id: None,
+            phone: "+14155550100".into(),
+            attributes: [
+                ("city".to_string(), serde_json::json!("Paris")),
+                ("age".to_string(), serde_json::json!(41)),
+                ("vip".to_string(), serde_json::json!(true)),
+                ("score".to_string(), serde_json::json!(2.5)),
+            ]
+            .into(),
+            occurred_at: 1_700_000_000_000,
+        };
+        let bytes = codec.encode("t", Kind::UserUpsert, &u).await.unwrap();
+        assert_eq!(&bytes[..2], &[0xC3, 0x01]);
+        let back: Upsert = codec.decode(Kind::UserUpsert, &bytes).await.unwrap();
+        assert_eq!(back, u);
+    }
+
+    #[tokio::test]
+    async fn garbage_is_an_error_not_a_panic() {
+        let codec = Codec::new("").unwrap();
+        for bad in [&b""[..], b"hello", &[0xC3, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 1]] {
+            assert!(
+                codec
+                    .decode::<Upsert>(Kind::UserUpsert, bad)
+                    .await
+                    .is_err()
+            );
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! Settings: one typed tree loaded with figment.
+//!
+//! Precedence, lowest first: `config/default.toml` (embedded) < `pipelines/*.toml`
+//! (embedded) < the `--config FILE` < `DATABASE_URL` / `KAFKA_BROKERS` <
+//! `ESE__SECTION__KEY` variables (`__` separates levels, `_` inside a name
+//! stands for `-`) < programmatic overrides (tests). Unknown keys are errors
+//! that name the key and where it came from.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Every embedded pipeline definition, one per stage.
+const PIPELINES: &[(&str, &str)] = &[("users", include_str!("../pipelines/users.toml"))];
+
+/// The whole configuration of one `ese` process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    pub database: DatabaseConfig,
+    pub kafka: KafkaConfig,
+    pub schema_registry: RegistryConfig,
+    pub metrics: MetricsConfig,
+    pub phone: PhoneConfig,
+    pub broker: BrokerConfig,
+    /// Stage definitions keyed by stage name (`pipelines/<stage>.toml`).
+    pub pipelines: BTreeMap<String, Pipeline>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL; `DATABASE_URL` sets it. Default `postgres://postgres@127.0.0.1:5432/postgres`.
+    pub url: String,
+    /// Connections in the pool shared by every stage of the process. Default 16.
+    pub pool_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, comma-separated; `KAFKA_BROKERS` sets it. Empty means
+    /// "start the embedded broker" under `ese up`. Default empty.
+    pub brokers: String,
+    /// Partitions of each topic `ese topics create` makes. Default 6.
+    pub partitions: i32,
+    /// Replication factor of created topics. Default 1.
+    pub replication_factor: i32,
+    /// `client.id` of every client. Default `ese`.
+    pub client_id: String,
+    /// Consumer group session timeout. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// How long a produce may wait for the broker's acknowledgement. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub produce_timeout: Duration,
+    /// librdkafka statistics interval, the source of the lag gauges. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub statistics_interval: Duration,
+    /// Extra librdkafka properties passed through as they are (e.g. `security.protocol`).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Confluent-compatible schema registry URL. Empty: Avro single-object
+    /// encoding with the schemas in `schemas/`. Default empty.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where `/metrics` listens for `ese run`; `ese up` also serves it on the bridge. Default `127.0.0.1:9464`.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PhoneConfig {
+    /// Region (ISO 3166 alpha-2) for numbers written without a country code. Default `US`.
+    pub default_region: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Where the embedded broker listens. Default `127.0.0.1:9092`.
+    pub listen: String,
+    /// Embedded broker storage: `memory://ese/` or `sqlite://PATH` (durable). Default memory.
+    pub storage: String,
+}
+
+/// One stage's wiring and tuning (`pipelines/<stage>.toml`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Pipeline {
+    /// Consumer group id; replay resets this group.
+    pub group_id: String,
+    /// Topics consumed.
+    pub inputs: Vec<String>,
+    /// Named output topics the stage writes to (`name = "topic"`).
+    #[serde(default)]
+    pub outputs: BTreeMap<String, String>,
+    /// Dead-letter topic for poison records.
+    pub dlq: String,
+    /// Records per batch (one Postgres transaction each). Default 500.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// How long a batch waits to fill before it runs anyway. Default 50ms.
+    #[serde(default = "default_max_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Workers; each owns a fixed share of partitions, so per-partition order holds. Default 1.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Backoff for transient errors (the batch is retried, its offsets not stored).
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+/// Capped exponential backoff for transient errors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// First wait. Default 100ms.
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Longest wait. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Attempts before the stage stops as fatal; 0 retries for ever. Default 0.
+    #[serde(default)]
+    pub max_attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            max_attempts: 0,
+        }
+    }
+}
+
+fn default_batch_size() -> usize {
+    500
+}
+fn default_max_wait() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_concurrency() -> usize {
+    1
+}
+
+/// `ESE__BRIDGE__PUBLIC_URL` → `bridge.public-url`.
+fn env_key(key: &str) -> String {
+    key.split("__")
+        .map(|part| part.replace('_', "-"))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+impl Settings {
+    /// Loads settings from every source, optional file included.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        Self::load_with(file, Serialized::defaults(serde_json::json!({})))
+    }
+
+    /// Like [`Settings::load`], with `overrides` (a serializable tree) on top of everything.
+    pub fn load_with(
+        file: Option<&Path>,
+        overrides: impl figment::Provider,
+    ) -> anyhow::Result<Self> {
+        let mut figment = Figment::new().merge(Toml::string(DEFAULT_TOML));
+        for (_, text) in PIPELINES {
+            figment = figment.merge(Toml::string(text));
+        }
+        if let Some(path) = file {
+            if !path.exists() {
+                anyhow::bail!("config file {} does not exist", path.display());
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment
+            .merge(
+                Env::raw()
+                    .only(&["DATABASE_URL"])
+                    .map(|_| "database.url".into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["KAFKA_BROKERS"])
+                    .map(|_| "kafka.brokers".into()),
+            )
+            .merge(Env::prefixed("ESE__").map(|key| env_key(key.as_str()).into()))
+            .merge(overrides);
+        let settings: Settings = figment.extract().map_err(|e| {
+            let errors: Vec<String> = e.into_iter().map(|e| describe(&e)).collect();
+            anyhow::anyhow!("invalid configuration: {}", errors.join("; "))
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        for (name, p) in &self.pipelines {
+            if p.inputs.is_empty() {
+                anyhow::bail!("pipelines.{name}.inputs: a stage needs at least one input topic");
+            }
+            if p.batch_size == 0 || p.concurrency == 0 {
+                anyhow::bail!("pipelines.{name}: batch-size and concurrency must be at least 1");
+            }
+        }
+        if phonenumber::country::Id::from_str_opt(&self.phone.default_region).is_none() {
+            anyhow::bail!(
+                "phone.default-region: {:?} is not an ISO 3166 region code",
+                self.phone.default_region
+            );
+        }
+        Ok(())
+    }
+
+    /// The pipeline of `stage`, or an error naming it.
+    pub fn pipeline(&self, stage: &str) -> anyhow::Result<&Pipeline> {
+        self.pipelines
+            .get(stage)
+            .ok_or_else(|| anyhow::anyhow!("no pipeline configured for stage {stage:?}"))
+    }
+
+    /// Every topic any pipeline reads, writes or dead-letters to.
+    pub fn all_topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self
+            .pipelines
+            .values()
+            .flat_map(|p| {
+                p.inputs
+                    .iter()
+                    .chain(p.outputs.values())
+                    .chain(std::iter::once(&p.dlq))
+                    .cloned()
+            })
+            .collect();
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+}
+
+/// One figment error as "key: what is wrong (in SOURCE)".
+fn describe(e: &figment::Error) -> String {
+    let key = if e.path.is_empty() {
+        "(top level)".to_string()
+    } else {
+        e.path.join(".")
+    };
+    let source = e
+        .metadata
+        .as_ref()
+        .map(|m| match &m.source {
+            Some(src) => format!(" in {src}"),
+            None => format!(" in {}", m.name),
+        })
+        .unwrap_or_default();
+    format!("{key}: {}{source}", e.kind)
+}
+
+trait RegionExt {
+    fn from_str_opt(s: &str) -> Option<phonenumber::country::Id>;
+}
+
+impl RegionExt for phonenumber::country::Id {
+    fn from_str_opt(s: &str) -> Option<phonenumber::country::Id> {
+        s.to_ascii_uppercase().parse().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_keys_map_to_kebab_sections() {
+        assert_eq!(env_key("BRIDGE__PUBLIC_URL"), "BRIDGE.PUBLIC-URL");
+        assert_eq!(env_key("pipelines__users__batch_size"), "pipelines.users.batch-size");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Settings::load_with(
+            None,
+            Serialized::defaults(serde_json::json!({"database": {"nope": 1}})),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn defaults_load() {
+        let s = Settings::load(None).unwrap();
+        assert!(s.pipelines.contains_key("users"));
+        assert!(s.all_topics().contains(&"dlq.users".to_string()));
+    }
+}

@@ -1,0 +1,81 @@
+//! PostgreSQL: the connection pool, migrations, and how database errors are classified.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use crate::config::DatabaseConfig;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Builds the pool shared by every stage of the process (no connection is made yet).
+pub fn pool(cfg: &DatabaseConfig) -> anyhow::Result<Pool> {
+    let pg: tokio_postgres::Config = cfg
+        .url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("database.url is not a PostgreSQL URL: {e}"))?;
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Verified,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(cfg.pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(30)))
+        .create_timeout(Some(Duration::from_secs(10)))
+        .build()
+        .map_err(|e| anyhow::anyhow!("database pool: {e}"))
+}
+
+/// Applies pending migrations from `migrations/`; a no-op when none are pending.
+/// Returns the names of the migrations applied now.
+pub async fn migrate(url: &str) -> anyhow::Result<Vec<String>> {
+    let (mut client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL at database.url: {e}"))?;
+    let conn = tokio::spawn(connection);
+    let report = embedded::migrations::runner()
+        .run_async(&mut client)
+        .await
+        .map_err(|e| anyhow::anyhow!("migration failed: {e}"))?;
+    drop(client);
+    let _ = conn.await;
+    Ok(report
+        .applied_migrations()
+        .iter()
+        .map(|m| m.to_string())
+        .collect())
+}
+
+/// What a database error means for the record that caused it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Connection lost, server shutting down, serialization failure, pool timeout: retry.
+    Transient,
+    /// The data broke a constraint or a type: the record is poison.
+    Data,
+    /// A bug or a broken schema (syntax, missing table): stop.
+    Fatal,
+}
+
+/// Classifies a tokio-postgres error by SQLSTATE class.
+pub fn classify(e: &tokio_postgres::Error) -> ErrorClass {
+    match e.code() {
+        None => ErrorClass::Transient, // I/O, closed connection, timeouts
+        Some(code) => {
+            let s = code.code();
+            match &s[..2] {
+                "08" | "40" | "53" | "57" | "58" | "55" => ErrorClass::Transient,
+                "22" | "23" => ErrorClass::Data,
+                "P0" => ErrorClass::Data, // raised by our own triggers and functions
+                _ => ErrorClass::Fatal,
+            }
+        }
+    }
+}

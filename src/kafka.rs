@@ -1,0 +1,109 @@
+//! Shared Kafka settings: one place that builds every producer, consumer and
+//! admin client, so all of them talk to the same brokers the same way.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::FutureProducer;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::KafkaConfig;
+
+/// The base client config: brokers, client id and pass-through options.
+pub fn client_config(cfg: &KafkaConfig) -> anyhow::Result<ClientConfig> {
+    if cfg.brokers.trim().is_empty() {
+        anyhow::bail!(
+            "kafka.brokers is empty: set KAFKA_BROKERS, or run `ese up` / `ese broker` for the embedded broker"
+        );
+    }
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", cfg.brokers.trim())
+        .set("client.id", &cfg.client_id)
+        .set("log_level", "3");
+    for (k, v) in &cfg.options {
+        c.set(k, v);
+    }
+    Ok(c)
+}
+
+/// The one producer setup: idempotent, `acks=all`, small linger for batching.
+pub fn producer(cfg: &KafkaConfig) -> anyhow::Result<FutureProducer> {
+    let mut c = client_config(cfg)?;
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set(
+            "message.timeout.ms",
+            cfg.produce_timeout.as_millis().to_string(),
+        );
+    c.create()
+        .map_err(|e| anyhow::anyhow!("cannot create Kafka producer: {e}"))
+}
+
+/// Config for a stage consumer in `group`: offsets stored by the runner only,
+/// committed automatically.
+pub fn consumer_config(cfg: &KafkaConfig, group: &str) -> anyhow::Result<ClientConfig> {
+    let mut c = client_config(cfg)?;
+    c.set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set(
+            "session.timeout.ms",
+            cfg.session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "statistics.interval.ms",
+            cfg.statistics_interval.as_millis().to_string(),
+        );
+    Ok(c)
+}
+
+/// Creates `topics` with the configured partitions and replication; topics
+/// that exist already are left alone. Returns the ones created now.
+pub async fn create_topics(cfg: &KafkaConfig, topics: &[String]) -> anyhow::Result<Vec<String>> {
+    let admin: AdminClient<DefaultClientContext> = client_config(cfg)?
+        .create()
+        .map_err(|e| anyhow::anyhow!("cannot create Kafka admin client: {e}"))?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            NewTopic::new(
+                t,
+                cfg.partitions,
+                TopicReplication::Fixed(cfg.replication_factor),
+            )
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(new.iter(), &opts)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create topics on {}: {e}", cfg.brokers))?;
+    let mut created = Vec::new();
+    for r in results {
+        match r {
+            Ok(t) => created.push(t),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => anyhow::bail!("cannot create topic {t}: {code}"),
+        }
+    }
+    Ok(created)
+}
+
+/// True when a produce/consume error is worth retrying (the broker may come back).
+pub fn is_transient(e: &KafkaError) -> bool {
+    !matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge)
+            | Some(RDKafkaErrorCode::InvalidMessage)
+            | Some(RDKafkaErrorCode::UnknownTopicOrPartition)
+            | Some(RDKafkaErrorCode::TopicAuthorizationFailed)
+    )
+}

@@ -1,0 +1,27 @@
+//! Event Stream Engine: a Kafka stream-processing pipeline for a WhatsApp/SMS
+//! messaging platform, with PostgreSQL as the sink of record.
+//!
+//! Modules:
+//! - [`cli`]: the `ese` command line; `main.rs` only calls [`cli::main`].
+//! - [`config`]: settings from `config/default.toml`, `pipelines/*.toml`, a file and the environment.
+//! - [`db`]: the Postgres pool, migrations (`migrations/`), error classification.
+//! - [`kafka`]: the one place Kafka clients are configured; topic creation.
+//! - [`broker`]: the embedded Kafka-API broker (tansu) for development and tests.
+//! - [`codec`]: Avro records (`schemas/`), single-object or schema-registry encoded.
+//! - [`runner`]: the stage runner — the one consumer loop every stage uses.
+//! - [`stages`]: the stages (domain logic and SQL only), registered by name.
+//! - [`phone`]: E.164 normalization.
+//! - [`metrics`]: the Prometheus recorder and `/metrics`.
+//! - [`engine`]: wiring a process together (`ese up`, `ese run`).
+
+pub mod broker;
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod db;
+pub mod engine;
+pub mod kafka;
+pub mod metrics;
+pub mod phone;
+pub mod runner;
+pub mod stages;

@@ -1,0 +1,754 @@
+//! The stage runner: the one consumer loop every stage uses.
+//!
+//! A stage ([`Stage`]) owns only its domain logic: decode a record, apply a
+//! batch's effects inside one Postgres transaction, and hand output records
+//! to a [`Collector`]. The runner owns everything else:
+//!
+//! - Kafka: a `StreamConsumer` with `enable.auto.offset.store=false`; records
+//!   go to one of `concurrency` workers by partition, so order within a
+//!   partition holds and no gap tracking is needed.
+//! - Batches: a worker gathers up to `batch-size` records (or waits
+//!   `max-wait`), opens a transaction, runs the stage, produces the outputs
+//!   and dead letters and waits for the broker's acknowledgements, commits,
+//!   and only then stores each partition's offset. At-least-once; the stages'
+//!   sinks are idempotent, so a redelivery changes nothing.
+//! - Errors: transient (connection lost, broker down) → the batch is retried
+//!   with capped exponential backoff, nothing stored; poison (undecodable,
+//!   invalid data, a constraint violation) → the record goes to the DLQ with
+//!   headers naming why and where from, and the rest goes on; fatal → the
+//!   stage stops with the reason.
+//! - Rebalance: a revoke removes the partitions from the owned set under the
+//!   same lock offsets are stored under, so no offset is ever stored for a
+//!   partition no longer owned, and retries of revoked work are dropped.
+//! - Shutdown: stop fetching, finish queued batches, commit, return.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Pool, Transaction};
+use futures::future::join_all;
+use metrics::{counter, gauge, histogram};
+use rand::Rng;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::codec::CodecError;
+use crate::config::{KafkaConfig, Pipeline};
+use crate::db::{self, ErrorClass};
+
+/// Header carrying the time (ms since the epoch) the bridge received a webhook;
+/// the runner turns it into the end-to-end latency histogram.
+pub const RECEIVED_AT_HEADER: &str = "ese.received-at";
+
+/// One consumed record, detached from the consumer.
+#[derive(Debug, Clone)]
+pub struct InRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    /// Broker timestamp, ms since the epoch.
+    pub timestamp_ms: Option<i64>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl InRecord {
+    fn from_message<M: Message>(m: &M) -> Self {
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            timestamp_ms: m.timestamp().to_millis(),
+            headers,
+        }
+    }
+
+    /// The payload, or an empty slice for a tombstone.
+    pub fn payload(&self) -> &[u8] {
+        self.payload.as_deref().unwrap_or_default()
+    }
+
+    /// A header's value by name.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// `topic/partition@offset`, for messages and event ids.
+    pub fn coordinates(&self) -> String {
+        format!("{}/{}@{}", self.topic, self.partition, self.offset)
+    }
+}
+
+/// A decoded record and the record it came from.
+#[derive(Debug)]
+pub struct Item<T> {
+    pub record: InRecord,
+    pub value: T,
+}
+
+/// What went wrong, and so what the runner does about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// Worth retrying: the batch runs again after a backoff.
+    #[error("{0}")]
+    Transient(String),
+    /// The data is at fault: the record goes to the DLQ (a failing batch is
+    /// split so only the guilty records go).
+    #[error("{0}")]
+    Poison(String),
+    /// A bug or broken setup: the stage stops.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl From<tokio_postgres::Error> for StageError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let text = match e.as_db_error() {
+            Some(db) => format!("postgres: {} ({})", db.message(), db.code().code()),
+            None => format!("postgres: {e}"),
+        };
+        match db::classify(&e) {
+            ErrorClass::Transient => StageError::Transient(text),
+            ErrorClass::Data => StageError::Poison(text),
+            ErrorClass::Fatal => StageError::Fatal(text),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StageError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            other => StageError::Transient(format!("postgres pool: {other}")),
+        }
+    }
+}
+
+impl From<CodecError> for StageError {
+    fn from(e: CodecError) -> Self {
+        match e {
+            CodecError::Registry(text) => StageError::Transient(format!("schema registry: {text}")),
+            other => StageError::Poison(format!("undecodable record: {other}")),
+        }
+    }
+}
+
+/// An output record a stage wants produced with its batch.
+#[derive(Debug, Clone)]
+pub struct OutRecord {
+    pub topic: String,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Where a stage puts its outputs and names its poison records.
+#[derive(Debug, Default)]
+pub struct Collector {
+    outputs: Vec<OutRecord>,
+    dead: Vec<(usize, String)>,
+}
+
+impl Collector {
+    /// Produce `payload` on `topic` keyed by `key`, acknowledged before the batch commits.
+    pub fn send(&mut self, topic: &str, key: impl Into<Vec<u8>>, payload: Vec<u8>) {
+        self.send_with_headers(topic, key, payload, Vec::new());
+    }
+
+    /// Like [`Collector::send`], with headers.
+    pub fn send_with_headers(
+        &mut self,
+        topic: &str,
+        key: impl Into<Vec<u8>>,
+        payload: Vec<u8>,
+        headers: Vec<(String, Vec<u8>)>,
+    ) {
+        self.outputs.push(OutRecord {
+            topic: topic.to_string(),
+            key: key.into(),
+            payload,
+            headers,
+        });
+    }
+
+    /// Marks the batch item at `index` as poison: it goes to the DLQ with `reason`.
+    pub fn dead_letter(&mut self, index: usize, reason: impl Into<String>) {
+        self.dead.push((index, reason.into()));
+    }
+}
+
+/// A stage: decode records, apply a batch in one transaction, emit outputs.
+pub trait Stage: Send + Sync + 'static {
+    /// A decoded input record.
+    type Input: Send + Sync + 'static;
+
+    /// The stage's name (its `pipelines/<name>.toml`), used in metrics and DLQ headers.
+    fn name(&self) -> &'static str;
+
+    /// Decodes one record; `Poison` sends it to the DLQ.
+    fn decode(&self, record: &InRecord)
+    -> impl Future<Output = Result<Self::Input, StageError>> + Send;
+
+    /// Applies `batch` inside `tx` and collects its outputs. Outputs must follow
+    /// from the input alone (not from whether a row changed), so a replayed
+    /// record produces them again.
+    fn process(
+        &self,
+        tx: &Transaction<'_>,
+        batch: &[Item<Self::Input>],
+        out: &mut Collector,
+    ) -> impl Future<Output = Result<(), StageError>> + Send;
+}
+
+/// Partitions this consumer owns, each with the epoch of the assignment that gave it.
+type Owned = Arc<Mutex<HashMap<(String, i32), u64>>>;
+
+/// Consumer context: tracks the assignment for safe offset storing and
+/// exports consumer lag from librdkafka statistics.
+pub struct RunnerContext {
+    stage: &'static str,
+    owned: Owned,
+    epoch: std::sync::atomic::AtomicU64,
+}
+
+impl ClientContext for RunnerContext {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            for (p, part) in &t.partitions {
+                if *p < 0 || part.consumer_lag < 0 {
+                    continue;
+                }
+                gauge!("ese_kafka_consumer_lag_records", "stage" => self.stage, "topic" => topic.clone(), "partition" => p.to_string())
+                    .set(part.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for RunnerContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let mut owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
+            for e in tpl.elements() {
+                owned.remove(&(e.topic().to_string(), e.partition()));
+            }
+            info!(stage = self.stage, partitions = tpl.count(), "partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let epoch = self
+                .epoch
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                + 1;
+            let mut owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
+            for e in tpl.elements() {
+                owned.insert((e.topic().to_string(), e.partition()), epoch);
+            }
+            info!(stage = self.stage, partitions = tpl.count(), "partitions assigned");
+        }
+    }
+}
+
+/// A record on its way to a worker, with the assignment epoch it was fetched under.
+struct Dispatched {
+    record: InRecord,
+    epoch: u64,
+}
+
+/// What every worker shares.
+struct Shared<S: Stage> {
+    stage: Arc<S>,
+    pipeline: Pipeline,
+    pool: Pool,
+    producer: FutureProducer,
+    consumer: Arc<StreamConsumer<RunnerContext>>,
+    owned: Owned,
+    produce_timeout: Duration,
+    shutdown: CancellationToken,
+}
+
+/// Runs `stage` until `shutdown` is cancelled (then drains and returns `Ok`)
+/// or a fatal error (returned).
+pub async fn run<S: Stage>(
+    stage: Arc<S>,
+    pipeline: Pipeline,
+    kafka: &KafkaConfig,
+    pool: Pool,
+    producer: FutureProducer,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let name = stage.name();
+    let owned: Owned = Arc::default();
+    let context = RunnerContext {
+        stage: name,
+        owned: owned.clone(),
+        epoch: Default::default(),
+    };
+    let consumer: StreamConsumer<RunnerContext> = crate::kafka::consumer_config(kafka, &pipeline.group_id)?
+        .create_with_context(context)
+        .map_err(|e| anyhow::anyhow!("stage {name}: cannot create consumer: {e}"))?;
+    let consumer = Arc::new(consumer);
+    let topics: Vec<&str> = pipeline.inputs.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| anyhow::anyhow!("stage {name}: cannot subscribe to {topics:?}: {e}"))?;
+    info!(stage = name, group = %pipeline.group_id, inputs = ?pipeline.inputs, "stage started");
+
+    let workers_n = pipeline.concurrency.max(1);
+    let queue = pipeline.batch_size.max(1) * 2;
+    let shared = Arc::new(Shared {
+        stage,
+        pipeline,
+        pool,
+        producer,
+        consumer: consumer.clone(),
+        owned: owned.clone(),
+        produce_timeout: kafka.produce_timeout,
+        shutdown: shutdown.clone(),
+    });
+    let mut senders = Vec::with_capacity(workers_n);
+    let mut workers = JoinSet::new();
+    for _ in 0..workers_n {
+        let (tx, rx) = mpsc::channel::<Dispatched>(queue);
+        senders.push(tx);
+        let shared = shared.clone();
+        workers.spawn(async move { worker(shared, rx).await });
+    }
+
+    let mut fatal: Option<anyhow::Error> = None;
+    'fetch: loop {
+        let msg = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some(done) = workers.join_next() => {
+                fatal = Some(worker_end(name, done));
+                break;
+            }
+            msg = consumer.recv() => msg,
+        };
+        let record = match msg {
+            Ok(m) => InRecord::from_message(&m),
+            Err(e) => {
+                counter!("ese_kafka_consume_errors_total", "stage" => name).increment(1);
+                warn!(stage = name, error = %e, "consume error");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        counter!("ese_stage_records_consumed_total", "stage" => name).increment(1);
+        let epoch = owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(record.topic.clone(), record.partition))
+            .copied()
+            .unwrap_or(0);
+        let idx = record.partition.unsigned_abs() as usize % workers_n;
+        let send = senders[idx].send(Dispatched { record, epoch });
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break 'fetch,
+            r = send => if r.is_err() {
+                // The worker is gone; its end is collected above.
+                continue;
+            }
+        }
+    }
+
+    // Stop fetching, let workers finish what they have.
+    drop(senders);
+    while let Some(done) = workers.join_next().await {
+        if let Err(e) = done.map_err(anyhow::Error::from).and_then(|r| r) {
+            fatal.get_or_insert(e);
+        }
+    }
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => {}
+        Err(e) => debug!(stage = name, error = %e, "final commit"),
+    }
+    consumer.unsubscribe();
+    match fatal {
+        Some(e) => {
+            error!(stage = name, error = %e, "stage stopped");
+            Err(e)
+        }
+        None => {
+            info!(stage = name, "stage stopped cleanly");
+            Ok(())
+        }
+    }
+}
+
+fn worker_end(
+    name: &str,
+    done: Result<anyhow::Result<()>, tokio::task::JoinError>,
+) -> anyhow::Error {
+    match done {
+        Ok(Err(e)) => e,
+        Ok(Ok(())) => anyhow::anyhow!("stage {name}: a worker ended unexpectedly"),
+        Err(e) => anyhow::anyhow!("stage {name}: a worker panicked: {e}"),
+    }
+}
+
+async fn worker<S: Stage>(shared: Arc<Shared<S>>, mut rx: mpsc::Receiver<Dispatched>) -> anyhow::Result<()> {
+    let batch_size = shared.pipeline.batch_size.max(1);
+    loop {
+        let Some(first) = rx.recv().await else {
+            return Ok(());
+        };
+        let mut batch = Vec::with_capacity(batch_size);
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + shared.pipeline.max_wait;
+        while batch.len() < batch_size {
+            match rx.try_recv() {
+                Ok(d) => batch.push(d),
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(d)) => batch.push(d),
+                        _ => break,
+                    }
+                }
+            }
+        }
+        shared.handle_batch(batch).await?;
+    }
+}
+
+/// The records of one batch: decoded items (with the assignment epoch each
+/// was fetched under) and records already known to be poison.
+struct Batch<T> {
+    items: Vec<Item<T>>,
+    epochs: Vec<u64>,
+    dead: Vec<(InRecord, String, u64)>,
+}
+
+impl<T> Batch<T> {
+    fn new() -> Self {
+        Self { items: Vec::new(), epochs: Vec::new(), dead: Vec::new() }
+    }
+
+    fn len(&self) -> usize {
+        self.items.len() + self.dead.len()
+    }
+
+    /// Every record with its epoch, live or dead.
+    fn records(&self) -> impl Iterator<Item = (&InRecord, u64)> {
+        self.items
+            .iter()
+            .zip(self.epochs.iter().copied())
+            .map(|(i, e)| (&i.record, e))
+            .chain(self.dead.iter().map(|(r, _, e)| (r, *e)))
+    }
+
+    /// Moves every live item to the dead list with `reason`.
+    fn kill_all(&mut self, reason: &str) {
+        for (item, epoch) in self.items.drain(..).zip(self.epochs.drain(..)) {
+            self.dead.push((item.record, reason.to_string(), epoch));
+        }
+    }
+
+    /// Splits into single-record batches (dead records travel in the first).
+    fn singles(self) -> Vec<Batch<T>> {
+        let mut out: Vec<Batch<T>> = Vec::with_capacity(self.items.len() + 1);
+        let mut first = Batch::new();
+        first.dead = self.dead;
+        out.push(first);
+        for (item, epoch) in self.items.into_iter().zip(self.epochs) {
+            out.push(Batch { items: vec![item], epochs: vec![epoch], dead: Vec::new() });
+        }
+        out
+    }
+
+    fn absorb(&mut self, other: Batch<T>) {
+        self.items.extend(other.items);
+        self.epochs.extend(other.epochs);
+        self.dead.extend(other.dead);
+    }
+}
+
+enum Attempt {
+    Done,
+    /// Shutting down, or every partition was revoked while retrying: nothing stored.
+    Abandoned,
+}
+
+impl<S: Stage> Shared<S> {
+    fn name(&self) -> &'static str {
+        self.stage.name()
+    }
+
+    async fn handle_batch(&self, dispatched: Vec<Dispatched>) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let name = self.name();
+        let mut batch = Batch::new();
+        for d in dispatched {
+            let decoded = match self.stage.decode(&d.record).await {
+                // A transient decode error (registry unreachable) must not drop
+                // the record: decode again after a backoff.
+                Err(StageError::Transient(e)) => match self.decode_retrying(&d.record, e).await? {
+                    Some(v) => Ok(v),
+                    None => return Ok(()), // shutting down: nothing stored
+                },
+                other => other,
+            };
+            match decoded {
+                Ok(value) => {
+                    batch.items.push(Item { record: d.record, value });
+                    batch.epochs.push(d.epoch);
+                }
+                Err(StageError::Poison(reason)) => batch.dead.push((d.record, reason, d.epoch)),
+                Err(e) => anyhow::bail!("stage {name}: decoding {}: {e}", d.record.coordinates()),
+            }
+        }
+        histogram!("ese_stage_batch_size_records", "stage" => name).record(batch.len() as f64);
+
+        let batch = match self.apply_retrying(batch).await? {
+            (_, Attempt::Abandoned) => return Ok(()),
+            (b, Attempt::Done) => b,
+        };
+        self.store_offsets(&batch);
+        counter!("ese_stage_records_processed_total", "stage" => name).increment(batch.items.len() as u64);
+        histogram!("ese_stage_batch_duration_seconds", "stage" => name)
+            .record(started.elapsed().as_secs_f64());
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for (r, _) in batch.records() {
+            if let Some(t) = r
+                .header(RECEIVED_AT_HEADER)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.parse::<i64>().ok())
+            {
+                histogram!("ese_pipeline_end_to_end_seconds", "stage" => name)
+                    .record((now_ms - t).max(0) as f64 / 1000.0);
+            }
+        }
+        Ok(())
+    }
+
+    async fn decode_retrying(&self, record: &InRecord, first: String) -> anyhow::Result<Option<S::Input>> {
+        let mut reason = first;
+        let mut attempt = 0u32;
+        loop {
+            if !self.backoff(attempt, &reason).await? {
+                return Ok(None);
+            }
+            attempt += 1;
+            match self.stage.decode(record).await {
+                Err(StageError::Transient(e)) => reason = e,
+                Err(StageError::Fatal(e)) => {
+                    anyhow::bail!("stage {}: decoding {}: {e}", self.name(), record.coordinates())
+                }
+                Ok(v) => return Ok(Some(v)),
+                Err(StageError::Poison(e)) => {
+                    anyhow::bail!("stage {}: decoding {} failed after a retry: {e}", self.name(), record.coordinates())
+                }
+            }
+        }
+    }
+
+    /// Waits before retry `attempt`; false when shutting down, error when out of attempts.
+    async fn backoff(&self, attempt: u32, reason: &str) -> anyhow::Result<bool> {
+        let name = self.name();
+        let policy = &self.pipeline.retry;
+        if policy.max_attempts > 0 && attempt >= policy.max_attempts {
+            anyhow::bail!("stage {name}: giving up after {attempt} attempts: {reason}");
+        }
+        counter!("ese_stage_retries_total", "stage" => name).increment(1);
+        let base = policy.initial_backoff.as_millis() as u64;
+        let cap = policy.max_backoff.as_millis() as u64;
+        let exp = base.saturating_mul(1u64 << attempt.min(20)).min(cap).max(2);
+        let wait = rand::rng().random_range(exp / 2..=exp);
+        warn!(stage = name, attempt, wait_ms = wait, error = %reason, "transient error, retrying batch");
+        tokio::select! {
+            _ = self.shutdown.cancelled() => Ok(false),
+            _ = tokio::time::sleep(Duration::from_millis(wait)) => Ok(true),
+        }
+    }
+
+    /// Drops records of partitions no longer owned (or re-assigned since).
+    fn retain_owned(&self, batch: &mut Batch<S::Input>) {
+        let owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
+        let is_owned = |r: &InRecord, epoch: u64| owned.get(&(r.topic.clone(), r.partition)) == Some(&epoch);
+        let items = std::mem::take(&mut batch.items);
+        let epochs = std::mem::take(&mut batch.epochs);
+        for (item, epoch) in items.into_iter().zip(epochs) {
+            if is_owned(&item.record, epoch) {
+                batch.items.push(item);
+                batch.epochs.push(epoch);
+            }
+        }
+        batch.dead.retain(|(r, _, e)| is_owned(r, *e));
+    }
+
+    /// Applies the batch, retrying transient errors; a poison batch is split
+    /// into single records so only the guilty ones reach the DLQ.
+    async fn apply_retrying(&self, mut batch: Batch<S::Input>) -> anyhow::Result<(Batch<S::Input>, Attempt)> {
+        let name = self.name();
+        let mut attempt = 0u32;
+        loop {
+            match self.apply(&batch).await {
+                Ok(()) => return Ok((batch, Attempt::Done)),
+                Err(StageError::Fatal(e)) => anyhow::bail!("stage {name}: {e}"),
+                Err(StageError::Transient(e)) => {
+                    counter!("ese_stage_records_failed_total", "stage" => name, "kind" => "transient")
+                        .increment(batch.len() as u64);
+                    if !self.backoff(attempt, &e).await? {
+                        return Ok((batch, Attempt::Abandoned));
+                    }
+                    attempt += 1;
+                    self.retain_owned(&mut batch);
+                    if batch.len() == 0 {
+                        return Ok((batch, Attempt::Abandoned));
+                    }
+                }
+                Err(StageError::Poison(e)) if batch.items.len() <= 1 => {
+                    counter!("ese_stage_records_failed_total", "stage" => name, "kind" => "poison")
+                        .increment(batch.items.len() as u64);
+                    batch.kill_all(&e);
+                }
+                Err(StageError::Poison(e)) => {
+                    debug!(stage = name, error = %e, "poison in batch, retrying record by record");
+                    let mut done = Batch::new();
+                    for single in batch.singles() {
+                        // One level deep: a single record never splits again.
+                        match Box::pin(self.apply_retrying(single)).await? {
+                            (b, Attempt::Done) => done.absorb(b),
+                            (_, Attempt::Abandoned) => return Ok((done, Attempt::Abandoned)),
+                        }
+                    }
+                    return Ok((done, Attempt::Done));
+                }
+            }
+        }
+    }
+
+    /// One attempt: transaction, stage effects, outputs and dead letters
+    /// acknowledged by the broker, commit.
+    async fn apply(&self, batch: &Batch<S::Input>) -> Result<(), StageError> {
+        let mut dead: Vec<(&InRecord, &str)> =
+            batch.dead.iter().map(|(r, reason, _)| (r, reason.as_str())).collect();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let mut out = Collector::default();
+        if !batch.items.is_empty() {
+            self.stage.process(&tx, &batch.items, &mut out).await?;
+        }
+        for (idx, reason) in &out.dead {
+            if let Some(item) = batch.items.get(*idx) {
+                dead.push((&item.record, reason.as_str()));
+            }
+        }
+        self.produce(&out.outputs, &dead).await?;
+        tx.commit().await?;
+        let name = self.name();
+        for (r, reason) in &dead {
+            counter!("ese_stage_records_dead_lettered_total", "stage" => name).increment(1);
+            warn!(stage = name, record = %r.coordinates(), reason = %reason, "dead-lettered");
+        }
+        Ok(())
+    }
+
+    async fn produce(&self, outputs: &[OutRecord], dead: &[(&InRecord, &str)]) -> Result<(), StageError> {
+        let name = self.name();
+        let failed_at = chrono::Utc::now().to_rfc3339();
+        let mut futures = Vec::with_capacity(outputs.len() + dead.len());
+        for o in outputs {
+            let rec = FutureRecord::<[u8], [u8]>::to(&o.topic)
+                .key(o.key.as_slice())
+                .payload(o.payload.as_slice())
+                .headers(to_headers(o.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()))));
+            futures.push(self.producer.send(rec, self.produce_timeout));
+        }
+        for (r, reason) in dead {
+            let partition = r.partition.to_string();
+            let offset = r.offset.to_string();
+            let ours = [
+                ("ese.error", reason.as_bytes()),
+                ("ese.stage", name.as_bytes()),
+                ("ese.source.topic", r.topic.as_bytes()),
+                ("ese.source.partition", partition.as_bytes()),
+                ("ese.source.offset", offset.as_bytes()),
+                ("ese.failed-at", failed_at.as_bytes()),
+            ];
+            let headers = to_headers(
+                r.headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_slice()))
+                    .chain(ours),
+            );
+            let mut rec = FutureRecord::<[u8], [u8]>::to(&self.pipeline.dlq).headers(headers);
+            if let Some(k) = &r.key {
+                rec = rec.key(k.as_slice());
+            }
+            if let Some(p) = &r.payload {
+                rec = rec.payload(p.as_slice());
+            }
+            futures.push(self.producer.send(rec, self.produce_timeout));
+        }
+        let n = futures.len();
+        for result in join_all(futures).await {
+            if let Err((e, _)) = result {
+                let text = format!("producing {n} records: {e}");
+                return Err(if crate::kafka::is_transient(&e) {
+                    StageError::Transient(text)
+                } else {
+                    StageError::Fatal(text)
+                });
+            }
+        }
+        counter!("ese_stage_records_out_total", "stage" => name).increment(outputs.len() as u64);
+        Ok(())
+    }
+
+    /// Stores, per partition, the highest offset of the batch — only for
+    /// partitions still owned under the epoch the records were fetched in.
+    fn store_offsets(&self, batch: &Batch<S::Input>) {
+        let mut highest: HashMap<(&str, i32), (i64, u64)> = HashMap::new();
+        for (r, epoch) in batch.records() {
+            let slot = highest.entry((r.topic.as_str(), r.partition)).or_insert((r.offset, epoch));
+            if r.offset >= slot.0 {
+                *slot = (r.offset, epoch);
+            }
+        }
+        let owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
+        for ((topic, partition), (offset, epoch)) in highest {
+            if owned.get(&(topic.to_string(), partition)) != Some(&epoch) {
+                debug!(stage = self.name(), topic, partition, "partition no longer owned; offset not stored");
+                continue;
+            }
+            if let Err(e) = self.consumer.store_offset(topic, partition, offset) {
+                warn!(stage = self.name(), topic, partition, offset, error = %e, "offset not stored");
+            }
+        }
+    }
+}
+
+fn to_headers<'a>(pairs: impl Iterator<Item = (&'a str, &'a [u8])>) -> OwnedHeaders {
+    pairs.fold(OwnedHeaders::new(), |h, (key, value)| {
+        h.insert(Header { key, value: Some(value) })
+    })
+}

@@ -1,0 +1,95 @@
+//! `users`: profile upserts from producers → `users`, phone normalized to
+//! E.164, attributes merged key by key; an older event never overwrites a
+//! newer value (per-attribute event times, see `ese_merge_attributes`).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{Codec, Kind};
+use crate::phone::Normalizer;
+use crate::runner::{Collector, InRecord, Item, Stage, StageError};
+
+/// A `UserUpsert` record (`schemas/user_upsert.v1.avsc`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UserUpsert {
+    pub event_id: Option<String>,
+    pub phone: String,
+    pub attributes: BTreeMap<String, serde_json::Value>,
+    /// Event time, ms since the epoch.
+    pub occurred_at: i64,
+}
+
+impl UserUpsert {
+    /// The record's Avro kind, for producers.
+    pub const KIND: Kind = Kind::UserUpsert;
+}
+
+const UPSERT: &str = "
+INSERT INTO users AS u (phone_number, attributes, attribute_times, updated_at)
+SELECT p, a, ese_merge_attribute_times('{}'::jsonb, a, t), t
+  FROM unnest($1::text[], $2::jsonb[], $3::timestamptz[]) AS x(p, a, t)
+ON CONFLICT (phone_number) DO UPDATE SET
+    attributes = ese_merge_attributes(u.attributes, u.attribute_times, EXCLUDED.attributes, EXCLUDED.updated_at),
+    attribute_times = ese_merge_attribute_times(u.attribute_times, EXCLUDED.attributes, EXCLUDED.updated_at),
+    updated_at = GREATEST(u.updated_at, EXCLUDED.updated_at)";
+
+/// The users stage.
+pub struct Users {
+    pub codec: Codec,
+    pub phones: Normalizer,
+}
+
+impl Stage for Users {
+    type Input = UserUpsert;
+
+    fn name(&self) -> &'static str {
+        "users"
+    }
+
+    async fn decode(&self, record: &InRecord) -> Result<UserUpsert, StageError> {
+        Ok(self.codec.decode(Kind::UserUpsert, record.payload()).await?)
+    }
+
+    async fn process(
+        &self,
+        tx: &Transaction<'_>,
+        batch: &[Item<UserUpsert>],
+        out: &mut Collector,
+    ) -> Result<(), StageError> {
+        // Rows in batch order; a phone seen twice goes to a later round, since
+        // one INSERT … ON CONFLICT may not touch a row twice.
+        let mut rounds: Vec<(Vec<String>, Vec<serde_json::Value>, Vec<DateTime<Utc>>)> = Vec::new();
+        let mut seen: std::collections::HashMap<String, usize> = Default::default();
+        for (i, item) in batch.iter().enumerate() {
+            let u = &item.value;
+            let phone = match self.phones.e164(&u.phone) {
+                Ok(p) => p,
+                Err(e) => {
+                    out.dead_letter(i, e.to_string());
+                    continue;
+                }
+            };
+            let Some(at) = DateTime::<Utc>::from_timestamp_millis(u.occurred_at) else {
+                out.dead_letter(i, format!("occurred_at {} is out of range", u.occurred_at));
+                continue;
+            };
+            let round = seen.entry(phone.clone()).or_insert(0);
+            if rounds.len() <= *round {
+                rounds.push(Default::default());
+            }
+            let r = &mut rounds[*round];
+            *round += 1;
+            r.0.push(phone);
+            r.1.push(serde_json::Value::Object(u.attributes.clone().into_iter().collect()));
+            r.2.push(at);
+        }
+        let stmt = tx.prepare_cached(UPSERT).await?;
+        for (phones, attrs, times) in &rounds {
+            tx.execute(&stmt, &[phones, attrs, times]).await?;
+        }
+        Ok(())
+    }
+}
