@@ -77,8 +77,11 @@ pub fn main() -> ExitCode {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tansu=warn,librdkafka=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "info,tansu=warn,librdkafka=warn,refinery_core=warn,tokio_postgres=warn",
+        )
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -128,7 +131,10 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Up => up(settings).await,
         Command::Broker { listen, storage } => {
             let broker = crate::broker::start(&listen, &storage).await?;
-            println!("ese broker: Kafka API on {} (storage {storage})", broker.bootstrap);
+            println!(
+                "ese broker: Kafka API on {} (storage {storage})",
+                broker.bootstrap
+            );
             let shutdown = CancellationToken::new();
             engine::cancel_on_signal(shutdown.clone());
             shutdown.cancelled().await;

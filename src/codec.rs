@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use apache_avro::rabin::Rabin;
-use apache_avro::types::Value;
 use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::{Schema, from_value, to_value};
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
@@ -163,8 +163,7 @@ impl Codec {
                 Ok(out)
             }
             Some(reg) => {
-                let supplied =
-                    SuppliedSchema::new(None, SchemaType::Avro, known.text.to_string());
+                let supplied = SuppliedSchema::new(None, SchemaType::Avro, known.text.to_string());
                 let strategy =
                     SubjectNameStrategy::TopicNameStrategyWithSchema(topic.into(), false, supplied);
                 reg.0
@@ -230,6 +229,7 @@ mod tests {
     struct Upsert {
         event_id: Option<String>,
         phone: String,
+        #[serde(with = "scalar_map")]
         attributes: std::collections::BTreeMap<String, serde_json::Value>,
         occurred_at: i64,
     }
@@ -259,12 +259,49 @@ mod tests {
     async fn garbage_is_an_error_not_a_panic() {
         let codec = Codec::new("").unwrap();
         for bad in [&b""[..], b"hello", &[0xC3, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 1]] {
-            assert!(
-                codec
-                    .decode::<Upsert>(Kind::UserUpsert, bad)
-                    .await
-                    .is_err()
-            );
+            assert!(codec.decode::<Upsert>(Kind::UserUpsert, bad).await.is_err());
         }
+    }
+}
+
+/// Serde adapter for `map<union{null, boolean, long, double, string}>` fields
+/// held as JSON values: integers go out as Avro `long` (serde_json would send
+/// a non-negative one as `u64`, which Avro has no type for), other numbers as
+/// `double`; arrays and objects are refused with the key's name.
+pub mod scalar_map {
+    use std::collections::BTreeMap;
+
+    use serde::ser::{Error, SerializeMap};
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_json::Value;
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<String, Value>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(map.len()))?;
+        for (k, v) in map {
+            match v {
+                Value::Null => m.serialize_entry(k, &Option::<i64>::None)?,
+                Value::Bool(b) => m.serialize_entry(k, b)?,
+                Value::Number(n) => match n.as_i64() {
+                    Some(i) => m.serialize_entry(k, &i)?,
+                    None => m.serialize_entry(k, &n.as_f64().unwrap_or(f64::NAN))?,
+                },
+                Value::String(t) => m.serialize_entry(k, t)?,
+                Value::Array(_) | Value::Object(_) => {
+                    return Err(S::Error::custom(format!(
+                        "attribute {k:?}: values must be null, boolean, number or string"
+                    )));
+                }
+            }
+        }
+        m.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Value>, D::Error> {
+        BTreeMap::<String, Value>::deserialize(d)
     }
 }

@@ -291,7 +291,10 @@ mod tests {
     #[test]
     fn env_keys_map_to_kebab_sections() {
         assert_eq!(env_key("BRIDGE__PUBLIC_URL"), "BRIDGE.PUBLIC-URL");
-        assert_eq!(env_key("pipelines__users__batch_size"), "pipelines.users.batch-size");
+        assert_eq!(
+            env_key("pipelines__users__batch_size"),
+            "pipelines.users.batch-size"
+        );
     }
 
     #[test]

@@ -52,7 +52,10 @@ pub async fn run_stages(
             anyhow::bail!("unknown stage {n:?}; stages: {}", stages::ALL.join(", "));
         }
     }
-    tokio::spawn(crate::metrics::watch_pool(deps.pool.clone(), shutdown.clone()));
+    tokio::spawn(crate::metrics::watch_pool(
+        deps.pool.clone(),
+        shutdown.clone(),
+    ));
     let mut set = JoinSet::new();
     for n in names {
         let (n, deps, token) = (n.clone(), deps.clone(), shutdown.clone());

@@ -32,7 +32,9 @@ use futures::future::join_all;
 use metrics::{counter, gauge, histogram};
 use rand::Rng;
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
@@ -68,7 +70,12 @@ impl InRecord {
             .headers()
             .map(|h| {
                 h.iter()
-                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -209,8 +216,10 @@ pub trait Stage: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     /// Decodes one record; `Poison` sends it to the DLQ.
-    fn decode(&self, record: &InRecord)
-    -> impl Future<Output = Result<Self::Input, StageError>> + Send;
+    fn decode(
+        &self,
+        record: &InRecord,
+    ) -> impl Future<Output = Result<Self::Input, StageError>> + Send;
 
     /// Applies `batch` inside `tx` and collects its outputs. Outputs must follow
     /// from the input alone (not from whether a row changed), so a replayed
@@ -255,21 +264,26 @@ impl ConsumerContext for RunnerContext {
             for e in tpl.elements() {
                 owned.remove(&(e.topic().to_string(), e.partition()));
             }
-            info!(stage = self.stage, partitions = tpl.count(), "partitions revoked");
+            info!(
+                stage = self.stage,
+                partitions = tpl.count(),
+                "partitions revoked"
+            );
         }
     }
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let epoch = self
-                .epoch
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-                + 1;
+            let epoch = self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
             let mut owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
             for e in tpl.elements() {
                 owned.insert((e.topic().to_string(), e.partition()), epoch);
             }
-            info!(stage = self.stage, partitions = tpl.count(), "partitions assigned");
+            info!(
+                stage = self.stage,
+                partitions = tpl.count(),
+                "partitions assigned"
+            );
         }
     }
 }
@@ -309,9 +323,10 @@ pub async fn run<S: Stage>(
         owned: owned.clone(),
         epoch: Default::default(),
     };
-    let consumer: StreamConsumer<RunnerContext> = crate::kafka::consumer_config(kafka, &pipeline.group_id)?
-        .create_with_context(context)
-        .map_err(|e| anyhow::anyhow!("stage {name}: cannot create consumer: {e}"))?;
+    let consumer: StreamConsumer<RunnerContext> =
+        crate::kafka::consumer_config(kafka, &pipeline.group_id)?
+            .create_with_context(context)
+            .map_err(|e| anyhow::anyhow!("stage {name}: cannot create consumer: {e}"))?;
     let consumer = Arc::new(consumer);
     let topics: Vec<&str> = pipeline.inputs.iter().map(String::as_str).collect();
     consumer
@@ -414,7 +429,10 @@ fn worker_end(
     }
 }
 
-async fn worker<S: Stage>(shared: Arc<Shared<S>>, mut rx: mpsc::Receiver<Dispatched>) -> anyhow::Result<()> {
+async fn worker<S: Stage>(
+    shared: Arc<Shared<S>>,
+    mut rx: mpsc::Receiver<Dispatched>,
+) -> anyhow::Result<()> {
     let batch_size = shared.pipeline.batch_size.max(1);
     loop {
         let Some(first) = rx.recv().await else {
@@ -449,7 +467,11 @@ struct Batch<T> {
 
 impl<T> Batch<T> {
     fn new() -> Self {
-        Self { items: Vec::new(), epochs: Vec::new(), dead: Vec::new() }
+        Self {
+            items: Vec::new(),
+            epochs: Vec::new(),
+            dead: Vec::new(),
+        }
     }
 
     fn len(&self) -> usize {
@@ -479,7 +501,11 @@ impl<T> Batch<T> {
         first.dead = self.dead;
         out.push(first);
         for (item, epoch) in self.items.into_iter().zip(self.epochs) {
-            out.push(Batch { items: vec![item], epochs: vec![epoch], dead: Vec::new() });
+            out.push(Batch {
+                items: vec![item],
+                epochs: vec![epoch],
+                dead: Vec::new(),
+            });
         }
         out
     }
@@ -518,7 +544,10 @@ impl<S: Stage> Shared<S> {
             };
             match decoded {
                 Ok(value) => {
-                    batch.items.push(Item { record: d.record, value });
+                    batch.items.push(Item {
+                        record: d.record,
+                        value,
+                    });
                     batch.epochs.push(d.epoch);
                 }
                 Err(StageError::Poison(reason)) => batch.dead.push((d.record, reason, d.epoch)),
@@ -532,7 +561,8 @@ impl<S: Stage> Shared<S> {
             (b, Attempt::Done) => b,
         };
         self.store_offsets(&batch);
-        counter!("ese_stage_records_processed_total", "stage" => name).increment(batch.items.len() as u64);
+        counter!("ese_stage_records_processed_total", "stage" => name)
+            .increment(batch.items.len() as u64);
         histogram!("ese_stage_batch_duration_seconds", "stage" => name)
             .record(started.elapsed().as_secs_f64());
         let now_ms = chrono::Utc::now().timestamp_millis();
@@ -549,7 +579,11 @@ impl<S: Stage> Shared<S> {
         Ok(())
     }
 
-    async fn decode_retrying(&self, record: &InRecord, first: String) -> anyhow::Result<Option<S::Input>> {
+    async fn decode_retrying(
+        &self,
+        record: &InRecord,
+        first: String,
+    ) -> anyhow::Result<Option<S::Input>> {
         let mut reason = first;
         let mut attempt = 0u32;
         loop {
@@ -560,11 +594,19 @@ impl<S: Stage> Shared<S> {
             match self.stage.decode(record).await {
                 Err(StageError::Transient(e)) => reason = e,
                 Err(StageError::Fatal(e)) => {
-                    anyhow::bail!("stage {}: decoding {}: {e}", self.name(), record.coordinates())
+                    anyhow::bail!(
+                        "stage {}: decoding {}: {e}",
+                        self.name(),
+                        record.coordinates()
+                    )
                 }
                 Ok(v) => return Ok(Some(v)),
                 Err(StageError::Poison(e)) => {
-                    anyhow::bail!("stage {}: decoding {} failed after a retry: {e}", self.name(), record.coordinates())
+                    anyhow::bail!(
+                        "stage {}: decoding {} failed after a retry: {e}",
+                        self.name(),
+                        record.coordinates()
+                    )
                 }
             }
         }
@@ -592,7 +634,8 @@ impl<S: Stage> Shared<S> {
     /// Drops records of partitions no longer owned (or re-assigned since).
     fn retain_owned(&self, batch: &mut Batch<S::Input>) {
         let owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
-        let is_owned = |r: &InRecord, epoch: u64| owned.get(&(r.topic.clone(), r.partition)) == Some(&epoch);
+        let is_owned =
+            |r: &InRecord, epoch: u64| owned.get(&(r.topic.clone(), r.partition)) == Some(&epoch);
         let items = std::mem::take(&mut batch.items);
         let epochs = std::mem::take(&mut batch.epochs);
         for (item, epoch) in items.into_iter().zip(epochs) {
@@ -606,7 +649,10 @@ impl<S: Stage> Shared<S> {
 
     /// Applies the batch, retrying transient errors; a poison batch is split
     /// into single records so only the guilty ones reach the DLQ.
-    async fn apply_retrying(&self, mut batch: Batch<S::Input>) -> anyhow::Result<(Batch<S::Input>, Attempt)> {
+    async fn apply_retrying(
+        &self,
+        mut batch: Batch<S::Input>,
+    ) -> anyhow::Result<(Batch<S::Input>, Attempt)> {
         let name = self.name();
         let mut attempt = 0u32;
         loop {
@@ -649,8 +695,11 @@ impl<S: Stage> Shared<S> {
     /// One attempt: transaction, stage effects, outputs and dead letters
     /// acknowledged by the broker, commit.
     async fn apply(&self, batch: &Batch<S::Input>) -> Result<(), StageError> {
-        let mut dead: Vec<(&InRecord, &str)> =
-            batch.dead.iter().map(|(r, reason, _)| (r, reason.as_str())).collect();
+        let mut dead: Vec<(&InRecord, &str)> = batch
+            .dead
+            .iter()
+            .map(|(r, reason, _)| (r, reason.as_str()))
+            .collect();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let mut out = Collector::default();
@@ -672,7 +721,11 @@ impl<S: Stage> Shared<S> {
         Ok(())
     }
 
-    async fn produce(&self, outputs: &[OutRecord], dead: &[(&InRecord, &str)]) -> Result<(), StageError> {
+    async fn produce(
+        &self,
+        outputs: &[OutRecord],
+        dead: &[(&InRecord, &str)],
+    ) -> Result<(), StageError> {
         let name = self.name();
         let failed_at = chrono::Utc::now().to_rfc3339();
         let mut futures = Vec::with_capacity(outputs.len() + dead.len());
@@ -680,7 +733,9 @@ impl<S: Stage> Shared<S> {
             let rec = FutureRecord::<[u8], [u8]>::to(&o.topic)
                 .key(o.key.as_slice())
                 .payload(o.payload.as_slice())
-                .headers(to_headers(o.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()))));
+                .headers(to_headers(
+                    o.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+                ));
             futures.push(self.producer.send(rec, self.produce_timeout));
         }
         for (r, reason) in dead {
@@ -729,7 +784,9 @@ impl<S: Stage> Shared<S> {
     fn store_offsets(&self, batch: &Batch<S::Input>) {
         let mut highest: HashMap<(&str, i32), (i64, u64)> = HashMap::new();
         for (r, epoch) in batch.records() {
-            let slot = highest.entry((r.topic.as_str(), r.partition)).or_insert((r.offset, epoch));
+            let slot = highest
+                .entry((r.topic.as_str(), r.partition))
+                .or_insert((r.offset, epoch));
             if r.offset >= slot.0 {
                 *slot = (r.offset, epoch);
             }
@@ -737,7 +794,10 @@ impl<S: Stage> Shared<S> {
         let owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
         for ((topic, partition), (offset, epoch)) in highest {
             if owned.get(&(topic.to_string(), partition)) != Some(&epoch) {
-                debug!(stage = self.name(), topic, partition, "partition no longer owned; offset not stored");
+                debug!(
+                    stage = self.name(),
+                    topic, partition, "partition no longer owned; offset not stored"
+                );
                 continue;
             }
             if let Err(e) = self.consumer.store_offset(topic, partition, offset) {
@@ -749,6 +809,9 @@ impl<S: Stage> Shared<S> {
 
 fn to_headers<'a>(pairs: impl Iterator<Item = (&'a str, &'a [u8])>) -> OwnedHeaders {
     pairs.fold(OwnedHeaders::new(), |h, (key, value)| {
-        h.insert(Header { key, value: Some(value) })
+        h.insert(Header {
+            key,
+            value: Some(value),
+        })
     })
 }

@@ -37,7 +37,15 @@ pub async fn run(name: &str, deps: Deps, shutdown: CancellationToken) -> anyhow:
                 codec: deps.codec.clone(),
                 phones,
             };
-            runner::run(Arc::new(stage), pipeline, kafka, deps.pool, deps.producer, shutdown).await
+            runner::run(
+                Arc::new(stage),
+                pipeline,
+                kafka,
+                deps.pool,
+                deps.producer,
+                shutdown,
+            )
+            .await
         }
         other => anyhow::bail!("unknown stage {other:?}; stages: {}", ALL.join(", ")),
     }

@@ -17,6 +17,7 @@ use crate::runner::{Collector, InRecord, Item, Stage, StageError};
 pub struct UserUpsert {
     pub event_id: Option<String>,
     pub phone: String,
+    #[serde(with = "crate::codec::scalar_map")]
     pub attributes: BTreeMap<String, serde_json::Value>,
     /// Event time, ms since the epoch.
     pub occurred_at: i64,
@@ -50,7 +51,10 @@ impl Stage for Users {
     }
 
     async fn decode(&self, record: &InRecord) -> Result<UserUpsert, StageError> {
-        Ok(self.codec.decode(Kind::UserUpsert, record.payload()).await?)
+        Ok(self
+            .codec
+            .decode(Kind::UserUpsert, record.payload())
+            .await?)
     }
 
     async fn process(
@@ -83,7 +87,9 @@ impl Stage for Users {
             let r = &mut rounds[*round];
             *round += 1;
             r.0.push(phone);
-            r.1.push(serde_json::Value::Object(u.attributes.clone().into_iter().collect()));
+            r.1.push(serde_json::Value::Object(
+                u.attributes.clone().into_iter().collect(),
+            ));
             r.2.push(at);
         }
         let stmt = tx.prepare_cached(UPSERT).await?;

@@ -1,0 +1,390 @@
+//! `TestApp`: a fresh database and fresh topic names per test, the real
+//! config, and helpers that read like what a user would check.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use ese::codec::Codec;
+use ese::config::Settings;
+use ese::stages::Deps;
+use figment::providers::{Format, Serialized};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The admin URL tests create their databases through.
+fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// `KAFKA_BROKERS`, or one embedded broker for the whole test binary, on a
+/// runtime of its own so it outlives every test's runtime.
+pub fn brokers() -> String {
+    static BROKERS: OnceLock<String> = OnceLock::new();
+    BROKERS
+        .get_or_init(|| {
+            if let Ok(b) = std::env::var("KAFKA_BROKERS") {
+                if !b.trim().is_empty() {
+                    return b;
+                }
+            }
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Runtime::new().expect("broker runtime");
+                rt.block_on(async move {
+                    let broker = ese::broker::start("127.0.0.1:0", "memory://ese-tests/")
+                        .await
+                        .expect("embedded broker starts");
+                    tx.send(broker.bootstrap.clone()).expect("send address");
+                    std::future::pending::<()>().await;
+                    drop(broker);
+                });
+            });
+            rx.recv_timeout(Duration::from_secs(30))
+                .expect("embedded broker address")
+        })
+        .clone()
+}
+
+pub struct TestApp {
+    pub settings: Settings,
+    pub pool: Pool,
+    pub codec: Codec,
+    pub producer: FutureProducer,
+    pub db_name: String,
+    pub prefix: String,
+    /// The same settings as a file, for `ese` child processes.
+    pub config_path: PathBuf,
+}
+
+impl TestApp {
+    /// A migrated fresh database, prefixed topics created, settings pointing at both.
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(toml::Table::new()).await
+    }
+
+    /// Like [`TestApp::spawn`], with extra config merged on top (`[pipelines.users] batch-size = 10`, …).
+    pub async fn spawn_with(extra: toml::Table) -> TestApp {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let prefix = format!("t{}", &id[..10]);
+        let db_name = format!("ese_test_{}", &id[..16]);
+        let admin = connect(&admin_url()).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db_name}"))
+            .await
+            .expect("create test database");
+        let mut url = url::Url::parse(&admin_url()).expect("DATABASE_URL parses");
+        url.set_path(&format!("/{db_name}"));
+        let db_url = url.to_string();
+        ese::db::migrate(&db_url).await.expect("migrations apply");
+
+        // Every topic and group id gets the test's prefix.
+        let defaults = Settings::load_with(None, Serialized::defaults(serde_json::json!({})))
+            .expect("default settings");
+        let mut pipelines = toml::Table::new();
+        for (name, p) in &defaults.pipelines {
+            let mut t = toml::Table::new();
+            t.insert("group-id".into(), format!("{prefix}.{}", p.group_id).into());
+            t.insert(
+                "inputs".into(),
+                p.inputs
+                    .iter()
+                    .map(|i| format!("{prefix}.{i}"))
+                    .collect::<Vec<_>>()
+                    .into(),
+            );
+            t.insert("dlq".into(), format!("{prefix}.{}", p.dlq).into());
+            let mut outs = toml::Table::new();
+            for (k, v) in &p.outputs {
+                outs.insert(k.clone(), format!("{prefix}.{v}").into());
+            }
+            t.insert("outputs".into(), outs.into());
+            pipelines.insert(name.clone(), t.into());
+        }
+        let mut doc: toml::Table = toml::from_str(&format!(
+            r#"
+            [database]
+            url = "{db_url}"
+            pool-size = 8
+            [kafka]
+            brokers = "{}"
+            partitions = 4
+            session-timeout = "6s"
+            statistics-interval = "1s"
+            [metrics]
+            listen = "127.0.0.1:0"
+            "#,
+            brokers()
+        ))
+        .expect("test config");
+        doc.insert("pipelines".into(), pipelines.into());
+        merge(&mut doc, extra);
+        let text = toml::to_string(&doc).expect("config serializes");
+        let config_path = std::env::temp_dir().join(format!("{prefix}.toml"));
+        std::fs::File::create(&config_path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .expect("write test config");
+        // The file again as the top layer, so DATABASE_URL / KAFKA_BROKERS in
+        // the environment cannot point a test at a shared database.
+        let settings =
+            Settings::load_with(Some(&config_path), figment::providers::Toml::string(&text))
+                .expect("test settings load");
+        ese::kafka::create_topics(&settings.kafka, &settings.all_topics())
+            .await
+            .expect("topics created");
+        let pool = ese::db::pool(&settings.database).expect("pool");
+        let producer = ese::kafka::producer(&settings.kafka).expect("producer");
+        let codec = Codec::new("").expect("codec");
+        TestApp {
+            settings,
+            pool,
+            codec,
+            producer,
+            db_name,
+            prefix,
+            config_path,
+        }
+    }
+
+    /// The test's name for a default topic (`users.upserts` → `tXXXX.users.upserts`).
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}.{name}", self.prefix)
+    }
+
+    pub fn deps(&self) -> Deps {
+        Deps {
+            settings: self.settings.clone(),
+            pool: self.pool.clone(),
+            producer: self.producer.clone(),
+            codec: self.codec.clone(),
+        }
+    }
+
+    /// Runs `stage` in this process until the returned handle is stopped.
+    pub fn start_stage(&self, stage: &str) -> RunningStage {
+        let token = CancellationToken::new();
+        let deps = self.deps();
+        let name = stage.to_string();
+        let t = token.clone();
+        let handle = tokio::spawn(async move { ese::stages::run(&name, deps, t).await });
+        RunningStage { token, handle }
+    }
+
+    /// Starts `ese ARGS…` as a child process against this test's settings.
+    pub fn spawn_ese(&self, args: &[&str]) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_ese"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .env("DATABASE_URL", &self.settings.database.url)
+            .env("KAFKA_BROKERS", &self.settings.kafka.brokers)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn ese")
+    }
+
+    /// Produces one record and waits for the broker's acknowledgement.
+    pub async fn produce(&self, topic: &str, key: &[u8], payload: &[u8]) {
+        self.producer
+            .send(
+                FutureRecord::to(topic).key(key).payload(payload),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produce acknowledged");
+    }
+
+    /// Produces many records concurrently, all acknowledged on return.
+    pub async fn produce_all(&self, topic: &str, records: Vec<(Vec<u8>, Vec<u8>)>) {
+        for chunk in records.chunks(2000) {
+            let futures = chunk.iter().map(|(k, v)| {
+                self.producer.send(
+                    FutureRecord::to(topic)
+                        .key(k.as_slice())
+                        .payload(v.as_slice()),
+                    Duration::from_secs(60),
+                )
+            });
+            for r in futures::future::join_all(futures).await {
+                r.map_err(|(e, _)| e).expect("produce acknowledged");
+            }
+        }
+    }
+
+    /// One SQL count.
+    pub async fn count(&self, sql: &str) -> i64 {
+        let c = self.pool.get().await.expect("db connection");
+        c.query_one(sql, &[]).await.expect("count query").get(0)
+    }
+
+    /// Polls `sql` (a count) until it equals `expected`; panics with the last value after `timeout`.
+    pub async fn wait_for_count(&self, sql: &str, expected: i64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut last = -1;
+        while Instant::now() < deadline {
+            if let Ok(c) = self.pool.get().await {
+                if let Ok(row) = c.query_one(sql, &[]).await {
+                    last = row.get(0);
+                    if last == expected {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("timed out waiting for `{sql}` = {expected}; last value {last}");
+    }
+
+    /// Reads every record of `topic` until `n` were seen or `timeout` passed.
+    pub fn read_topic(&self, topic: &str, n: usize, timeout: Duration) -> Vec<InRecordView> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.settings.kafka.brokers)
+            .set("group.id", format!("{}.reader", self.prefix))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("reader consumer");
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        let mut tpl = TopicPartitionList::new();
+        for t in md.topics() {
+            for p in t.partitions() {
+                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                    .expect("partition");
+            }
+        }
+        consumer.assign(&tpl).expect("assign");
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < n && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                out.push(InRecordView {
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    headers: m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| {
+                                    (
+                                        h.key.to_string(),
+                                        String::from_utf8_lossy(h.value.unwrap_or_default())
+                                            .into_owned(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Terminates every connection to this test's database (Postgres "lost").
+    pub async fn kill_db_connections(&self) -> i64 {
+        let admin = connect(&admin_url()).await;
+        let rows = admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&self.db_name],
+            )
+            .await
+            .expect("terminate backends");
+        rows.len() as i64
+    }
+}
+
+/// A record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct InRecordView {
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl InRecordView {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let db = self.db_name.clone();
+        let _ = std::fs::remove_file(&self.config_path);
+        // Dropped from inside a runtime: do the async work on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Runtime::new() {
+                rt.block_on(async move {
+                    if let Ok((c, conn)) =
+                        tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await
+                    {
+                        tokio::spawn(conn);
+                        let _ = c
+                            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                            .await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// A stage running in the test process.
+pub struct RunningStage {
+    pub token: CancellationToken,
+    pub handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningStage {
+    /// Graceful stop (as on SIGTERM); panics if the stage had failed.
+    pub async fn stop(self) {
+        self.token.cancel();
+        self.handle
+            .await
+            .expect("stage task")
+            .expect("stage stopped cleanly");
+    }
+}
+
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to PostgreSQL");
+    tokio::spawn(conn);
+    c
+}
+
+fn merge(into: &mut toml::Table, extra: toml::Table) {
+    for (k, v) in extra {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Sends SIGKILL to a child and reaps it.
+pub fn kill9(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -1,0 +1,6 @@
+//! Integration tests: real PostgreSQL (a fresh database per test) and a real
+//! Kafka-API broker (the embedded one, or `KAFKA_BROKERS`), every client over TCP.
+
+mod harness;
+mod migrations;
+mod users;
