@@ -39,6 +39,12 @@ pub enum Command {
     /// Everything in one process: migrations, topics, every stage, and the
     /// embedded broker when no brokers are configured.
     Up,
+    /// Throughput benchmarks with their ceilings measured in the same run
+    /// (fresh database and topics; embedded broker unless KAFKA_BROKERS is set).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Run the embedded Kafka-API broker alone.
     Broker {
         /// Address to listen on.
@@ -47,6 +53,16 @@ pub enum Command {
         /// `memory://NAME/` (lost on exit) or `sqlite://PATH` (survives kill -9 and restart).
         #[arg(long, default_value = "memory://ese/")]
         storage: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// users stage: topic → committed rows, against bare consume and COPY.
+    Users {
+        /// Upserts to push through.
+        #[arg(long, default_value_t = 100_000)]
+        records: usize,
     },
 }
 
@@ -129,6 +145,9 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             result
         }
         Command::Up => up(settings).await,
+        Command::Bench {
+            command: BenchCommand::Users { records },
+        } => crate::bench::users(settings, records).await,
         Command::Broker { listen, storage } => {
             let broker = crate::broker::start(&listen, &storage).await?;
             println!(

@@ -79,3 +79,20 @@ pub fn classify(e: &tokio_postgres::Error) -> ErrorClass {
         }
     }
 }
+
+/// Splits keyed rows into rounds in which no key appears twice, keeping each
+/// key's order: one `INSERT … ON CONFLICT DO UPDATE` may not touch a row
+/// twice, so a batch holding two events for one row runs as two statements.
+pub fn rounds<K: std::hash::Hash + Eq, T>(rows: impl IntoIterator<Item = (K, T)>) -> Vec<Vec<T>> {
+    let mut seen: std::collections::HashMap<K, usize> = std::collections::HashMap::new();
+    let mut out: Vec<Vec<T>> = Vec::new();
+    for (key, row) in rows {
+        let round = seen.entry(key).or_insert(0);
+        if out.len() <= *round {
+            out.push(Vec::new());
+        }
+        out[*round].push(row);
+        *round += 1;
+    }
+    out
+}

@@ -12,8 +12,10 @@
 //! - [`stages`]: the stages (domain logic and SQL only), registered by name.
 //! - [`phone`]: E.164 normalization.
 //! - [`metrics`]: the Prometheus recorder and `/metrics`.
+//! - [`bench`]: `ese bench …`, throughput with its ceilings measured in the same run.
 //! - [`engine`]: wiring a process together (`ese up`, `ese run`).
 
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod codec;

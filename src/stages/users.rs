@@ -63,10 +63,7 @@ impl Stage for Users {
         batch: &[Item<UserUpsert>],
         out: &mut Collector,
     ) -> Result<(), StageError> {
-        // Rows in batch order; a phone seen twice goes to a later round, since
-        // one INSERT … ON CONFLICT may not touch a row twice.
-        let mut rounds: Vec<(Vec<String>, Vec<serde_json::Value>, Vec<DateTime<Utc>>)> = Vec::new();
-        let mut seen: std::collections::HashMap<String, usize> = Default::default();
+        let mut rows = Vec::with_capacity(batch.len());
         for (i, item) in batch.iter().enumerate() {
             let u = &item.value;
             let phone = match self.phones.e164(&u.phone) {
@@ -80,21 +77,14 @@ impl Stage for Users {
                 out.dead_letter(i, format!("occurred_at {} is out of range", u.occurred_at));
                 continue;
             };
-            let round = seen.entry(phone.clone()).or_insert(0);
-            if rounds.len() <= *round {
-                rounds.push(Default::default());
-            }
-            let r = &mut rounds[*round];
-            *round += 1;
-            r.0.push(phone);
-            r.1.push(serde_json::Value::Object(
-                u.attributes.clone().into_iter().collect(),
-            ));
-            r.2.push(at);
+            let attrs = serde_json::Value::Object(u.attributes.clone().into_iter().collect());
+            rows.push((phone.clone(), (phone, attrs, at)));
         }
         let stmt = tx.prepare_cached(UPSERT).await?;
-        for (phones, attrs, times) in &rounds {
-            tx.execute(&stmt, &[phones, attrs, times]).await?;
+        for round in crate::db::rounds(rows) {
+            let (phones, (attrs, times)): (Vec<_>, (Vec<_>, Vec<_>)) =
+                round.into_iter().map(|(p, a, t)| (p, (a, t))).unzip();
+            tx.execute(&stmt, &[&phones, &attrs, &times]).await?;
         }
         Ok(())
     }

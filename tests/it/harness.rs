@@ -31,10 +31,10 @@ pub fn brokers() -> String {
     static BROKERS: OnceLock<String> = OnceLock::new();
     BROKERS
         .get_or_init(|| {
-            if let Ok(b) = std::env::var("KAFKA_BROKERS") {
-                if !b.trim().is_empty() {
-                    return b;
-                }
+            if let Ok(b) = std::env::var("KAFKA_BROKERS")
+                && !b.trim().is_empty()
+            {
+                return b;
             }
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
@@ -234,12 +234,12 @@ impl TestApp {
         let deadline = Instant::now() + timeout;
         let mut last = -1;
         while Instant::now() < deadline {
-            if let Ok(c) = self.pool.get().await {
-                if let Ok(row) = c.query_one(sql, &[]).await {
-                    last = row.get(0);
-                    if last == expected {
-                        return;
-                    }
+            if let Ok(c) = self.pool.get().await
+                && let Ok(row) = c.query_one(sql, &[]).await
+            {
+                last = row.get(0);
+                if last == expected {
+                    return;
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -1,0 +1,72 @@
+//! Phone normalization and Avro encode/decode: the per-record CPU costs every
+//! stage pays. `cargo bench --bench codec`.
+
+use std::collections::BTreeMap;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use ese::codec::Codec;
+use ese::phone::Normalizer;
+use ese::stages::users::UserUpsert;
+use serde_json::json;
+
+fn phones(c: &mut Criterion) {
+    let n = Normalizer::new("US");
+    let inputs = [
+        "+14155552671",
+        "(415) 555-2671",
+        "whatsapp:+447700900123",
+        "0044 20 7946 0958",
+    ];
+    let mut g = c.benchmark_group("phone");
+    g.throughput(Throughput::Elements(inputs.len() as u64));
+    g.bench_function("normalize_4_forms", |b| {
+        b.iter(|| {
+            for i in inputs {
+                let _ = std::hint::black_box(n.address(std::hint::black_box(i)));
+            }
+        })
+    });
+    g.finish();
+}
+
+fn avro(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let codec = Codec::new("").expect("codec");
+    let attributes: BTreeMap<String, serde_json::Value> = [
+        ("name", json!("Ada Lovelace")),
+        ("city", json!("London")),
+        ("age", json!(36)),
+        ("vip", json!(true)),
+        ("score", json!(9.5)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let u = UserUpsert {
+        event_id: Some("0190f5a2-7c1e-7000-8000-000000000001".into()),
+        phone: "+14155552671".into(),
+        attributes,
+        occurred_at: 1_700_000_000_000,
+    };
+    let bytes = rt
+        .block_on(codec.encode("users.upserts", UserUpsert::KIND, &u))
+        .expect("encodes");
+    let mut g = c.benchmark_group("avro_user_upsert");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("encode", |b| {
+        b.iter(|| {
+            rt.block_on(codec.encode("users.upserts", UserUpsert::KIND, std::hint::black_box(&u)))
+        })
+    });
+    g.bench_function("decode", |b| {
+        b.iter(|| {
+            rt.block_on(codec.decode::<UserUpsert>(UserUpsert::KIND, std::hint::black_box(&bytes)))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, phones, avro);
+criterion_main!(benches);

@@ -1,0 +1,248 @@
+//! `ese bench …`: throughput benchmarks that measure, in the same run, the
+//! bare ceilings a stage stands on, and print the ratio. Run them from a
+//! release build (`cargo run --release -- bench users`).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::FutureRecord;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::Codec;
+use crate::config::Settings;
+use crate::stages::Deps;
+use crate::stages::users::UserUpsert;
+
+/// A throwaway database and topic prefix for one benchmark run, dropped at the end.
+pub struct Scratch {
+    pub settings: Settings,
+    pub db_name: String,
+    admin_url: String,
+    _broker: Option<crate::broker::EmbeddedBroker>,
+}
+
+impl Scratch {
+    /// Starts the embedded broker if none is configured, creates a fresh
+    /// database and prefixes every topic and group with a fresh name.
+    pub async fn new(mut settings: Settings) -> anyhow::Result<Self> {
+        let broker = if settings.kafka.brokers.trim().is_empty() {
+            let b = crate::broker::start("127.0.0.1:0", "memory://ese-bench/").await?;
+            settings.kafka.brokers = b.bootstrap.clone();
+            Some(b)
+        } else {
+            None
+        };
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let db_name = format!("ese_bench_{}", &id[..12]);
+        let admin_url = settings.database.url.clone();
+        let (admin, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db_name}"))
+            .await?;
+        let mut url = url::Url::parse(&admin_url)?;
+        url.set_path(&format!("/{db_name}"));
+        settings.database.url = url.to_string();
+        crate::db::migrate(&settings.database.url).await?;
+        let prefix = format!("bench{}", &id[..8]);
+        for p in settings.pipelines.values_mut() {
+            p.group_id = format!("{prefix}.{}", p.group_id);
+            for t in p.inputs.iter_mut().chain(p.outputs.values_mut()) {
+                *t = format!("{prefix}.{t}");
+            }
+            p.dlq = format!("{prefix}.{}", p.dlq);
+        }
+        crate::kafka::create_topics(&settings.kafka, &settings.all_topics()).await?;
+        Ok(Self {
+            settings,
+            db_name,
+            admin_url,
+            _broker: broker,
+        })
+    }
+
+    /// Drops the scratch database.
+    pub async fn cleanup(self) -> anyhow::Result<()> {
+        let (admin, conn) = tokio_postgres::connect(&self.admin_url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db_name
+            ))
+            .await?;
+        Ok(())
+    }
+}
+
+fn bench_phone(i: usize) -> String {
+    format!("+1415{:03}{:04}", 200 + (i / 10_000) % 800, i % 10_000)
+}
+
+/// Rate in records per second.
+fn rate(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(1e-9)
+}
+
+/// Consumes `n` records of `topic` with a fresh group, as fast as rdkafka goes.
+pub async fn consume_ceiling(
+    settings: &Settings,
+    topic: &str,
+    n: usize,
+) -> anyhow::Result<Duration> {
+    let group = format!("ceiling-{}", uuid::Uuid::new_v4().simple());
+    let consumer: StreamConsumer =
+        crate::kafka::consumer_config(&settings.kafka, &group)?.create()?;
+    consumer.subscribe(&[topic])?;
+    let started = Instant::now();
+    let mut seen = 0usize;
+    let mut stream = consumer.stream();
+    while seen < n {
+        match tokio::time::timeout(Duration::from_secs(60), stream.next()).await {
+            Ok(Some(Ok(m))) => {
+                std::hint::black_box(m.payload());
+                seen += 1;
+            }
+            Ok(Some(Err(e))) => anyhow::bail!("consume ceiling: {e}"),
+            Ok(None) | Err(_) => anyhow::bail!("consume ceiling: stalled at {seen}/{n}"),
+        }
+    }
+    Ok(started.elapsed())
+}
+
+/// `ese bench users --records N`.
+pub async fn users(settings: Settings, records: usize) -> anyhow::Result<()> {
+    let scratch = Scratch::new(settings).await?;
+    let result = users_in(&scratch, records).await;
+    scratch.cleanup().await?;
+    result
+}
+
+async fn users_in(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
+    let settings = &scratch.settings;
+    let topic = settings.pipeline("users")?.inputs[0].clone();
+    let codec = Codec::new("")?;
+    let producer = crate::kafka::producer(&settings.kafka)?;
+
+    println!(
+        "users bench: {n} upserts, broker {}, postgres db {}",
+        settings.kafka.brokers, scratch.db_name
+    );
+    let mut payloads = Vec::with_capacity(n);
+    for i in 0..n {
+        let attributes: BTreeMap<String, serde_json::Value> = [
+            ("name".to_string(), serde_json::json!(format!("user {i}"))),
+            ("city".to_string(), serde_json::json!("Paris")),
+            ("age".to_string(), serde_json::json!(20 + (i % 60) as i64)),
+        ]
+        .into();
+        let u = UserUpsert {
+            event_id: None,
+            phone: bench_phone(i),
+            attributes,
+            occurred_at: 1_700_000_000_000 + i as i64,
+        };
+        payloads.push((
+            u.phone.clone(),
+            codec.encode(&topic, UserUpsert::KIND, &u).await?,
+            u,
+        ));
+    }
+    let started = Instant::now();
+    for chunk in payloads.chunks(5000) {
+        let futures = chunk.iter().map(|(k, p, _)| {
+            producer.send(
+                FutureRecord::to(&topic)
+                    .key(k.as_str())
+                    .payload(p.as_slice()),
+                Duration::from_secs(60),
+            )
+        });
+        for r in futures::future::join_all(futures).await {
+            r.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+        }
+    }
+    let produce = started.elapsed();
+    println!(
+        "  produce (setup)        {:>10.0} records/s",
+        rate(n, produce)
+    );
+
+    // Ceiling 1: bare consume of the same records.
+    let consume = consume_ceiling(settings, &topic, n).await?;
+    println!(
+        "  ceiling: consume       {:>10.0} records/s",
+        rate(n, consume)
+    );
+
+    // Ceiling 2: binary COPY of the same rows into the same table.
+    let pool = crate::db::pool(&settings.database)?;
+    let client = pool.get().await?;
+    let started = Instant::now();
+    let sink = client
+        .copy_in(
+            "COPY users (phone_number, attributes, attribute_times, updated_at) FROM STDIN BINARY",
+        )
+        .await?;
+    let writer = BinaryCopyInWriter::new(
+        sink,
+        &[Type::TEXT, Type::JSONB, Type::JSONB, Type::TIMESTAMPTZ],
+    );
+    futures::pin_mut!(writer);
+    for (phone, _, u) in &payloads {
+        let attrs = serde_json::Value::Object(u.attributes.clone().into_iter().collect());
+        let at = chrono::DateTime::from_timestamp_millis(u.occurred_at).unwrap_or_default();
+        let times = serde_json::Value::Object(
+            u.attributes
+                .keys()
+                .map(|k| (k.clone(), serde_json::json!(at)))
+                .collect(),
+        );
+        writer.as_mut().write(&[phone, &attrs, &times, &at]).await?;
+    }
+    writer.finish().await?;
+    let copy = started.elapsed();
+    println!("  ceiling: COPY          {:>10.0} rows/s", rate(n, copy));
+    client.batch_execute("TRUNCATE users").await?;
+    drop(client);
+
+    // The stage itself: topic → committed rows.
+    let deps = Deps {
+        settings: settings.clone(),
+        pool: pool.clone(),
+        producer,
+        codec,
+    };
+    let token = CancellationToken::new();
+    let started = Instant::now();
+    let t = token.clone();
+    let handle = tokio::spawn(async move { crate::stages::run("users", deps, t).await });
+    let target = n as i64;
+    loop {
+        let c = pool.get().await?;
+        let done: i64 = c.query_one("SELECT count(*) FROM users", &[]).await?.get(0);
+        if done >= target {
+            break;
+        }
+        if handle.is_finished() {
+            anyhow::bail!("users stage stopped early at {done}/{n}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stage = started.elapsed();
+    token.cancel();
+    handle.await??;
+    let stage_rate = rate(n, stage);
+    let ceiling = rate(n, consume).min(rate(n, copy));
+    println!("  users stage            {:>10.0} records/s", stage_rate);
+    println!(
+        "  ratio to the lower ceiling: {:.0}% (target ≥ 50%)",
+        100.0 * stage_rate / ceiling
+    );
+    Ok(())
+}
