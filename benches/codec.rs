@@ -51,19 +51,15 @@ fn avro(c: &mut Criterion) {
         occurred_at: 1_700_000_000_000,
     };
     let bytes = rt
-        .block_on(codec.encode("users.upserts", UserUpsert::KIND, &u))
+        .block_on(codec.encode("users.upserts", &u))
         .expect("encodes");
     let mut g = c.benchmark_group("avro_user_upsert");
     g.throughput(Throughput::Elements(1));
     g.bench_function("encode", |b| {
-        b.iter(|| {
-            rt.block_on(codec.encode("users.upserts", UserUpsert::KIND, std::hint::black_box(&u)))
-        })
+        b.iter(|| rt.block_on(codec.encode("users.upserts", std::hint::black_box(&u))))
     });
     g.bench_function("decode", |b| {
-        b.iter(|| {
-            rt.block_on(codec.decode::<UserUpsert>(UserUpsert::KIND, std::hint::black_box(&bytes)))
-        })
+        b.iter(|| rt.block_on(codec.decode::<UserUpsert>(std::hint::black_box(&bytes))))
     });
     g.finish();
 }

@@ -36,6 +36,8 @@ pub enum Command {
         #[arg(required = true, value_parser = clap::builder::PossibleValuesParser::new(stages::ALL))]
         stages: Vec<String>,
     },
+    /// The webhook bridge (provider callbacks → Kafka), `/healthz`, `/readyz`, `/metrics`.
+    Serve,
     /// Everything in one process: migrations, topics, every stage, and the
     /// embedded broker when no brokers are configured.
     Up,
@@ -50,7 +52,8 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:9092")]
         listen: String,
-        /// `memory://NAME/` (lost on exit) or `sqlite://PATH` (survives kill -9 and restart).
+        /// `memory://NAME/` (lost on exit), `sqlite://RELATIVE/PATH` or
+        /// `sqlite:///ABSOLUTE/PATH` (both survive kill -9 and restart).
         #[arg(long, default_value = "memory://ese/")]
         storage: String,
     },
@@ -63,6 +66,16 @@ pub enum BenchCommand {
         /// Upserts to push through.
         #[arg(long, default_value_t = 100_000)]
         records: usize,
+    },
+    /// Signed status callbacks over HTTP into the bridge, against bare HTTP
+    /// and bare produce; then normalize into Postgres against COPY.
+    Webhooks {
+        /// Requests in the closed-loop run.
+        #[arg(long, default_value_t = 50_000)]
+        requests: usize,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
     },
 }
 
@@ -145,10 +158,38 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             result
         }
         Command::Up => up(settings).await,
+        Command::Serve => {
+            let shutdown = CancellationToken::new();
+            engine::cancel_on_signal(shutdown.clone());
+            let deps = Deps::new(&settings)?;
+            let tokens = crate::bridge::tokens_from_env();
+            if tokens.is_empty() {
+                eprintln!(
+                    "ese: warning: TWILIO_AUTH_TOKEN is not set; every webhook will be refused (403)"
+                );
+            }
+            let bridge = crate::bridge::Bridge::new(&settings, tokens, deps.pool.clone())?;
+            println!("ese serve: webhooks on http://{}", settings.bridge.listen);
+            crate::bridge::serve(settings.bridge.listen, bridge.router(), shutdown).await
+        }
         Command::Bench {
             command: BenchCommand::Users { records },
         } => crate::bench::users(settings, records).await,
+        Command::Bench {
+            command:
+                BenchCommand::Webhooks {
+                    requests,
+                    concurrency,
+                },
+        } => crate::bench::webhooks(settings, requests, concurrency).await,
         Command::Broker { listen, storage } => {
+            // tansu resolves sqlite paths against the working directory; from
+            // "/" an absolute `sqlite:///var/lib/ese/broker.db` means what it says.
+            if storage.starts_with("sqlite:///") {
+                std::env::set_current_dir("/").map_err(|e| {
+                    anyhow::anyhow!("cannot change to / for an absolute sqlite path: {e}")
+                })?;
+            }
             let broker = crate::broker::start(&listen, &storage).await?;
             println!(
                 "ese broker: Kafka API on {} (storage {storage})",
@@ -181,6 +222,14 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
         settings.metrics.listen,
         shutdown.clone(),
     ));
+    let tokens = crate::bridge::tokens_from_env();
+    let signed = !tokens.is_empty();
+    let bridge = crate::bridge::Bridge::new(&settings, tokens, deps.pool.clone())?;
+    let bridge_task = tokio::spawn(crate::bridge::serve(
+        settings.bridge.listen,
+        bridge.router(),
+        shutdown.clone(),
+    ));
     println!("ese up");
     match &_broker {
         Some(b) => println!(
@@ -194,6 +243,16 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
         redact(&settings.database.url),
         applied.len()
     );
+    println!(
+        "  webhooks   http://{}/webhooks/twilio/{{status,inbound}} (public URL {}){}",
+        settings.bridge.listen,
+        settings.bridge.public_url,
+        if signed {
+            ""
+        } else {
+            " — TWILIO_AUTH_TOKEN unset: every webhook is refused"
+        }
+    );
     println!("  metrics    http://{}/metrics", settings.metrics.listen);
     println!("  stages     {}", stages::ALL.join(", "));
     println!("  topics     {}", topics.len());
@@ -201,6 +260,9 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
     let result = engine::run_stages(&names, &deps, shutdown.clone()).await;
     shutdown.cancel();
     let _ = metrics.await;
+    if let Ok(Err(e)) = bridge_task.await {
+        return result.and(Err(e));
+    }
     result
 }
 

@@ -20,13 +20,18 @@ use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+
+use crate::records::Record;
 
 /// The record types the engine reads and writes; each has a schema file per version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     UserUpsert,
+    WebhookRaw,
+    ReceiptNormalized,
+    InboundNormalized,
+    SendRequest,
+    ConsentChange,
 }
 
 impl Kind {
@@ -34,10 +39,22 @@ impl Kind {
     fn versions(self) -> &'static [&'static str] {
         match self {
             Kind::UserUpsert => &[include_str!("../schemas/user_upsert.v1.avsc")],
+            Kind::WebhookRaw => &[include_str!("../schemas/webhook_raw.v1.avsc")],
+            Kind::ReceiptNormalized => &[include_str!("../schemas/receipt_normalized.v1.avsc")],
+            Kind::InboundNormalized => &[include_str!("../schemas/inbound_normalized.v1.avsc")],
+            Kind::SendRequest => &[include_str!("../schemas/send_request.v1.avsc")],
+            Kind::ConsentChange => &[include_str!("../schemas/consent_change.v1.avsc")],
         }
     }
 
-    const ALL: &'static [Kind] = &[Kind::UserUpsert];
+    const ALL: &'static [Kind] = &[
+        Kind::UserUpsert,
+        Kind::WebhookRaw,
+        Kind::ReceiptNormalized,
+        Kind::InboundNormalized,
+        Kind::SendRequest,
+        Kind::ConsentChange,
+    ];
 }
 
 /// Why a payload could not be encoded or decoded.
@@ -140,13 +157,8 @@ impl Codec {
     }
 
     /// Encodes `item` as a `kind` record bound for `topic`.
-    pub async fn encode<T: Serialize>(
-        &self,
-        topic: &str,
-        kind: Kind,
-        item: &T,
-    ) -> Result<Vec<u8>, CodecError> {
-        let known = self.known(kind);
+    pub async fn encode<R: Record>(&self, topic: &str, item: &R) -> Result<Vec<u8>, CodecError> {
+        let known = self.known(R::KIND);
         let value = to_value(item)
             .and_then(|v| v.resolve(known.current))
             .map_err(|e| CodecError::Avro(e.to_string()))?;
@@ -175,15 +187,11 @@ impl Codec {
     }
 
     /// Decodes a `kind` record written with any known version of its schema.
-    pub async fn decode<T: DeserializeOwned>(
-        &self,
-        kind: Kind,
-        bytes: &[u8],
-    ) -> Result<T, CodecError> {
+    pub async fn decode<R: Record>(&self, bytes: &[u8]) -> Result<R, CodecError> {
         if bytes.is_empty() {
             return Err(CodecError::Empty);
         }
-        let known = self.known(kind);
+        let known = self.known(R::KIND);
         let value: Value = match &self.registry {
             None => {
                 if bytes.len() < 10 || bytes[0] != 0xC3 || bytes[1] != 0x01 {
@@ -216,28 +224,19 @@ impl Codec {
                     .value
             }
         };
-        from_value::<T>(&value).map_err(|e| CodecError::Avro(e.to_string()))
+        from_value::<R>(&value).map_err(|e| CodecError::Avro(e.to_string()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde::Deserialize;
-
-    #[derive(Debug, Serialize, Deserialize, PartialEq)]
-    struct Upsert {
-        event_id: Option<String>,
-        phone: String,
-        #[serde(with = "scalar_map")]
-        attributes: std::collections::BTreeMap<String, serde_json::Value>,
-        occurred_at: i64,
-    }
+    use crate::records::UserUpsert;
 
     #[tokio::test]
     async fn single_object_round_trip() {
         let codec = Codec::new("").unwrap();
-        let u = Upsert {
+        let u = UserUpsert {
             event_id: None,
             phone: "+14155550100".into(),
             attributes: [
@@ -245,21 +244,35 @@ mod tests {
                 ("age".to_string(), serde_json::json!(41)),
                 ("vip".to_string(), serde_json::json!(true)),
                 ("score".to_string(), serde_json::json!(2.5)),
+                ("gone".to_string(), serde_json::Value::Null),
             ]
             .into(),
             occurred_at: 1_700_000_000_000,
         };
-        let bytes = codec.encode("t", Kind::UserUpsert, &u).await.unwrap();
+        let bytes = codec.encode("t", &u).await.unwrap();
         assert_eq!(&bytes[..2], &[0xC3, 0x01]);
-        let back: Upsert = codec.decode(Kind::UserUpsert, &bytes).await.unwrap();
+        let back: UserUpsert = codec.decode(&bytes).await.unwrap();
         assert_eq!(back, u);
+    }
+
+    #[tokio::test]
+    async fn nested_attribute_is_refused_with_its_name() {
+        let codec = Codec::new("").unwrap();
+        let u = UserUpsert {
+            event_id: None,
+            phone: "+14155550100".into(),
+            attributes: [("tags".to_string(), serde_json::json!(["a"]))].into(),
+            occurred_at: 0,
+        };
+        let err = codec.encode("t", &u).await.unwrap_err().to_string();
+        assert!(err.contains("tags"), "{err}");
     }
 
     #[tokio::test]
     async fn garbage_is_an_error_not_a_panic() {
         let codec = Codec::new("").unwrap();
         for bad in [&b""[..], b"hello", &[0xC3, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 1]] {
-            assert!(codec.decode::<Upsert>(Kind::UserUpsert, bad).await.is_err());
+            assert!(codec.decode::<UserUpsert>(bad).await.is_err());
         }
     }
 }

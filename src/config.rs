@@ -18,7 +18,12 @@ use serde::{Deserialize, Serialize};
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// Every embedded pipeline definition, one per stage.
-const PIPELINES: &[(&str, &str)] = &[("users", include_str!("../pipelines/users.toml"))];
+const PIPELINES: &[(&str, &str)] = &[
+    ("users", include_str!("../pipelines/users.toml")),
+    ("normalize", include_str!("../pipelines/normalize.toml")),
+    ("consent", include_str!("../pipelines/consent.toml")),
+    ("receipts", include_str!("../pipelines/receipts.toml")),
+];
 
 /// The whole configuration of one `ese` process.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,6 +35,9 @@ pub struct Settings {
     pub metrics: MetricsConfig,
     pub phone: PhoneConfig,
     pub broker: BrokerConfig,
+    pub bridge: BridgeConfig,
+    pub consent: ConsentConfig,
+    pub receipts: ReceiptsConfig,
     /// Stage definitions keyed by stage name (`pipelines/<stage>.toml`).
     pub pipelines: BTreeMap<String, Pipeline>,
 }
@@ -98,6 +106,65 @@ pub struct BrokerConfig {
     pub listen: String,
     /// Embedded broker storage: `memory://ese/` or `sqlite://PATH` (durable). Default memory.
     pub storage: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// Where the webhook bridge (and admin API) listens. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// The base URL the provider calls, exactly as configured at the provider;
+    /// signatures are computed over it plus path and query. Default `http://127.0.0.1:8080`.
+    pub public_url: String,
+    /// Largest accepted body; larger gets 413. Default 65536.
+    pub max_body_bytes: usize,
+    /// Requests handled at once; more get 503 with Retry-After. Default 1024.
+    pub max_in_flight: usize,
+    /// How long a webhook waits for the broker's acknowledgement before 503. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub produce_timeout: Duration,
+    /// Topic of raw status callbacks (keyed by MessageSid). Default `webhooks.status.raw`.
+    pub status_topic: String,
+    /// Topic of raw inbound messages (keyed by From). Default `webhooks.inbound.raw`.
+    pub inbound_topic: String,
+}
+
+/// Consent keywords and auto-replies. Keywords match the whole message,
+/// ignoring case, surrounding whitespace and trailing punctuation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ConsentConfig {
+    /// Default STOP, STOPALL, UNSUBSCRIBE, CANCEL, END, QUIT, REVOKE, OPTOUT.
+    pub opt_out_keywords: Vec<String>,
+    /// Default START, YES, UNSTOP.
+    pub opt_in_keywords: Vec<String>,
+    /// Default HELP, INFO.
+    pub help_keywords: Vec<String>,
+    /// Sent once after an opt-out (the one message an opted-out number gets); empty: none.
+    pub opt_out_reply: String,
+    /// Sent after an opt-in; empty: none.
+    pub opt_in_reply: String,
+    /// Sent after HELP to an opted-in number; empty: none.
+    pub help_reply: String,
+    /// Operator rules: a keyword and its reply (opted-in numbers only).
+    #[serde(default)]
+    pub rules: Vec<ReplyRule>,
+}
+
+/// `[[consent.rules]] keyword = "HOURS" reply = "We are open 9-5."`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ReplyRule {
+    pub keyword: String,
+    pub reply: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ReceiptsConfig {
+    /// A callback with no message for its SID after this long counts as unmatched. Default 10m.
+    #[serde(with = "humantime_serde")]
+    pub unmatched_after: Duration,
 }
 
 /// One stage's wiring and tuning (`pipelines/<stage>.toml`).
@@ -250,6 +317,8 @@ impl Settings {
                     .cloned()
             })
             .collect();
+        topics.push(self.bridge.status_topic.clone());
+        topics.push(self.bridge.inbound_topic.clone());
         topics.sort();
         topics.dedup();
         topics

@@ -14,7 +14,7 @@ impl Deps {
         Ok(Self {
             settings: settings.clone(),
             pool: crate::db::pool(&settings.database)?,
-            producer: crate::kafka::producer(&settings.kafka)?,
+            producer: crate::kafka::Producer::new(&settings.kafka)?,
             codec: Codec::new(&settings.schema_registry.url)?,
         })
     }

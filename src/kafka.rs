@@ -7,8 +7,13 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::FutureProducer;
+use std::sync::{Arc, RwLock};
+
+use rdkafka::message::ToBytes;
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
+use tracing::warn;
 
 use crate::config::KafkaConfig;
 
@@ -29,13 +34,82 @@ pub fn client_config(cfg: &KafkaConfig) -> anyhow::Result<ClientConfig> {
     Ok(c)
 }
 
-/// The one producer setup: idempotent, `acks=all`, small linger for batching.
-pub fn producer(cfg: &KafkaConfig) -> anyhow::Result<FutureProducer> {
+/// The engine's producer: idempotent, `acks=all`, recreated after a fatal
+/// error. (An idempotent producer that loses an in-flight request may need an
+/// epoch bump; a broker that refuses it fences the producer for good, which
+/// would otherwise stall every later send.) Cheap to clone.
+#[derive(Clone)]
+pub struct Producer {
+    cfg: Arc<KafkaConfig>,
+    inner: Arc<RwLock<FutureProducer>>,
+}
+
+impl Producer {
+    pub fn new(cfg: &KafkaConfig) -> anyhow::Result<Self> {
+        Ok(Self {
+            cfg: Arc::new(cfg.clone()),
+            inner: Arc::new(RwLock::new(future_producer(cfg)?)),
+        })
+    }
+
+    /// The current rdkafka producer.
+    pub fn current(&self) -> FutureProducer {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sends one record and waits for the broker's acknowledgement; a fatal
+    /// producer error replaces the producer for the next send.
+    pub async fn send<K, P>(
+        &self,
+        record: FutureRecord<'_, K, P>,
+        queue_timeout: Duration,
+    ) -> OwnedDeliveryResult
+    where
+        K: ToBytes + ?Sized,
+        P: ToBytes + ?Sized,
+    {
+        let producer = self.current();
+        let result = producer.send(record, queue_timeout).await;
+        if let Err((e, _)) = &result {
+            self.recover(&producer, e);
+        }
+        result
+    }
+
+    fn recover(&self, failed: &FutureProducer, error: &KafkaError) {
+        let (code, reason) = match failed.client().fatal_error() {
+            Some(fatal) => fatal,
+            None => match error.rdkafka_error_code() {
+                Some(
+                    code @ (RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::UnknownProducerId
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                    | RDKafkaErrorCode::Fatal),
+                ) => (code, error.to_string()),
+                _ => return,
+            },
+        };
+        let mut current = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if !std::ptr::eq(current.client().native_ptr(), failed.client().native_ptr()) {
+            return; // someone replaced it already
+        }
+        match future_producer(&self.cfg) {
+            Ok(p) => {
+                warn!(%code, %reason, "producer hit a fatal error; replaced it");
+                metrics::counter!("ese_kafka_producer_recreated_total").increment(1);
+                *current = p;
+            }
+            Err(e) => warn!(error = %e, "producer hit a fatal error and cannot be recreated yet"),
+        }
+    }
+}
+
+fn future_producer(cfg: &KafkaConfig) -> anyhow::Result<FutureProducer> {
     let mut c = client_config(cfg)?;
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
-        .set("compression.type", "lz4")
         .set(
             "message.timeout.ms",
             cfg.produce_timeout.as_millis().to_string(),

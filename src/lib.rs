@@ -5,9 +5,13 @@
 //! - [`cli`]: the `ese` command line; `main.rs` only calls [`cli::main`].
 //! - [`config`]: settings from `config/default.toml`, `pipelines/*.toml`, a file and the environment.
 //! - [`db`]: the Postgres pool, migrations (`migrations/`), error classification.
+//! - [`http`]: the one place HTTP clients are built.
 //! - [`kafka`]: the one place Kafka clients are configured; topic creation.
+//! - [`bridge`]: the webhook bridge (axum): provider callbacks → Kafka, probes, metrics.
 //! - [`broker`]: the embedded Kafka-API broker (tansu) for development and tests.
 //! - [`codec`]: Avro records (`schemas/`), single-object or schema-registry encoded.
+//! - [`records`]: the record types on the topics, one per schema.
+//! - [`reports`]: read-side queries (campaign performance, dashboard figures).
 //! - [`runner`]: the stage runner — the one consumer loop every stage uses.
 //! - [`stages`]: the stages (domain logic and SQL only), registered by name.
 //! - [`phone`]: E.164 normalization.
@@ -16,14 +20,18 @@
 //! - [`engine`]: wiring a process together (`ese up`, `ese run`).
 
 pub mod bench;
+pub mod bridge;
 pub mod broker;
 pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod db;
 pub mod engine;
+pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod phone;
+pub mod records;
+pub mod reports;
 pub mod runner;
 pub mod stages;

@@ -8,10 +8,11 @@
 //!   go to one of `concurrency` workers by partition, so order within a
 //!   partition holds and no gap tracking is needed.
 //! - Batches: a worker gathers up to `batch-size` records (or waits
-//!   `max-wait`), opens a transaction, runs the stage, produces the outputs
-//!   and dead letters and waits for the broker's acknowledgements, commits,
-//!   and only then stores each partition's offset. At-least-once; the stages'
-//!   sinks are idempotent, so a redelivery changes nothing.
+//!   `max-wait`), opens a transaction, runs the stage, commits, produces the
+//!   outputs and dead letters and waits for the broker's acknowledgements, and
+//!   only then stores each partition's offset. At-least-once; the stages'
+//!   sinks are idempotent, so a redelivery changes nothing, and a record seen
+//!   downstream always finds its upstream effects committed.
 //! - Errors: transient (connection lost, broker down) → the batch is retried
 //!   with capped exponential backoff, nothing stored; poison (undecodable,
 //!   invalid data, a constraint violation) → the record goes to the DLQ with
@@ -36,7 +37,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::statistics::Statistics;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -222,8 +223,8 @@ pub trait Stage: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Self::Input, StageError>> + Send;
 
     /// Applies `batch` inside `tx` and collects its outputs. Outputs must follow
-    /// from the input alone (not from whether a row changed), so a replayed
-    /// record produces them again.
+    /// from the input and committed state, not from whether this attempt
+    /// changed a row, so a replayed record produces them again.
     fn process(
         &self,
         tx: &Transaction<'_>,
@@ -299,7 +300,7 @@ struct Shared<S: Stage> {
     stage: Arc<S>,
     pipeline: Pipeline,
     pool: Pool,
-    producer: FutureProducer,
+    producer: crate::kafka::Producer,
     consumer: Arc<StreamConsumer<RunnerContext>>,
     owned: Owned,
     produce_timeout: Duration,
@@ -313,7 +314,7 @@ pub async fn run<S: Stage>(
     pipeline: Pipeline,
     kafka: &KafkaConfig,
     pool: Pool,
-    producer: FutureProducer,
+    producer: crate::kafka::Producer,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let name = stage.name();
@@ -692,8 +693,8 @@ impl<S: Stage> Shared<S> {
         }
     }
 
-    /// One attempt: transaction, stage effects, outputs and dead letters
-    /// acknowledged by the broker, commit.
+    /// One attempt: transaction, stage effects, commit, outputs and dead
+    /// letters acknowledged by the broker.
     async fn apply(&self, batch: &Batch<S::Input>) -> Result<(), StageError> {
         let mut dead: Vec<(&InRecord, &str)> = batch
             .dead
@@ -711,8 +712,11 @@ impl<S: Stage> Shared<S> {
                 dead.push((&item.record, reason.as_str()));
             }
         }
-        self.produce(&out.outputs, &dead).await?;
+        // Commit first: a record on an output topic then always finds its
+        // source's effects committed. A crash before the acknowledgements
+        // replays the batch, which changes nothing and emits the outputs again.
         tx.commit().await?;
+        self.produce(&out.outputs, &dead).await?;
         let name = self.name();
         for (r, reason) in &dead {
             counter!("ese_stage_records_dead_lettered_total", "stage" => name).increment(1);

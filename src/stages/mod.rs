@@ -1,12 +1,14 @@
 //! The stages, registered by name. Each is a [`crate::runner::Stage`]; the
 //! runner does the rest.
 
+pub mod consent;
+pub mod normalize;
+pub mod receipts;
 pub mod users;
 
 use std::sync::Arc;
 
 use deadpool_postgres::Pool;
-use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::Codec;
@@ -15,14 +17,14 @@ use crate::phone::Normalizer;
 use crate::runner;
 
 /// Every stage `ese run` knows, in pipeline order.
-pub const ALL: &[&str] = &["users"];
+pub const ALL: &[&str] = &["users", "normalize", "consent", "receipts"];
 
 /// What a stage is built from.
 #[derive(Clone)]
 pub struct Deps {
     pub settings: Settings,
     pub pool: Pool,
-    pub producer: FutureProducer,
+    pub producer: crate::kafka::Producer,
     pub codec: Codec,
 }
 
@@ -30,23 +32,66 @@ pub struct Deps {
 pub async fn run(name: &str, deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pipeline = deps.settings.pipeline(name)?.clone();
     let phones = Normalizer::new(&deps.settings.phone.default_region);
-    let kafka = &deps.settings.kafka;
     match name {
         "users" => {
             let stage = users::Users {
                 codec: deps.codec.clone(),
                 phones,
             };
-            runner::run(
-                Arc::new(stage),
-                pipeline,
-                kafka,
-                deps.pool,
-                deps.producer,
-                shutdown,
-            )
-            .await
+            go(stage, pipeline, deps, shutdown).await
+        }
+        "normalize" => {
+            let stage = normalize::Normalize {
+                codec: deps.codec.clone(),
+                phones,
+                receipts_topic: output(&pipeline, name, "receipts")?,
+                inbound_topic: output(&pipeline, name, "inbound")?,
+            };
+            go(stage, pipeline, deps, shutdown).await
+        }
+        "consent" => {
+            let stage = consent::Consent {
+                codec: deps.codec.clone(),
+                cfg: deps.settings.consent.clone(),
+                sends_topic: output(&pipeline, name, "sends")?,
+                changes_topic: output(&pipeline, name, "changes")?,
+            };
+            go(stage, pipeline, deps, shutdown).await
+        }
+        "receipts" => {
+            let stage = receipts::Receipts {
+                codec: deps.codec.clone(),
+                unmatched_after: deps.settings.receipts.unmatched_after,
+                last_gauge: Default::default(),
+            };
+            go(stage, pipeline, deps, shutdown).await
         }
         other => anyhow::bail!("unknown stage {other:?}; stages: {}", ALL.join(", ")),
     }
+}
+
+/// The topic of output `key` of `stage`'s pipeline, or an error naming both.
+fn output(pipeline: &crate::config::Pipeline, stage: &str, key: &str) -> anyhow::Result<String> {
+    pipeline
+        .outputs
+        .get(key)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("pipelines.{stage}.outputs.{key} is not set"))
+}
+
+async fn go<S: runner::Stage>(
+    stage: S,
+    pipeline: crate::config::Pipeline,
+    deps: Deps,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    runner::run(
+        Arc::new(stage),
+        pipeline,
+        &deps.settings.kafka,
+        deps.pool,
+        deps.producer,
+        shutdown,
+    )
+    .await
 }

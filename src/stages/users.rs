@@ -2,31 +2,14 @@
 //! E.164, attributes merged key by key; an older event never overwrites a
 //! newer value (per-attribute event times, see `ese_merge_attributes`).
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
-use serde::{Deserialize, Serialize};
 
-use crate::codec::{Codec, Kind};
+use crate::codec::Codec;
 use crate::phone::Normalizer;
 use crate::runner::{Collector, InRecord, Item, Stage, StageError};
 
-/// A `UserUpsert` record (`schemas/user_upsert.v1.avsc`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct UserUpsert {
-    pub event_id: Option<String>,
-    pub phone: String,
-    #[serde(with = "crate::codec::scalar_map")]
-    pub attributes: BTreeMap<String, serde_json::Value>,
-    /// Event time, ms since the epoch.
-    pub occurred_at: i64,
-}
-
-impl UserUpsert {
-    /// The record's Avro kind, for producers.
-    pub const KIND: Kind = Kind::UserUpsert;
-}
+pub use crate::records::UserUpsert;
 
 const UPSERT: &str = "
 INSERT INTO users AS u (phone_number, attributes, attribute_times, updated_at)
@@ -51,10 +34,7 @@ impl Stage for Users {
     }
 
     async fn decode(&self, record: &InRecord) -> Result<UserUpsert, StageError> {
-        Ok(self
-            .codec
-            .decode(Kind::UserUpsert, record.payload())
-            .await?)
+        Ok(self.codec.decode(record.payload()).await?)
     }
 
     async fn process(

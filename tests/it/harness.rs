@@ -14,7 +14,7 @@ use ese::stages::Deps;
 use figment::providers::{Format, Serialized};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -58,7 +58,7 @@ pub struct TestApp {
     pub settings: Settings,
     pub pool: Pool,
     pub codec: Codec,
-    pub producer: FutureProducer,
+    pub producer: ese::kafka::Producer,
     pub db_name: String,
     pub prefix: String,
     /// The same settings as a file, for `ese` child processes.
@@ -73,6 +73,15 @@ impl TestApp {
 
     /// Like [`TestApp::spawn`], with extra config merged on top (`[pipelines.users] batch-size = 10`, …).
     pub async fn spawn_with(extra: toml::Table) -> TestApp {
+        static LOGS: std::sync::Once = std::sync::Once::new();
+        LOGS.call_once(|| {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tansu=off"));
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        });
         let id = uuid::Uuid::new_v4().simple().to_string();
         let prefix = format!("t{}", &id[..10]);
         let db_name = format!("ese_test_{}", &id[..16]);
@@ -121,8 +130,14 @@ impl TestApp {
             statistics-interval = "1s"
             [metrics]
             listen = "127.0.0.1:0"
+            [bridge]
+            public-url = "{}"
+            status-topic = "{prefix}.webhooks.status.raw"
+            inbound-topic = "{prefix}.webhooks.inbound.raw"
+            produce-timeout = "3s"
             "#,
-            brokers()
+            brokers(),
+            crate::fixtures::PUBLIC_URL,
         ))
         .expect("test config");
         doc.insert("pipelines".into(), pipelines.into());
@@ -141,7 +156,7 @@ impl TestApp {
             .await
             .expect("topics created");
         let pool = ese::db::pool(&settings.database).expect("pool");
-        let producer = ese::kafka::producer(&settings.kafka).expect("producer");
+        let producer = ese::kafka::Producer::new(&settings.kafka).expect("producer");
         let codec = Codec::new("").expect("codec");
         TestApp {
             settings,
@@ -176,6 +191,29 @@ impl TestApp {
         let t = token.clone();
         let handle = tokio::spawn(async move { ese::stages::run(&name, deps, t).await });
         RunningStage { token, handle }
+    }
+
+    /// Starts the webhook bridge on a free port, trusting `fixtures::TOKEN`.
+    pub async fn start_bridge(&self) -> RunningBridge {
+        let bridge = ese::bridge::Bridge::new(
+            &self.settings,
+            vec![crate::fixtures::TOKEN.to_string()],
+            self.pool.clone(),
+        )
+        .expect("bridge");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind bridge");
+        let addr = listener.local_addr().expect("bridge address");
+        let token = CancellationToken::new();
+        let t = token.clone();
+        let router = bridge.router();
+        tokio::spawn(async move { ese::bridge::serve_on(listener, router, t).await });
+        RunningBridge {
+            base: format!("http://{addr}"),
+            token,
+            http: ese::http::client_builder().build().expect("http client"),
+        }
     }
 
     /// Starts `ese ARGS…` as a child process against this test's settings.
@@ -293,6 +331,35 @@ impl TestApp {
         out
     }
 
+    /// Waits until `stage`'s consumer group has committed every record on its
+    /// inputs (what was produced before this call has been fully processed).
+    pub async fn wait_caught_up(&self, stage: &str, timeout: Duration) {
+        self.wait_group_caught_up(stage, "", timeout).await;
+    }
+
+    /// Like [`TestApp::wait_caught_up`] for the stage's group id + `suffix` (a replay group).
+    pub async fn wait_group_caught_up(&self, stage: &str, suffix: &str, timeout: Duration) {
+        let mut p = self.settings.pipeline(stage).expect("pipeline").clone();
+        p.group_id.push_str(suffix);
+        let brokers = self.settings.kafka.brokers.clone();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (p2, b2) = (p.clone(), brokers.clone());
+            let behind =
+                tokio::task::spawn_blocking(move || group_lag(&b2, &p2.group_id, &p2.inputs))
+                    .await
+                    .expect("lag check");
+            if behind == Some(0) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{stage} not caught up after {timeout:?}: {behind:?} behind"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
     /// Terminates every connection to this test's database (Postgres "lost").
     pub async fn kill_db_connections(&self) -> i64 {
         let admin = connect(&admin_url()).await;
@@ -387,4 +454,85 @@ fn merge(into: &mut toml::Table, extra: toml::Table) {
 pub fn kill9(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The bridge running in the test process.
+pub struct RunningBridge {
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    pub token: CancellationToken,
+    pub http: reqwest::Client,
+}
+
+impl RunningBridge {
+    /// POSTs a form body with an `X-Twilio-Signature`.
+    pub async fn post_form(
+        &self,
+        path: &str,
+        body: String,
+        signature: Option<&str>,
+    ) -> reqwest::Response {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        if let Some(sig) = signature {
+            req = req.header("x-twilio-signature", sig);
+        }
+        req.send().await.expect("bridge answers")
+    }
+
+    /// POSTs a fixture as the provider would.
+    pub async fn deliver(&self, f: &crate::fixtures::Fixture) -> reqwest::Response {
+        self.post_form(f.path, f.form(), Some(f.signature)).await
+    }
+}
+
+impl Drop for RunningBridge {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// Records of `topics` not yet committed by `group` (None if it cannot tell yet).
+pub fn group_lag(brokers: &str, group: &str, topics: &[String]) -> Option<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .ok()?;
+    let mut tpl = TopicPartitionList::new();
+    let mut high = std::collections::HashMap::new();
+    for topic in topics {
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()?;
+        for t in md.topics() {
+            for p in t.partitions() {
+                let (_, hi) = consumer
+                    .fetch_watermarks(topic, p.id(), Duration::from_secs(5))
+                    .ok()?;
+                high.insert((topic.clone(), p.id()), hi);
+                tpl.add_partition(topic, p.id());
+            }
+        }
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(5))
+        .ok()?;
+    let mut behind = 0;
+    for e in committed.elements() {
+        let hi = high
+            .get(&(e.topic().to_string(), e.partition()))
+            .copied()
+            .unwrap_or(0);
+        let at = match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        };
+        behind += (hi - at).max(0);
+    }
+    Some(behind)
 }

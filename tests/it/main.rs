@@ -1,6 +1,9 @@
 //! Integration tests: real PostgreSQL (a fresh database per test) and a real
 //! Kafka-API broker (the embedded one, or `KAFKA_BROKERS`), every client over TCP.
 
+mod bridge;
+mod fixtures;
 mod harness;
 mod migrations;
+mod receipts_consent;
 mod users;

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ese::codec::Kind;
 use ese::stages::users::UserUpsert;
 use serde_json::json;
 
@@ -29,7 +28,7 @@ async fn upsert(app: &TestApp, phone: &str, attrs: serde_json::Value, at: i64) -
         occurred_at: at,
     };
     app.codec
-        .encode(&app.topic("users.upserts"), Kind::UserUpsert, &u)
+        .encode(&app.topic("users.upserts"), &u)
         .await
         .unwrap()
 }

@@ -18,6 +18,9 @@ use crate::config::Settings;
 use crate::stages::Deps;
 use crate::stages::users::UserUpsert;
 
+mod webhooks;
+pub use webhooks::webhooks;
+
 /// A throwaway database and topic prefix for one benchmark run, dropped at the end.
 pub struct Scratch {
     pub settings: Settings,
@@ -85,7 +88,7 @@ fn bench_phone(i: usize) -> String {
 }
 
 /// Rate in records per second.
-fn rate(n: usize, d: Duration) -> f64 {
+pub(crate) fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
 }
 
@@ -127,7 +130,7 @@ async fn users_in(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
     let settings = &scratch.settings;
     let topic = settings.pipeline("users")?.inputs[0].clone();
     let codec = Codec::new("")?;
-    let producer = crate::kafka::producer(&settings.kafka)?;
+    let producer = crate::kafka::Producer::new(&settings.kafka)?;
 
     println!(
         "users bench: {n} upserts, broker {}, postgres db {}",
@@ -147,11 +150,7 @@ async fn users_in(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
             attributes,
             occurred_at: 1_700_000_000_000 + i as i64,
         };
-        payloads.push((
-            u.phone.clone(),
-            codec.encode(&topic, UserUpsert::KIND, &u).await?,
-            u,
-        ));
+        payloads.push((u.phone.clone(), codec.encode(&topic, &u).await?, u));
     }
     let started = Instant::now();
     for chunk in payloads.chunks(5000) {

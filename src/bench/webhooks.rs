@@ -1,0 +1,375 @@
+//! `ese bench webhooks`: signed status callbacks driven over HTTP into the
+//! bridge, against the two ceilings it composes (a bare HTTP endpoint doing
+//! nothing, bare produce of same-size records with the same producer
+//! settings), then the normalize stage into Postgres against `COPY`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use axum::routing::post;
+use rdkafka::producer::FutureRecord;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
+use tokio_util::sync::CancellationToken;
+
+use super::{Scratch, rate};
+use crate::bridge::{Bridge, signature};
+use crate::codec::Codec;
+use crate::config::Settings;
+use crate::records::{Param, WebhookRaw};
+use crate::stages::Deps;
+
+const PATH: &str = "/webhooks/twilio/status";
+const TOKEN: &str = "bench-auth-token";
+
+/// Latencies and outcome of one load run.
+struct Run {
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+    ok: usize,
+    failed: usize,
+}
+
+impl Run {
+    fn pct(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((self.latencies.len() - 1) as f64 * p).round() as usize;
+        self.latencies[i]
+    }
+    fn print(&self, what: &str) {
+        println!(
+            "  {what:<28} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.2} ms  ({} ok, {} failed)",
+            rate(self.ok, self.elapsed),
+            self.pct(0.5).as_secs_f64() * 1e3,
+            self.pct(0.99).as_secs_f64() * 1e3,
+            self.latencies
+                .last()
+                .copied()
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1e3,
+            self.ok,
+            self.failed
+        );
+    }
+}
+
+/// A realistic signed status callback for message `i`.
+fn callback(public_url: &str, i: usize) -> (String, String) {
+    let sid = format!("SM{i:032x}");
+    let status = ["queued", "sent", "delivered"][i % 3];
+    let params: Vec<(String, String)> = [
+        ("ApiVersion", "2010-04-01"),
+        ("AccountSid", "AC0123456789abcdef0123456789abcdef"),
+        ("SmsSid", sid.as_str()),
+        ("SmsStatus", status),
+        ("MessageStatus", status),
+        ("MessageSid", sid.as_str()),
+        ("From", "+14155550123"),
+        ("To", "+14155552671"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let sig = signature::sign(TOKEN, &format!("{public_url}{PATH}"), &params);
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params.iter())
+        .finish();
+    (body, sig)
+}
+
+/// Sends `bodies` to `url` with `concurrency` workers; with `per_second`,
+/// request i is due at start + i / per_second (open loop).
+async fn drive(
+    url: &str,
+    bodies: Arc<Vec<(String, String)>>,
+    concurrency: usize,
+    per_second: Option<f64>,
+) -> anyhow::Result<Run> {
+    let client = crate::http::client_builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let (client, bodies, next, url) = (
+            client.clone(),
+            bodies.clone(),
+            next.clone(),
+            url.to_string(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let (mut ok, mut failed) = (0usize, 0usize);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((body, sig)) = bodies.get(i) else {
+                    break;
+                };
+                if let Some(rps) = per_second {
+                    let due = started + Duration::from_secs_f64(i as f64 / rps);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let t = Instant::now();
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .header("x-twilio-signature", sig)
+                    .body(body.clone())
+                    .send()
+                    .await;
+                lat.push(t.elapsed());
+                match r {
+                    Ok(r) if r.status().is_success() => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (lat, ok, failed)
+        }));
+    }
+    let mut run = Run {
+        elapsed: Duration::ZERO,
+        latencies: Vec::new(),
+        ok: 0,
+        failed: 0,
+    };
+    for t in tasks {
+        let (lat, ok, failed) = t.await?;
+        run.latencies.extend(lat);
+        run.ok += ok;
+        run.failed += failed;
+    }
+    run.elapsed = started.elapsed();
+    run.latencies.sort_unstable();
+    Ok(run)
+}
+
+/// `ese bench webhooks --requests N --concurrency C`.
+pub async fn webhooks(
+    settings: Settings,
+    requests: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let scratch = Scratch::new(settings).await?;
+    let result = webhooks_in(&scratch, requests, concurrency.max(1)).await;
+    scratch.cleanup().await?;
+    result
+}
+
+async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let mut settings = scratch.settings.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    settings.bridge.public_url = format!("http://{addr}");
+    settings.bridge.max_in_flight = conc * 4;
+    let pool = crate::db::pool(&settings.database)?;
+    let bridge = Bridge::new(&settings, vec![TOKEN.to_string()], pool.clone())?;
+    tokio::spawn(crate::bridge::serve_on(
+        listener,
+        bridge.router(),
+        shutdown.clone(),
+    ));
+
+    let bare_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let bare_addr = bare_listener.local_addr()?;
+    let bare = Router::new().route(PATH, post(|_body: Bytes| async { StatusCode::OK }));
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        axum::serve(bare_listener, bare)
+            .with_graceful_shutdown(async move { s.cancelled().await })
+            .await
+    });
+
+    println!(
+        "webhooks bench: {n} signed status callbacks, {conc} concurrent, broker {}, postgres db {}",
+        settings.kafka.brokers, scratch.db_name
+    );
+    let public = settings.bridge.public_url.clone();
+    let bodies: Arc<Vec<(String, String)>> =
+        Arc::new((0..n).map(|i| callback(&public, i)).collect());
+
+    // Ceiling 1: the same requests to an endpoint that does nothing.
+    let http = drive(
+        &format!("http://{bare_addr}{PATH}"),
+        bodies.clone(),
+        conc,
+        None,
+    )
+    .await?;
+    http.print("ceiling: bare HTTP");
+
+    // Ceiling 2: produce same-size records with the bridge's producer settings,
+    // `conc` in flight, each awaited like a request.
+    let codec = Codec::new("")?;
+    let topic = settings.bridge.status_topic.clone();
+    let sample = WebhookRaw {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        kind: "status".into(),
+        path: PATH.into(),
+        query: String::new(),
+        params: url::form_urlencoded::parse(bodies[0].0.as_bytes())
+            .map(|(name, value)| Param {
+                name: name.into_owned(),
+                value: value.into_owned(),
+            })
+            .collect(),
+        body: None,
+        content_type: "application/x-www-form-urlencoded".into(),
+        received_at: chrono::Utc::now().timestamp_millis(),
+    };
+    let payload = Arc::new(codec.encode(&topic, &sample).await?);
+    let ceiling_topic = format!("{topic}.ceiling");
+    crate::kafka::create_topics(&settings.kafka, std::slice::from_ref(&ceiling_topic)).await?;
+    let mut kafka = settings.kafka.clone();
+    kafka.produce_timeout = settings.bridge.produce_timeout;
+    let producer = crate::kafka::Producer::new(&kafka)?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conc {
+        let (producer, next, payload, t) = (
+            producer.clone(),
+            next.clone(),
+            payload.clone(),
+            ceiling_topic.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0usize;
+            while next.fetch_add(1, Ordering::Relaxed) < n {
+                let key = format!("SM{ok}");
+                if producer
+                    .send(
+                        FutureRecord::to(&t).key(&key).payload(payload.as_slice()),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .is_ok()
+                {
+                    ok += 1;
+                }
+            }
+            ok
+        }));
+    }
+    let mut produced = 0;
+    for t in tasks {
+        produced += t.await?;
+    }
+    let produce = rate(produced, started.elapsed());
+    println!(
+        "  {:<28} {produce:>9.0} rec/s  ({} B records)",
+        "ceiling: bare produce",
+        payload.len()
+    );
+    let composed = 1.0 / (1.0 / rate(http.ok, http.elapsed) + 1.0 / produce);
+    println!(
+        "  {:<28} {composed:>9.0} req/s  (1 / (1/http + 1/produce))",
+        "composed ceiling"
+    );
+
+    // The bridge at full speed.
+    let full = drive(&format!("http://{addr}{PATH}"), bodies.clone(), conc, None).await?;
+    full.print("bridge, closed loop");
+    let full_rate = rate(full.ok, full.elapsed);
+    println!(
+        "  ratio to composed ceiling:   {:.0}% (target ≥ 50%)",
+        100.0 * full_rate / composed
+    );
+
+    // Half the maximum rate, paced: the latency a provider sees.
+    let half = full_rate / 2.0;
+    let paced_n = ((half * 10.0) as usize).clamp(1_000, 200_000);
+    let paced_bodies: Arc<Vec<(String, String)>> =
+        Arc::new((n..n + paced_n).map(|i| callback(&public, i)).collect());
+    let paced = drive(
+        &format!("http://{addr}{PATH}"),
+        paced_bodies,
+        conc,
+        Some(half),
+    )
+    .await?;
+    paced.print(&format!("bridge, paced at {half:.0}/s"));
+    println!(
+        "  p99 at half the max rate:    {:.2} ms (target ≤ 25 ms)",
+        paced.pct(0.99).as_secs_f64() * 1e3
+    );
+
+    // normalize: raw topic → delivery_receipts, against COPY of the same rows.
+    let accepted = (full.ok + paced.ok) as i64;
+    let client = pool.get().await?;
+    let started = Instant::now();
+    let sink = client
+        .copy_in(
+            "COPY delivery_receipts (event_id, message_sid, status, error_code, raw_payload, received_at, phone_valid) FROM STDIN BINARY",
+        )
+        .await?;
+    let writer = BinaryCopyInWriter::new(
+        sink,
+        &[
+            Type::UUID,
+            Type::TEXT,
+            Type::TEXT,
+            Type::INT4,
+            Type::JSONB,
+            Type::TIMESTAMPTZ,
+            Type::BOOL,
+        ],
+    );
+    futures::pin_mut!(writer);
+    let raw = sample.params_json();
+    let now = chrono::Utc::now();
+    for i in 0..accepted {
+        let id = uuid::Uuid::new_v4();
+        let sid = format!("SM{i:032x}");
+        writer
+            .as_mut()
+            .write(&[&id, &sid, &"sent", &None::<i32>, &raw, &now, &true])
+            .await?;
+    }
+    writer.finish().await?;
+    let copy = rate(accepted as usize, started.elapsed());
+    client.batch_execute("TRUNCATE delivery_receipts").await?;
+    println!("  {:<28} {copy:>9.0} rows/s", "ceiling: COPY receipts");
+
+    let deps = Deps {
+        settings: settings.clone(),
+        pool: pool.clone(),
+        producer: crate::kafka::Producer::new(&settings.kafka)?,
+        codec,
+    };
+    let token = CancellationToken::new();
+    let t = token.clone();
+    let started = Instant::now();
+    let handle = tokio::spawn(async move { crate::stages::run("normalize", deps, t).await });
+    loop {
+        let done: i64 = client
+            .query_one("SELECT count(*) FROM delivery_receipts", &[])
+            .await?
+            .get(0);
+        if done >= accepted {
+            break;
+        }
+        if handle.is_finished() {
+            anyhow::bail!("normalize stopped early at {done}/{accepted}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stage = rate(accepted as usize, started.elapsed());
+    token.cancel();
+    handle.await??;
+    println!("  {:<28} {stage:>9.0} records/s", "normalize stage");
+    println!(
+        "  ratio to COPY:               {:.0}% (target ≥ 50%)",
+        100.0 * stage / copy
+    );
+    Ok(())
+}

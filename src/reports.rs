@@ -1,0 +1,63 @@
+//! Read-side queries from the data model: campaign performance (admin API,
+//! dashboards) and the real-time dashboard figures.
+
+use serde::Serialize;
+
+/// Messages per status for one campaign, and its delivery rate.
+pub const CAMPAIGN_PERFORMANCE: &str = "
+SELECT c.id, c.name, c.status,
+       count(m.id) AS total,
+       count(*) FILTER (WHERE m.status = 'QUEUED') AS queued,
+       count(*) FILTER (WHERE m.status = 'SENDING') AS sending,
+       count(*) FILTER (WHERE m.status = 'SENT') AS sent,
+       count(*) FILTER (WHERE m.status = 'DELIVERED') AS delivered,
+       count(*) FILTER (WHERE m.status = 'READ') AS read,
+       count(*) FILTER (WHERE m.status = 'UNDELIVERED') AS undelivered,
+       count(*) FILTER (WHERE m.status = 'FAILED') AS failed,
+       coalesce(round(100.0 * count(*) FILTER (WHERE m.status IN ('DELIVERED', 'READ'))
+             / nullif(count(*) FILTER (WHERE m.status IN ('SENT', 'DELIVERED', 'READ', 'UNDELIVERED', 'FAILED')), 0), 2), 0)::float8
+           AS delivery_rate_pct
+  FROM campaigns c
+  LEFT JOIN messages m ON m.campaign_id = c.id
+ WHERE c.id = $1
+ GROUP BY c.id";
+
+/// A row of [`CAMPAIGN_PERFORMANCE`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CampaignPerformance {
+    pub id: i64,
+    pub name: String,
+    pub status: String,
+    pub total: i64,
+    pub queued: i64,
+    pub sending: i64,
+    pub sent: i64,
+    pub delivered: i64,
+    pub read: i64,
+    pub undelivered: i64,
+    pub failed: i64,
+    /// Delivered or read among messages that left the engine, in percent.
+    pub delivery_rate_pct: f64,
+}
+
+/// Runs [`CAMPAIGN_PERFORMANCE`] for campaign `id`; `None` if it does not exist.
+pub async fn campaign_performance(
+    client: &tokio_postgres::Client,
+    id: i64,
+) -> Result<Option<CampaignPerformance>, tokio_postgres::Error> {
+    let row = client.query_opt(CAMPAIGN_PERFORMANCE, &[&id]).await?;
+    Ok(row.map(|r| CampaignPerformance {
+        id: r.get(0),
+        name: r.get(1),
+        status: r.get(2),
+        total: r.get(3),
+        queued: r.get(4),
+        sending: r.get(5),
+        sent: r.get(6),
+        delivered: r.get(7),
+        read: r.get(8),
+        undelivered: r.get(9),
+        failed: r.get(10),
+        delivery_rate_pct: r.get(11),
+    }))
+}

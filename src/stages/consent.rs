@@ -1,0 +1,305 @@
+//! `consent`: inbound messages → consent. Keywords (whole message, case and
+//! trailing punctuation ignored) opt a number out or in, by event time, so a
+//! late-arriving older decision never undoes a newer one (`ese_apply_consent`,
+//! migration V3); every decision is kept in `consent_events`. Auto-replies
+//! become `messages` rows keyed by the inbound event and go out on `sends`;
+//! decisions that took effect go out on `consent.changes`.
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
+
+use crate::codec::Codec;
+use crate::config::ConsentConfig;
+use crate::records::{ConsentChange, InboundNormalized, SendRequest};
+use crate::runner::{Collector, InRecord, Item, Stage, StageError};
+
+/// What an inbound message means for consent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Intent {
+    OptOut(String),
+    OptIn(String),
+    Help(String),
+    /// An operator rule matched: reply with this text.
+    Rule(String, String),
+    /// An ordinary message.
+    None,
+}
+
+impl ConsentConfig {
+    /// Classifies a message body: the whole message must be the keyword.
+    pub fn classify(&self, body: &str) -> Intent {
+        let word = body
+            .trim()
+            .trim_end_matches(|c: char| c.is_ascii_punctuation() || c.is_whitespace())
+            .trim()
+            .to_uppercase();
+        let is = |list: &[String]| list.iter().any(|k| k.eq_ignore_ascii_case(&word));
+        if word.is_empty() {
+            Intent::None
+        } else if is(&self.opt_out_keywords) {
+            Intent::OptOut(word)
+        } else if is(&self.opt_in_keywords) {
+            Intent::OptIn(word)
+        } else if is(&self.help_keywords) {
+            Intent::Help(word)
+        } else if let Some(rule) = self
+            .rules
+            .iter()
+            .find(|r| r.keyword.eq_ignore_ascii_case(&word))
+        {
+            Intent::Rule(word, rule.reply.clone())
+        } else {
+            Intent::None
+        }
+    }
+}
+
+const TOUCH_USERS: &str = "
+INSERT INTO users AS u (phone_number, last_message_received)
+SELECT p, max(t) FROM unnest($1::text[], $2::timestamptz[]) AS x(p, t) GROUP BY p
+ON CONFLICT (phone_number) DO UPDATE
+   SET last_message_received = GREATEST(u.last_message_received, EXCLUDED.last_message_received)
+ WHERE u.last_message_received IS DISTINCT FROM GREATEST(u.last_message_received, EXCLUDED.last_message_received)";
+
+const APPLY: &str = "SELECT ese_apply_consent($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[])";
+
+const DECISIONS: &str = "
+SELECT source_event_id, phone_number, old_state, new_state, applied, keyword, source, occurred_at
+  FROM consent_events WHERE source_event_id = ANY($1::text[])";
+
+/// Consent in force at each message's time: the newest decision at or before
+/// it; before any decision, the state the first one found; else the stored one.
+const STATES_AT: &str = "
+SELECT x.e, coalesce(
+    (SELECT c.new_state FROM consent_events c
+      WHERE c.phone_number = x.p AND c.occurred_at <= x.t ORDER BY c.occurred_at DESC, c.id DESC LIMIT 1),
+    (SELECT coalesce(c.old_state, 'OPT_IN') FROM consent_events c
+      WHERE c.phone_number = x.p ORDER BY c.occurred_at, c.id LIMIT 1),
+    (SELECT u.consent_state FROM users u WHERE u.phone_number = x.p),
+    'OPT_IN')
+  FROM unnest($1::text[], $2::timestamptz[], $3::text[]) AS x(p, t, e)";
+
+const PROCESSED: &str = "
+UPDATE inbound_events SET processing_status = 'PROCESSED', processed_at = now()
+ WHERE event_id = ANY($1::uuid[]) AND processing_status = 'PENDING'";
+
+const INSERT_REPLIES: &str = "
+INSERT INTO messages (user_id, recipient_phone, channel, body, idempotency_key)
+SELECT u.id, x.p, x.c, x.b, x.k
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS x(p, c, b, k)
+  LEFT JOIN users u ON u.phone_number = x.p
+ON CONFLICT (idempotency_key) DO NOTHING";
+
+const QUEUED_REPLIES: &str = "
+SELECT id, recipient_phone, channel, body, idempotency_key FROM messages
+ WHERE idempotency_key = ANY($1::text[]) AND status = 'QUEUED'";
+
+/// The consent stage.
+pub struct Consent {
+    pub codec: Codec,
+    pub cfg: ConsentConfig,
+    pub sends_topic: String,
+    pub changes_topic: String,
+}
+
+fn reply_key(event_id: &str) -> String {
+    format!("reply:{event_id}")
+}
+
+impl Stage for Consent {
+    type Input = InboundNormalized;
+
+    fn name(&self) -> &'static str {
+        "consent"
+    }
+
+    async fn decode(&self, record: &InRecord) -> Result<InboundNormalized, StageError> {
+        Ok(self.codec.decode(record.payload()).await?)
+    }
+
+    async fn process(
+        &self,
+        tx: &Transaction<'_>,
+        batch: &[Item<InboundNormalized>],
+        out: &mut Collector,
+    ) -> Result<(), StageError> {
+        let mut live = Vec::with_capacity(batch.len());
+        for (i, item) in batch.iter().enumerate() {
+            let m = &item.value;
+            let (Some(at), Ok(event_uuid)) = (
+                DateTime::<Utc>::from_timestamp_millis(m.received_at),
+                m.event_id.parse::<uuid::Uuid>(),
+            ) else {
+                out.dead_letter(
+                    i,
+                    format!(
+                        "bad event_id {:?} or received_at {}",
+                        m.event_id, m.received_at
+                    ),
+                );
+                continue;
+            };
+            live.push((m, at, event_uuid, self.cfg.classify(&m.body)));
+        }
+
+        // Decisions, in rounds so a phone appears once per call.
+        let decisions = live.iter().filter_map(|(m, at, _, intent)| {
+            let (state, kw) = match intent {
+                Intent::OptOut(k) => ("OPT_OUT", k),
+                Intent::OptIn(k) => ("OPT_IN", k),
+                _ => return None,
+            };
+            Some((
+                m.from.as_str(),
+                (
+                    m.from.as_str(),
+                    state,
+                    *at,
+                    kw.as_str(),
+                    m.event_id.as_str(),
+                ),
+            ))
+        });
+        let apply = tx.prepare_cached(APPLY).await?;
+        for round in crate::db::rounds(decisions) {
+            let p: Vec<&str> = round.iter().map(|r| r.0).collect();
+            let s: Vec<&str> = round.iter().map(|r| r.1).collect();
+            let t: Vec<DateTime<Utc>> = round.iter().map(|r| r.2).collect();
+            let src: Vec<&str> = round.iter().map(|_| "keyword").collect();
+            let k: Vec<&str> = round.iter().map(|r| r.3).collect();
+            let e: Vec<&str> = round.iter().map(|r| r.4).collect();
+            tx.execute(&apply, &[&p, &s, &t, &src, &k, &e]).await?;
+        }
+
+        // Every sender exists as a user (ordinary messages: opted in), with its
+        // latest message time. After the decisions, so a new number's first
+        // keyword decides its state.
+        let phones: Vec<&str> = live.iter().map(|(m, ..)| m.from.as_str()).collect();
+        let times: Vec<DateTime<Utc>> = live.iter().map(|(_, at, ..)| *at).collect();
+        tx.execute(&tx.prepare_cached(TOUCH_USERS).await?, &[&phones, &times])
+            .await?;
+
+        let uuids: Vec<uuid::Uuid> = live.iter().map(|(_, _, u, _)| *u).collect();
+        tx.execute(&tx.prepare_cached(PROCESSED).await?, &[&uuids])
+            .await?;
+
+        // What was decided for this batch (now or in an earlier delivery).
+        let ids: Vec<&str> = live.iter().map(|(m, ..)| m.event_id.as_str()).collect();
+        let rows = tx
+            .query(&tx.prepare_cached(DECISIONS).await?, &[&ids])
+            .await?;
+        let decided: std::collections::HashMap<String, (Option<String>, String, bool)> = rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), (r.get(2), r.get(3), r.get(4))))
+            .collect();
+        let asking: Vec<_> = live
+            .iter()
+            .filter(|(.., i)| matches!(i, Intent::Help(_) | Intent::Rule(..)))
+            .collect();
+        let states: std::collections::HashMap<String, String> = if asking.is_empty() {
+            Default::default()
+        } else {
+            let p: Vec<&str> = asking.iter().map(|(m, ..)| m.from.as_str()).collect();
+            let t: Vec<DateTime<Utc>> = asking.iter().map(|(_, at, ..)| *at).collect();
+            let e: Vec<&str> = asking.iter().map(|(m, ..)| m.event_id.as_str()).collect();
+            tx.query(&tx.prepare_cached(STATES_AT).await?, &[&p, &t, &e])
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect()
+        };
+        for r in &rows {
+            if !r.get::<_, bool>(4) {
+                continue;
+            }
+            let phone: String = r.get(1);
+            let at: DateTime<Utc> = r.get(7);
+            let change = ConsentChange {
+                phone: phone.clone(),
+                state: r.get(3),
+                source: r.get(6),
+                keyword: r.get(5),
+                source_event_id: r.get(0),
+                occurred_at: at.timestamp_millis(),
+            };
+            let payload = self.codec.encode(&self.changes_topic, &change).await?;
+            out.send(&self.changes_topic, phone, payload);
+        }
+
+        // Auto-replies: rows first (idempotent by the inbound event), then
+        // every still-queued reply of this batch goes to the sender.
+        let mut replies: Vec<(&str, &str, String, String)> = Vec::new();
+        for (m, _, _, intent) in &live {
+            let opted_in = states.get(&m.event_id).is_some_and(|s| s == "OPT_IN");
+            let text = match intent {
+                Intent::OptOut(_) => match decided.get(&m.event_id) {
+                    Some((old, new, true)) if old.as_deref() != Some(new.as_str()) => {
+                        &self.cfg.opt_out_reply
+                    }
+                    _ => continue,
+                },
+                Intent::OptIn(_) => match decided.get(&m.event_id) {
+                    Some((old, new, true)) if old.as_deref() != Some(new.as_str()) => {
+                        &self.cfg.opt_in_reply
+                    }
+                    _ => continue,
+                },
+                Intent::Help(_) if opted_in => &self.cfg.help_reply,
+                Intent::Rule(_, reply) if opted_in => reply,
+                _ => continue,
+            };
+            if !text.is_empty() {
+                replies.push((
+                    m.from.as_str(),
+                    m.channel.as_str(),
+                    text.clone(),
+                    reply_key(&m.event_id),
+                ));
+            }
+        }
+        if !replies.is_empty() {
+            let p: Vec<&str> = replies.iter().map(|r| r.0).collect();
+            let c: Vec<&str> = replies.iter().map(|r| r.1).collect();
+            let b: Vec<&str> = replies.iter().map(|r| r.2.as_str()).collect();
+            let k: Vec<&str> = replies.iter().map(|r| r.3.as_str()).collect();
+            tx.execute(&tx.prepare_cached(INSERT_REPLIES).await?, &[&p, &c, &b, &k])
+                .await?;
+        }
+        let keys: Vec<String> = live
+            .iter()
+            .filter(|(_, _, _, intent)| *intent != Intent::None)
+            .map(|(m, ..)| reply_key(&m.event_id))
+            .collect();
+        if !keys.is_empty() {
+            for r in tx
+                .query(&tx.prepare_cached(QUEUED_REPLIES).await?, &[&keys])
+                .await?
+            {
+                let recipient: String = r.get(1);
+                let key: String = r.get(4);
+                let event = key.trim_start_matches("reply:");
+                let is_opt_out = live
+                    .iter()
+                    .any(|(m, _, _, i)| m.event_id == event && matches!(i, Intent::OptOut(_)));
+                let send = SendRequest {
+                    message_id: r.get(0),
+                    campaign_id: None,
+                    recipient: recipient.clone(),
+                    channel: r.get(2),
+                    body: r.get(3),
+                    attempt: 0,
+                    kind: if is_opt_out {
+                        "opt_out_confirmation"
+                    } else {
+                        "reply"
+                    }
+                    .to_string(),
+                    not_before: None,
+                };
+                let payload = self.codec.encode(&self.sends_topic, &send).await?;
+                out.send(&self.sends_topic, recipient, payload);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,309 @@
+//! `normalize`: raw provider webhooks → the immutable audit trail
+//! (`delivery_receipts`, `inbound_events`, idempotent by event id) and
+//! normalized records for the next stages. Phones become E.164 (channel kept),
+//! statuses the engine's vocabulary, `ErrorCode` an integer. A record that
+//! cannot be normalized is still kept in the audit trail, marked invalid, and
+//! dead-lettered with the reason.
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
+
+use crate::codec::Codec;
+use crate::phone::{Channel, Normalizer};
+use crate::records::{InboundNormalized, ReceiptNormalized, WebhookRaw};
+use crate::runner::{Collector, InRecord, Item, RECEIVED_AT_HEADER, Stage, StageError};
+
+/// Status values the engine knows (the provider's, lowercased).
+pub const STATUSES: &[&str] = &[
+    "accepted",
+    "scheduled",
+    "queued",
+    "sending",
+    "sent",
+    "delivered",
+    "undelivered",
+    "failed",
+    "read",
+    "receiving",
+    "received",
+    "canceled",
+    "partially_delivered",
+];
+
+const INSERT_RECEIPTS: &str = "
+INSERT INTO delivery_receipts (event_id, message_sid, status, error_code, raw_payload, received_at, phone_valid)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::jsonb[], $6::timestamptz[], $7::bool[])
+ON CONFLICT (event_id) DO NOTHING";
+
+const INSERT_INBOUND: &str = "
+INSERT INTO inbound_events (event_id, message_sid, from_phone, raw_from, to_phone, channel, body, raw_payload, processing_status, received_at)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::timestamptz[])
+ON CONFLICT (event_id) DO NOTHING";
+
+/// The normalize stage.
+pub struct Normalize {
+    pub codec: Codec,
+    pub phones: Normalizer,
+    /// Output topic of normalized status callbacks.
+    pub receipts_topic: String,
+    /// Output topic of normalized inbound messages.
+    pub inbound_topic: String,
+}
+
+#[derive(Default)]
+struct ReceiptRows {
+    event_id: Vec<uuid::Uuid>,
+    sid: Vec<String>,
+    status: Vec<String>,
+    error_code: Vec<Option<i32>>,
+    raw: Vec<serde_json::Value>,
+    received_at: Vec<DateTime<Utc>>,
+    phone_valid: Vec<bool>,
+}
+
+#[derive(Default)]
+struct InboundRows {
+    event_id: Vec<uuid::Uuid>,
+    sid: Vec<String>,
+    from: Vec<Option<String>>,
+    raw_from: Vec<String>,
+    to: Vec<String>,
+    channel: Vec<String>,
+    body: Vec<String>,
+    raw: Vec<serde_json::Value>,
+    status: Vec<String>,
+    received_at: Vec<DateTime<Utc>>,
+}
+
+/// `whatsapp:+1415…` → `+1415…` without validating (for the `to` of inbound).
+fn strip_channel(addr: &str) -> &str {
+    match addr.split_once(':') {
+        Some((p, rest)) if p.eq_ignore_ascii_case("whatsapp") => rest,
+        _ => addr,
+    }
+}
+
+impl Normalize {
+    /// Adds one status callback to `rows`; the output, or why it is poison.
+    fn status(
+        &self,
+        raw: &WebhookRaw,
+        event_id: uuid::Uuid,
+        at: DateTime<Utc>,
+        rows: &mut ReceiptRows,
+    ) -> Result<ReceiptNormalized, String> {
+        let sid = raw.param("MessageSid").unwrap_or_default().to_string();
+        let given = raw
+            .param("MessageStatus")
+            .or_else(|| raw.param("SmsStatus"))
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let mut problems = Vec::new();
+        let status = if STATUSES.contains(&given.as_str()) {
+            given.clone()
+        } else {
+            problems.push(format!("unknown MessageStatus {given:?}"));
+            "unknown".to_string()
+        };
+        let error_code = match raw
+            .param("ErrorCode")
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            None => None,
+            Some(code) => match code.parse::<i32>() {
+                Ok(c) => Some(c),
+                Err(_) => {
+                    problems.push(format!("ErrorCode {code:?} is not an integer"));
+                    None
+                }
+            },
+        };
+        let (channel, recipient) = match raw.param("To") {
+            None => (Channel::Sms, None),
+            Some(to) => match self.phones.address(to) {
+                Ok((channel, e164)) => (channel, Some(e164)),
+                Err(e) => {
+                    problems.push(format!("To: {e}"));
+                    (Channel::Sms, None)
+                }
+            },
+        };
+        let channel = if raw
+            .param("ChannelPrefix")
+            .is_some_and(|p| p.eq_ignore_ascii_case("whatsapp"))
+        {
+            Channel::Whatsapp
+        } else {
+            channel
+        };
+        rows.event_id.push(event_id);
+        rows.sid.push(sid.clone());
+        rows.status.push(status.clone());
+        rows.error_code.push(error_code);
+        rows.raw.push(raw.params_json());
+        rows.received_at.push(at);
+        rows.phone_valid
+            .push(!problems.iter().any(|p| p.starts_with("To:")));
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+        Ok(ReceiptNormalized {
+            event_id: raw.event_id.clone(),
+            message_sid: sid,
+            status,
+            error_code,
+            channel: channel.as_str().to_string(),
+            recipient,
+            received_at: raw.received_at,
+        })
+    }
+
+    /// Adds one inbound message to `rows`; the output, or why it is poison.
+    fn inbound(
+        &self,
+        raw: &WebhookRaw,
+        event_id: uuid::Uuid,
+        at: DateTime<Utc>,
+        rows: &mut InboundRows,
+    ) -> Result<InboundNormalized, String> {
+        let sid = raw.param("MessageSid").unwrap_or_default().to_string();
+        let raw_from = raw.param("From").unwrap_or_default().to_string();
+        let to = strip_channel(raw.param("To").unwrap_or_default()).to_string();
+        let body = raw.param("Body").unwrap_or_default().to_string();
+        let parsed = self.phones.address(&raw_from);
+        let channel = match &parsed {
+            Ok((c, _)) => *c,
+            Err(_) if raw_from.to_ascii_lowercase().starts_with("whatsapp:") => Channel::Whatsapp,
+            Err(_) => Channel::Sms,
+        };
+        rows.event_id.push(event_id);
+        rows.sid.push(sid.clone());
+        rows.from.push(parsed.as_ref().ok().map(|(_, p)| p.clone()));
+        rows.raw_from.push(raw_from.clone());
+        rows.to.push(to.clone());
+        rows.channel.push(channel.as_str().to_string());
+        rows.body.push(body.clone());
+        rows.raw.push(raw.params_json());
+        rows.status
+            .push(if parsed.is_ok() { "PENDING" } else { "INVALID" }.to_string());
+        rows.received_at.push(at);
+        let (_, from) = parsed.map_err(|e| format!("From: {e}"))?;
+        Ok(InboundNormalized {
+            event_id: raw.event_id.clone(),
+            message_sid: sid,
+            from,
+            to,
+            channel: channel.as_str().to_string(),
+            body,
+            profile_name: raw.param("ProfileName").map(str::to_string),
+            wa_id: raw.param("WaId").map(str::to_string),
+            num_media: raw
+                .param("NumMedia")
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0),
+            received_at: raw.received_at,
+        })
+    }
+}
+
+impl Stage for Normalize {
+    type Input = WebhookRaw;
+
+    fn name(&self) -> &'static str {
+        "normalize"
+    }
+
+    async fn decode(&self, record: &InRecord) -> Result<WebhookRaw, StageError> {
+        Ok(self.codec.decode(record.payload()).await?)
+    }
+
+    async fn process(
+        &self,
+        tx: &Transaction<'_>,
+        batch: &[Item<WebhookRaw>],
+        out: &mut Collector,
+    ) -> Result<(), StageError> {
+        let mut receipts = ReceiptRows::default();
+        let mut inbound = InboundRows::default();
+        for (i, item) in batch.iter().enumerate() {
+            let raw = &item.value;
+            let Ok(event_id) = raw.event_id.parse::<uuid::Uuid>() else {
+                out.dead_letter(i, format!("event_id {:?} is not a UUID", raw.event_id));
+                continue;
+            };
+            let Some(at) = DateTime::<Utc>::from_timestamp_millis(raw.received_at) else {
+                out.dead_letter(
+                    i,
+                    format!("received_at {} is out of range", raw.received_at),
+                );
+                continue;
+            };
+            let headers: Vec<(String, Vec<u8>)> = item
+                .record
+                .header(RECEIVED_AT_HEADER)
+                .map(|v| vec![(RECEIVED_AT_HEADER.to_string(), v.to_vec())])
+                .unwrap_or_default();
+            match raw.kind.as_str() {
+                "status" => match self.status(raw, event_id, at, &mut receipts) {
+                    Ok(r) => {
+                        let payload = self.codec.encode(&self.receipts_topic, &r).await?;
+                        out.send_with_headers(
+                            &self.receipts_topic,
+                            r.message_sid,
+                            payload,
+                            headers,
+                        );
+                    }
+                    Err(reason) => out.dead_letter(i, reason),
+                },
+                "inbound" => match self.inbound(raw, event_id, at, &mut inbound) {
+                    Ok(r) => {
+                        let payload = self.codec.encode(&self.inbound_topic, &r).await?;
+                        out.send_with_headers(&self.inbound_topic, r.from, payload, headers);
+                    }
+                    Err(reason) => out.dead_letter(i, reason),
+                },
+                other => out.dead_letter(i, format!("unknown webhook kind {other:?}")),
+            }
+        }
+        if !receipts.event_id.is_empty() {
+            let stmt = tx.prepare_cached(INSERT_RECEIPTS).await?;
+            let r = &receipts;
+            tx.execute(
+                &stmt,
+                &[
+                    &r.event_id,
+                    &r.sid,
+                    &r.status,
+                    &r.error_code,
+                    &r.raw,
+                    &r.received_at,
+                    &r.phone_valid,
+                ],
+            )
+            .await?;
+        }
+        if !inbound.event_id.is_empty() {
+            let stmt = tx.prepare_cached(INSERT_INBOUND).await?;
+            let r = &inbound;
+            tx.execute(
+                &stmt,
+                &[
+                    &r.event_id,
+                    &r.sid,
+                    &r.from,
+                    &r.raw_from,
+                    &r.to,
+                    &r.channel,
+                    &r.body,
+                    &r.raw,
+                    &r.status,
+                    &r.received_at,
+                ],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,507 @@
+//! Consent and receipts: users' consent and messages' status stay true
+//! whatever order events arrive in, and replays change nothing.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ese::records::{ConsentChange, Param, SendRequest, WebhookRaw};
+
+use crate::harness::TestApp;
+
+const T0: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+const WAIT: Duration = Duration::from_secs(60);
+
+fn raw(kind: &str, params: &[(&str, &str)], at: i64) -> WebhookRaw {
+    WebhookRaw {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        kind: kind.into(),
+        path: format!("/webhooks/twilio/{kind}"),
+        query: String::new(),
+        params: params
+            .iter()
+            .map(|(n, v)| Param {
+                name: n.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
+        body: None,
+        content_type: "application/x-www-form-urlencoded".into(),
+        received_at: at,
+    }
+}
+
+fn status(sid: &str, status: &str, error: Option<&str>, at: i64) -> WebhookRaw {
+    let mut p = vec![
+        ("MessageSid", sid),
+        ("MessageStatus", status),
+        ("To", "+14155552671"),
+        ("From", "+14155550123"),
+    ];
+    if let Some(e) = error {
+        p.push(("ErrorCode", e));
+    }
+    raw("status", &p, at)
+}
+
+fn inbound(from: &str, body: &str, at: i64) -> WebhookRaw {
+    let sid = format!("SM{}", uuid::Uuid::new_v4().simple());
+    raw(
+        "inbound",
+        &[
+            ("MessageSid", &sid),
+            ("From", from),
+            ("To", "+14155550123"),
+            ("Body", body),
+        ],
+        at,
+    )
+}
+
+async fn publish(app: &TestApp, records: &[&WebhookRaw]) {
+    for r in records {
+        let (topic, key) = match r.kind.as_str() {
+            "status" => (
+                app.topic("webhooks.status.raw"),
+                r.param("MessageSid").unwrap().to_string(),
+            ),
+            _ => (
+                app.topic("webhooks.inbound.raw"),
+                r.param("From").unwrap().to_string(),
+            ),
+        };
+        let payload = app.codec.encode(&topic, *r).await.unwrap();
+        app.produce(&topic, key.as_bytes(), &payload).await;
+    }
+}
+
+/// A template, segment and campaign, and one message per (phone, sid, status).
+async fn campaign(app: &TestApp, messages: &[(&str, Option<&str>, &str)]) -> i64 {
+    let c = app.pool.get().await.unwrap();
+    c.batch_execute(
+        "INSERT INTO templates (name, body) VALUES ('t', 'Hello {name}');
+         INSERT INTO segments (name, filter) VALUES ('s', '{}');
+         INSERT INTO campaigns (name, template_id, segment_id, status) SELECT 'c', t.id, s.id, 'RUNNING' FROM templates t, segments s;",
+    )
+    .await
+    .unwrap();
+    let id: i64 = c
+        .query_one("SELECT id FROM campaigns", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for (phone, sid, st) in messages {
+        c.execute(
+            "INSERT INTO messages (campaign_id, recipient_phone, body, provider_sid, status) VALUES ($1, $2, 'Hello', $3, $4)",
+            &[&id, phone, sid, st],
+        )
+        .await
+        .unwrap();
+    }
+    id
+}
+
+fn at(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_status_never_moves_backwards() {
+    let app = TestApp::spawn().await;
+    campaign(
+        &app,
+        &[
+            ("+14155550001", Some("SMa"), "SENT"),
+            ("+14155550002", Some("SMb"), "SENT"),
+            ("+14155550003", Some("SMc"), "SENT"),
+        ],
+    )
+    .await;
+    let normalize = app.start_stage("normalize");
+    let receipts = app.start_stage("receipts");
+
+    // Delivered before sent; failed with 30003; one callback three times.
+    let twice = status("SMc", "delivered", None, T0 + 1_000);
+    publish(
+        &app,
+        &[
+            &status("SMa", "delivered", None, T0 + 2_000),
+            &status("SMa", "sent", None, T0 + 3_000),
+            &status("SMb", "failed", Some("30003"), T0 + 2_000),
+            &twice,
+        ],
+    )
+    .await;
+    app.wait_caught_up("normalize", WAIT).await;
+    app.wait_caught_up("receipts", WAIT).await;
+    let c = app.pool.get().await.unwrap();
+    let updated_once: DateTime<Utc> = c
+        .query_one(
+            "SELECT updated_at FROM messages WHERE provider_sid = 'SMc'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    publish(&app, &[&twice, &twice]).await;
+    app.wait_caught_up("normalize", WAIT).await;
+    app.wait_caught_up("receipts", WAIT).await;
+
+    let row = c
+        .query_one(
+            "SELECT status, sent_at, delivered_at FROM messages WHERE provider_sid = 'SMa'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "DELIVERED");
+    let sent: Option<DateTime<Utc>> = row.get(1);
+    let delivered: Option<DateTime<Utc>> = row.get(2);
+    assert_eq!(delivered, Some(at(T0 + 2_000)));
+    assert!(
+        sent.is_some_and(|s| s <= at(T0 + 2_000)),
+        "sent_at set, not after delivered_at: {sent:?}"
+    );
+
+    let row = c
+        .query_one(
+            "SELECT status, error_code FROM messages WHERE provider_sid = 'SMb'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "FAILED");
+    assert_eq!(row.get::<_, Option<i32>>(1), Some(30003));
+
+    let row = c
+        .query_one(
+            "SELECT status, updated_at FROM messages WHERE provider_sid = 'SMc'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "DELIVERED");
+    assert_eq!(
+        row.get::<_, DateTime<Utc>>(1),
+        updated_once,
+        "duplicates changed nothing"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM delivery_receipts WHERE message_sid = 'SMc'")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM delivery_receipts WHERE message_id IS NULL")
+            .await,
+        0
+    );
+
+    // A late `sent` after `delivered`, and `read`, keep the machine moving forward only.
+    publish(
+        &app,
+        &[
+            &status("SMc", "sent", None, T0 + 5_000),
+            &status("SMc", "read", None, T0 + 6_000),
+        ],
+    )
+    .await;
+    app.wait_caught_up("normalize", WAIT).await;
+    app.wait_caught_up("receipts", WAIT).await;
+    let row = c
+        .query_one(
+            "SELECT status, read_at FROM messages WHERE provider_sid = 'SMc'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "READ");
+    assert_eq!(row.get::<_, Option<DateTime<Utc>>>(1), Some(at(T0 + 6_000)));
+    normalize.stop().await;
+    receipts.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_that_beats_the_sid_is_parked_then_applied() {
+    let app = TestApp::spawn().await;
+    campaign(&app, &[("+14155550001", None, "SENDING")]).await;
+    let normalize = app.start_stage("normalize");
+    let receipts = app.start_stage("receipts");
+    publish(&app, &[&status("SMlate", "delivered", None, T0 + 2_000)]).await;
+    app.wait_caught_up("normalize", WAIT).await;
+    app.wait_caught_up("receipts", WAIT).await;
+    assert_eq!(
+        app.count("SELECT count(*) FROM messages WHERE status = 'SENDING'")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM delivery_receipts WHERE message_id IS NULL")
+            .await,
+        1,
+        "parked"
+    );
+
+    // What the sender does when the provider answers: write the SID, apply parked receipts.
+    let mut c = app.pool.get().await.unwrap();
+    let tx = c.transaction().await.unwrap();
+    tx.execute(
+        "UPDATE messages SET provider_sid = 'SMlate', status = 'SENT', sent_at = $1",
+        &[&at(T0 + 1_000)],
+    )
+    .await
+    .unwrap();
+    tx.query("SELECT * FROM ese_apply_receipts(ARRAY['SMlate'])", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let row = c
+        .query_one("SELECT status, sent_at, delivered_at FROM messages", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "DELIVERED");
+    assert_eq!(row.get::<_, Option<DateTime<Utc>>>(1), Some(at(T0 + 1_000)));
+    assert_eq!(row.get::<_, Option<DateTime<Utc>>>(2), Some(at(T0 + 2_000)));
+    assert_eq!(
+        app.count("SELECT count(*) FROM delivery_receipts WHERE message_id IS NULL")
+            .await,
+        0
+    );
+    normalize.stop().await;
+    receipts.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_consent_decision_stands_whatever_the_arrival_order() {
+    let app = TestApp::spawn().await;
+    let normalize = app.start_stage("normalize");
+    let consent = app.start_stage("consent");
+    let ada = "+14155550101";
+    let bob = "+14155550102";
+    // START (t=20) arrives before the older STOP (t=10).
+    publish(
+        &app,
+        &[
+            &inbound(ada, "start", T0 + 20_000),
+            &inbound(ada, "  Stop!! ", T0 + 10_000),
+        ],
+    )
+    .await;
+    // Bob: an ordinary message, "STOP PLEASE" (ordinary too), HELP, then STOP.
+    publish(
+        &app,
+        &[
+            &inbound(bob, "hello", T0 + 1_000),
+            &inbound(bob, "STOP PLEASE", T0 + 2_000),
+            &inbound(bob, "help", T0 + 3_000),
+            &inbound(bob, "STOP.", T0 + 4_000),
+            &inbound(bob, "help", T0 + 5_000),
+        ],
+    )
+    .await;
+    app.wait_caught_up("normalize", WAIT).await;
+    app.wait_caught_up("consent", WAIT).await;
+
+    let c = app.pool.get().await.unwrap();
+    let row = c
+        .query_one("SELECT consent_state, consent_updated_at, last_message_received FROM users WHERE phone_number = $1", &[&ada])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "OPT_IN", "the later START stands");
+    assert_eq!(
+        row.get::<_, Option<DateTime<Utc>>>(1),
+        Some(at(T0 + 20_000))
+    );
+    assert_eq!(
+        row.get::<_, Option<DateTime<Utc>>>(2),
+        Some(at(T0 + 20_000))
+    );
+    let history: Vec<(String, bool)> = c
+        .query(
+            "SELECT new_state, applied FROM consent_events WHERE phone_number = $1 ORDER BY occurred_at",
+            &[&ada],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        history,
+        [("OPT_OUT".to_string(), false), ("OPT_IN".to_string(), true)]
+    );
+
+    let state: String = c
+        .query_one(
+            "SELECT consent_state FROM users WHERE phone_number = $1",
+            &[&bob],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "OPT_OUT");
+    assert_eq!(
+        app.count("SELECT count(*) FROM inbound_events WHERE processing_status = 'PROCESSED'")
+            .await,
+        7
+    );
+
+    // Replies: Ada's opt-in confirmation, Bob's first help and his opt-out
+    // confirmation; nothing for ordinary messages, nothing after the opt-out.
+    let sends = app.read_topic(&app.topic("sends"), 3, Duration::from_secs(20));
+    let mut got: Vec<(String, String)> = Vec::new();
+    for s in &sends {
+        let r: SendRequest = app
+            .codec
+            .decode(s.payload.as_deref().unwrap())
+            .await
+            .unwrap();
+        got.push((r.recipient, r.kind));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (ada.to_string(), "reply".to_string()),
+            (bob.to_string(), "opt_out_confirmation".to_string()),
+            (bob.to_string(), "reply".to_string()),
+        ]
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM messages WHERE campaign_id IS NULL")
+            .await,
+        3
+    );
+
+    let changes = app.read_topic(&app.topic("consent.changes"), 2, Duration::from_secs(20));
+    let mut states: Vec<(String, String)> = Vec::new();
+    for ch in &changes {
+        let r: ConsentChange = app
+            .codec
+            .decode(ch.payload.as_deref().unwrap())
+            .await
+            .unwrap();
+        states.push((r.phone, r.state));
+    }
+    states.sort();
+    assert_eq!(
+        states,
+        [
+            (ada.to_string(), "OPT_IN".to_string()),
+            (bob.to_string(), "OPT_OUT".to_string())
+        ]
+    );
+    normalize.stop().await;
+    consent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaign_performance_counts_and_replay_changes_nothing() {
+    let app = TestApp::spawn().await;
+    let mut msgs = Vec::new();
+    let phones: Vec<String> = (0..10)
+        .map(|i| format!("+1415555{:04}", 2000 + i))
+        .collect();
+    let sids: Vec<String> = (0..10).map(|i| format!("SMperf{i}")).collect();
+    for i in 0..10 {
+        msgs.push((phones[i].as_str(), Some(sids[i].as_str()), "SENT"));
+    }
+    let id = campaign(&app, &msgs).await;
+    let mut records = Vec::new();
+    for (i, sid) in sids.iter().enumerate() {
+        let (st, err) = match i {
+            0..=4 => ("delivered", None),
+            5 | 6 => ("undelivered", Some("30003")),
+            7 => ("failed", Some("30008")),
+            _ => ("sent", None),
+        };
+        records.push(status(sid, "sent", None, T0 + 500));
+        records.push(status(sid, st, err, T0 + 1_000 + i as i64));
+    }
+    records.push(inbound(&phones[0], "STOP", T0 + 9_000));
+    records.push(inbound(&phones[1], "HELP", T0 + 9_000));
+    let refs: Vec<&WebhookRaw> = records.iter().collect();
+    publish(&app, &refs).await;
+    let stages: Vec<_> = ["normalize", "receipts", "consent"]
+        .iter()
+        .map(|s| app.start_stage(s))
+        .collect();
+    for s in ["normalize", "receipts", "consent"] {
+        app.wait_caught_up(s, WAIT).await;
+    }
+    let c = app.pool.get().await.unwrap();
+    let perf = ese::reports::campaign_performance(&c, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            perf.total,
+            perf.sent,
+            perf.delivered,
+            perf.undelivered,
+            perf.failed,
+            perf.queued
+        ),
+        (10, 2, 5, 2, 1, 0)
+    );
+    assert_eq!(perf.delivery_rate_pct, 50.0);
+    for s in stages {
+        s.stop().await;
+    }
+
+    // Replay every stage from earliest: fresh groups read everything again.
+    let before = dump(&app).await;
+    let mut deps = app.deps();
+    for p in deps.settings.pipelines.values_mut() {
+        p.group_id = format!("{}.replay", p.group_id);
+    }
+    let token = tokio_util::sync::CancellationToken::new();
+    let mut handles = Vec::new();
+    for s in ["normalize", "receipts", "consent"] {
+        let (d, t) = (deps.clone(), token.clone());
+        handles.push(tokio::spawn(async move { ese::stages::run(s, d, t).await }));
+    }
+    for s in ["normalize", "receipts", "consent"] {
+        app.wait_group_caught_up(s, ".replay", WAIT).await;
+    }
+    token.cancel();
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    let after = dump(&app).await;
+    assert_eq!(before, after, "replay left every table as it was");
+}
+
+/// Every table as text, row by row, in a stable order.
+async fn dump(app: &TestApp) -> Vec<String> {
+    let c = app.pool.get().await.unwrap();
+    let mut out = Vec::new();
+    for table in [
+        "users",
+        "templates",
+        "segments",
+        "campaigns",
+        "messages",
+        "delivery_receipts",
+        "inbound_events",
+        "consent_events",
+        "fanout_progress",
+    ] {
+        let key = if table == "fanout_progress" {
+            "campaign_id"
+        } else {
+            "id"
+        };
+        for r in c
+            .query(
+                &format!("SELECT t::text FROM {table} t ORDER BY {key}"),
+                &[],
+            )
+            .await
+            .unwrap()
+        {
+            out.push(format!("{table}: {}", r.get::<_, String>(0)));
+        }
+    }
+    out
+}
