@@ -67,6 +67,12 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 100_000)]
         records: usize,
     },
+    /// receipts and consent stages: topic → rows, against the same stage SQL without Kafka.
+    Receipts {
+        /// Callbacks (and consent decisions) to push through.
+        #[arg(long, default_value_t = 50_000)]
+        records: usize,
+    },
     /// Signed status callbacks over HTTP into the bridge, against bare HTTP
     /// and bare produce; then normalize into Postgres against COPY.
     Webhooks {
@@ -182,6 +188,9 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                     concurrency,
                 },
         } => crate::bench::webhooks(settings, requests, concurrency).await,
+        Command::Bench {
+            command: BenchCommand::Receipts { records },
+        } => crate::bench::receipts(settings, records).await,
         Command::Broker { listen, storage } => {
             // tansu resolves sqlite paths against the working directory; from
             // "/" an absolute `sqlite:///var/lib/ese/broker.db` means what it says.

@@ -69,6 +69,9 @@ pub struct KafkaConfig {
     /// How long a produce may wait for the broker's acknowledgement. Default 30s.
     #[serde(with = "humantime_serde")]
     pub produce_timeout: Duration,
+    /// How long the producer waits to fill a batch (`linger.ms`). Default 5ms.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
     /// librdkafka statistics interval, the source of the lag gauges. Default 5s.
     #[serde(with = "humantime_serde")]
     pub statistics_interval: Duration,
@@ -120,6 +123,10 @@ pub struct BridgeConfig {
     pub max_body_bytes: usize,
     /// Requests handled at once; more get 503 with Retry-After. Default 1024.
     pub max_in_flight: usize,
+    /// The bridge producer's `linger.ms`: each request waits for its own
+    /// acknowledgement, so lingering costs latency. Default 1ms.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
     /// How long a webhook waits for the broker's acknowledgement before 503. Default 10s.
     #[serde(with = "humantime_serde")]
     pub produce_timeout: Duration,

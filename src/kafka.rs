@@ -109,7 +109,7 @@ fn future_producer(cfg: &KafkaConfig) -> anyhow::Result<FutureProducer> {
     let mut c = client_config(cfg)?;
     c.set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5")
+        .set("linger.ms", cfg.linger.as_millis().to_string())
         .set(
             "message.timeout.ms",
             cfg.produce_timeout.as_millis().to_string(),

@@ -18,7 +18,9 @@ use crate::config::Settings;
 use crate::stages::Deps;
 use crate::stages::users::UserUpsert;
 
+mod sinks;
 mod webhooks;
+pub use sinks::receipts;
 pub use webhooks::webhooks;
 
 /// A throwaway database and topic prefix for one benchmark run, dropped at the end.
@@ -207,7 +209,7 @@ async fn users_in(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
     writer.finish().await?;
     let copy = started.elapsed();
     println!("  ceiling: COPY          {:>10.0} rows/s", rate(n, copy));
-    client.batch_execute("TRUNCATE users").await?;
+    client.batch_execute("TRUNCATE users CASCADE").await?;
     drop(client);
 
     // The stage itself: topic → committed rows.
@@ -217,25 +219,7 @@ async fn users_in(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
         producer,
         codec,
     };
-    let token = CancellationToken::new();
-    let started = Instant::now();
-    let t = token.clone();
-    let handle = tokio::spawn(async move { crate::stages::run("users", deps, t).await });
-    let target = n as i64;
-    loop {
-        let c = pool.get().await?;
-        let done: i64 = c.query_one("SELECT count(*) FROM users", &[]).await?.get(0);
-        if done >= target {
-            break;
-        }
-        if handle.is_finished() {
-            anyhow::bail!("users stage stopped early at {done}/{n}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let stage = started.elapsed();
-    token.cancel();
-    handle.await??;
+    let stage = time_stage(&deps, "users", "SELECT count(*) FROM users", n as i64).await?;
     let stage_rate = rate(n, stage);
     let ceiling = rate(n, consume).min(rate(n, copy));
     println!("  users stage            {:>10.0} records/s", stage_rate);
@@ -244,4 +228,33 @@ async fn users_in(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
         100.0 * stage_rate / ceiling
     );
     Ok(())
+}
+
+/// Runs `stage` from its topic until `done` (a count query) reaches `target`;
+/// polls every 100 ms (a count is not free on a 2-core machine).
+pub(crate) async fn time_stage(
+    deps: &Deps,
+    stage: &str,
+    done: &str,
+    target: i64,
+) -> anyhow::Result<Duration> {
+    let token = CancellationToken::new();
+    let (d, t, name) = (deps.clone(), token.clone(), stage.to_string());
+    let started = Instant::now();
+    let handle = tokio::spawn(async move { crate::stages::run(&name, d, t).await });
+    let client = deps.pool.get().await?;
+    loop {
+        let n: i64 = client.query_one(done, &[]).await?.get(0);
+        if n >= target {
+            break;
+        }
+        if handle.is_finished() {
+            anyhow::bail!("{stage} stopped early at {n}/{target}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = started.elapsed();
+    token.cancel();
+    handle.await??;
+    Ok(took)
 }

@@ -207,8 +207,8 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
     .await?;
     http.print("ceiling: bare HTTP");
 
-    // Ceiling 2: produce same-size records with the bridge's producer settings,
-    // `conc` in flight, each awaited like a request.
+    // Ceiling 2: the broker's produce rate for same-size records with the
+    // bridge's producer settings.
     let codec = Codec::new("")?;
     let topic = settings.bridge.status_topic.clone();
     let sample = WebhookRaw {
@@ -232,37 +232,23 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
     let mut kafka = settings.kafka.clone();
     kafka.produce_timeout = settings.bridge.produce_timeout;
     let producer = crate::kafka::Producer::new(&kafka)?;
-    let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..conc {
-        let (producer, next, payload, t) = (
-            producer.clone(),
-            next.clone(),
-            payload.clone(),
-            ceiling_topic.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut ok = 0usize;
-            while next.fetch_add(1, Ordering::Relaxed) < n {
-                let key = format!("SM{ok}");
-                if producer
-                    .send(
-                        FutureRecord::to(&t).key(&key).payload(payload.as_slice()),
-                        Duration::from_secs(30),
-                    )
-                    .await
-                    .is_ok()
-                {
-                    ok += 1;
-                }
-            }
-            ok
-        }));
-    }
-    let mut produced = 0;
-    for t in tasks {
-        produced += t.await?;
+    let mut produced = 0usize;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
+        let keys: Vec<String> = chunk.iter().map(|i| format!("SM{i:032x}")).collect();
+        let sends = keys.iter().map(|k| {
+            producer.send(
+                FutureRecord::to(&ceiling_topic)
+                    .key(k.as_str())
+                    .payload(payload.as_slice()),
+                Duration::from_secs(30),
+            )
+        });
+        produced += futures::future::join_all(sends)
+            .await
+            .iter()
+            .filter(|r| r.is_ok())
+            .count();
     }
     let produce = rate(produced, started.elapsed());
     println!(
@@ -346,26 +332,14 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
         producer: crate::kafka::Producer::new(&settings.kafka)?,
         codec,
     };
-    let token = CancellationToken::new();
-    let t = token.clone();
-    let started = Instant::now();
-    let handle = tokio::spawn(async move { crate::stages::run("normalize", deps, t).await });
-    loop {
-        let done: i64 = client
-            .query_one("SELECT count(*) FROM delivery_receipts", &[])
-            .await?
-            .get(0);
-        if done >= accepted {
-            break;
-        }
-        if handle.is_finished() {
-            anyhow::bail!("normalize stopped early at {done}/{accepted}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let stage = rate(accepted as usize, started.elapsed());
-    token.cancel();
-    handle.await??;
+    let took = super::time_stage(
+        &deps,
+        "normalize",
+        "SELECT count(*) FROM delivery_receipts",
+        accepted,
+    )
+    .await?;
+    let stage = rate(accepted as usize, took);
     println!("  {:<28} {stage:>9.0} records/s", "normalize stage");
     println!(
         "  ratio to COPY:               {:.0}% (target ≥ 50%)",

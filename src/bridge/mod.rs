@@ -57,6 +57,7 @@ impl Bridge {
     pub fn new(settings: &Settings, tokens: Vec<String>, pool: Pool) -> anyhow::Result<Arc<Self>> {
         let mut kafka = settings.kafka.clone();
         kafka.produce_timeout = settings.bridge.produce_timeout;
+        kafka.linger = settings.bridge.linger;
         Ok(Arc::new(Self {
             cfg: settings.bridge.clone(),
             tokens,

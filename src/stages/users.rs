@@ -13,8 +13,8 @@ pub use crate::records::UserUpsert;
 
 const UPSERT: &str = "
 INSERT INTO users AS u (phone_number, attributes, attribute_times, updated_at)
-SELECT p, a, ese_merge_attribute_times('{}'::jsonb, a, t), t
-  FROM unnest($1::text[], $2::jsonb[], $3::timestamptz[]) AS x(p, a, t)
+SELECT p, a, at, t
+  FROM unnest($1::text[], $2::jsonb[], $3::jsonb[], $4::timestamptz[]) AS x(p, a, at, t)
 ON CONFLICT (phone_number) DO UPDATE SET
     attributes = ese_merge_attributes(u.attributes, u.attribute_times, EXCLUDED.attributes, EXCLUDED.updated_at),
     attribute_times = ese_merge_attribute_times(u.attribute_times, EXCLUDED.attributes, EXCLUDED.updated_at),
@@ -58,13 +58,27 @@ impl Stage for Users {
                 continue;
             };
             let attrs = serde_json::Value::Object(u.attributes.clone().into_iter().collect());
-            rows.push((phone.clone(), (phone, attrs, at)));
+            // A new row's attribute times (an existing row's are merged in SQL).
+            let stamp = serde_json::Value::String(at.to_rfc3339());
+            let times = serde_json::Value::Object(
+                u.attributes
+                    .keys()
+                    .map(|k| (k.clone(), stamp.clone()))
+                    .collect(),
+            );
+            rows.push((phone.clone(), (phone, attrs, times, at)));
         }
         let stmt = tx.prepare_cached(UPSERT).await?;
         for round in crate::db::rounds(rows) {
-            let (phones, (attrs, times)): (Vec<_>, (Vec<_>, Vec<_>)) =
-                round.into_iter().map(|(p, a, t)| (p, (a, t))).unzip();
-            tx.execute(&stmt, &[&phones, &attrs, &times]).await?;
+            let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for (p, a, t, at) in round {
+                cols.0.push(p);
+                cols.1.push(a);
+                cols.2.push(t);
+                cols.3.push(at);
+            }
+            tx.execute(&stmt, &[&cols.0, &cols.1, &cols.2, &cols.3])
+                .await?;
         }
         Ok(())
     }
