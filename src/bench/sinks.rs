@@ -111,7 +111,7 @@ async fn run(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
     client
         .execute(
             "INSERT INTO delivery_receipts (event_id, message_sid, status, raw_payload, received_at)
-             SELECT gen_random_uuid(), 'SM' || g, 'delivered', '{}'::jsonb, $1 + interval '1 second'
+             SELECT gen_random_uuid(), 'SM' || g, 'delivered', '{}'::jsonb, $1::timestamptz + interval '1 second'
                FROM generate_series(1, $2::int) g",
             &[&now, &(n as i32)],
         )
