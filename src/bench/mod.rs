@@ -62,7 +62,10 @@ impl Scratch {
             }
             p.dlq = format!("{prefix}.{}", p.dlq);
         }
-        for t in [&mut settings.bridge.status_topic, &mut settings.bridge.inbound_topic] {
+        for t in [
+            &mut settings.bridge.status_topic,
+            &mut settings.bridge.inbound_topic,
+        ] {
             *t = format!("{prefix}.{t}");
         }
         crate::kafka::create_topics(&settings.kafka, &settings.all_topics()).await?;
