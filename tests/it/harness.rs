@@ -19,6 +19,19 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// Every table of the data model, in dependency order.
+pub const TABLES: [&str; 9] = [
+    "users",
+    "templates",
+    "segments",
+    "campaigns",
+    "messages",
+    "delivery_receipts",
+    "inbound_events",
+    "consent_events",
+    "fanout_progress",
+];
+
 /// The admin URL tests create their databases through.
 fn admin_url() -> String {
     std::env::var("DATABASE_URL")
@@ -358,6 +371,30 @@ impl TestApp {
             );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
+    }
+
+    /// Every table as text, row by row, in a stable order.
+    pub async fn dump(&self) -> Vec<String> {
+        let c = self.pool.get().await.unwrap();
+        let mut out = Vec::new();
+        for table in TABLES {
+            let key = if table == "fanout_progress" {
+                "campaign_id"
+            } else {
+                "id"
+            };
+            for r in c
+                .query(
+                    &format!("SELECT t::text FROM {table} t ORDER BY {key}"),
+                    &[],
+                )
+                .await
+                .unwrap()
+            {
+                out.push(format!("{table}: {}", r.get::<_, String>(0)));
+            }
+        }
+        out
     }
 
     /// Terminates every connection to this test's database (Postgres "lost").

@@ -1,22 +1,12 @@
 //! The schema: a fresh database gets all of it, and Postgres itself refuses bad data.
 
-use crate::harness::TestApp;
+use crate::harness::{TABLES, TestApp};
 
 #[tokio::test]
 async fn fresh_database_gets_the_full_schema_and_refuses_bad_data() {
     let app = TestApp::spawn().await;
     let c = app.pool.get().await.unwrap();
-    for table in [
-        "users",
-        "templates",
-        "segments",
-        "campaigns",
-        "messages",
-        "delivery_receipts",
-        "inbound_events",
-        "consent_events",
-        "fanout_progress",
-    ] {
+    for table in TABLES {
         let n: i64 = c
             .query_one(
                 "SELECT count(*) FROM information_schema.tables WHERE table_name = $1",

@@ -450,7 +450,7 @@ async fn campaign_performance_counts_and_replay_changes_nothing() {
     }
 
     // Replay every stage from earliest: fresh groups read everything again.
-    let before = dump(&app).await;
+    let before = app.dump().await;
     let mut deps = app.deps();
     for p in deps.settings.pipelines.values_mut() {
         p.group_id = format!("{}.replay", p.group_id);
@@ -468,40 +468,6 @@ async fn campaign_performance_counts_and_replay_changes_nothing() {
     for h in handles {
         h.await.unwrap().unwrap();
     }
-    let after = dump(&app).await;
+    let after = app.dump().await;
     assert_eq!(before, after, "replay left every table as it was");
-}
-
-/// Every table as text, row by row, in a stable order.
-async fn dump(app: &TestApp) -> Vec<String> {
-    let c = app.pool.get().await.unwrap();
-    let mut out = Vec::new();
-    for table in [
-        "users",
-        "templates",
-        "segments",
-        "campaigns",
-        "messages",
-        "delivery_receipts",
-        "inbound_events",
-        "consent_events",
-        "fanout_progress",
-    ] {
-        let key = if table == "fanout_progress" {
-            "campaign_id"
-        } else {
-            "id"
-        };
-        for r in c
-            .query(
-                &format!("SELECT t::text FROM {table} t ORDER BY {key}"),
-                &[],
-            )
-            .await
-            .unwrap()
-        {
-            out.push(format!("{table}: {}", r.get::<_, String>(0)));
-        }
-    }
-    out
 }
