@@ -47,6 +47,14 @@ pub enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+    /// The Twilio-compatible provider simulator (`[provider-sim]` config):
+    /// accepts sends, posts signed status callbacks, reports stats at /sim/stats.
+    /// Credentials from TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN.
+    ProviderSim {
+        /// Address to listen on (default `provider-sim.listen`, 127.0.0.1:8099).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Run the embedded Kafka-API broker alone.
     Broker {
         /// Address to listen on.
@@ -174,9 +182,12 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                     "ese: warning: TWILIO_AUTH_TOKEN is not set; every webhook will be refused (403)"
                 );
             }
-            let bridge = crate::bridge::Bridge::new(&settings, tokens, deps.pool.clone())?;
-            println!("ese serve: webhooks on http://{}", settings.bridge.listen);
-            crate::bridge::serve(settings.bridge.listen, bridge.router(), shutdown).await
+            let router = engine::http_router(&settings, &deps, tokens)?;
+            println!(
+                "ese serve: webhooks and admin API on http://{}",
+                settings.bridge.listen
+            );
+            crate::bridge::serve(settings.bridge.listen, router, shutdown).await
         }
         Command::Bench {
             command: BenchCommand::Users { records },
@@ -191,6 +202,26 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             command: BenchCommand::Receipts { records },
         } => crate::bench::receipts(settings, records).await,
+        Command::ProviderSim { listen } => {
+            let mut cfg = settings.provider_sim.clone();
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            let (account, token) = crate::sim::credentials_from_env()?;
+            let sim = crate::sim::Simulator::new(cfg.clone(), account, token)?;
+            let listener = tokio::net::TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("provider-sim.listen {}: cannot bind: {e}", cfg.listen)
+                })?;
+            println!(
+                "ese provider-sim: http://{}/2010-04-01/Accounts/{{AccountSid}}/Messages.json, stats at /sim/stats",
+                cfg.listen
+            );
+            let shutdown = CancellationToken::new();
+            engine::cancel_on_signal(shutdown.clone());
+            crate::sim::serve_on(sim, listener, shutdown).await
+        }
         Command::Broker { listen, storage } => {
             // tansu resolves sqlite paths against the working directory; from
             // "/" an absolute `sqlite:///var/lib/ese/broker.db` means what it says.
@@ -233,10 +264,11 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
     ));
     let tokens = crate::bridge::tokens_from_env();
     let signed = !tokens.is_empty();
-    let bridge = crate::bridge::Bridge::new(&settings, tokens, deps.pool.clone())?;
+    let admin = crate::campaigns::api::token_from_env().is_some();
+    let router = engine::http_router(&settings, &deps, tokens)?;
     let bridge_task = tokio::spawn(crate::bridge::serve(
         settings.bridge.listen,
-        bridge.router(),
+        router,
         shutdown.clone(),
     ));
     println!("ese up");
@@ -260,6 +292,15 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
             ""
         } else {
             " — TWILIO_AUTH_TOKEN unset: every webhook is refused"
+        }
+    );
+    println!(
+        "  admin API  http://{}/api/v1 (OpenAPI at /api/v1/openapi.json){}",
+        settings.bridge.listen,
+        if admin {
+            ""
+        } else {
+            " — ESE_ADMIN_TOKEN unset: every admin call is refused"
         }
     );
     println!("  metrics    http://{}/metrics", settings.metrics.listen);

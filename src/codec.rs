@@ -32,6 +32,7 @@ pub enum Kind {
     InboundNormalized,
     SendRequest,
     ConsentChange,
+    CampaignCommand,
 }
 
 impl Kind {
@@ -44,6 +45,7 @@ impl Kind {
             Kind::InboundNormalized => &[include_str!("../schemas/inbound_normalized.v1.avsc")],
             Kind::SendRequest => &[include_str!("../schemas/send_request.v1.avsc")],
             Kind::ConsentChange => &[include_str!("../schemas/consent_change.v1.avsc")],
+            Kind::CampaignCommand => &[include_str!("../schemas/campaign_command.v1.avsc")],
         }
     }
 
@@ -54,6 +56,7 @@ impl Kind {
         Kind::InboundNormalized,
         Kind::SendRequest,
         Kind::ConsentChange,
+        Kind::CampaignCommand,
     ];
 }
 

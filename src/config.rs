@@ -23,6 +23,7 @@ const PIPELINES: &[(&str, &str)] = &[
     ("normalize", include_str!("../pipelines/normalize.toml")),
     ("consent", include_str!("../pipelines/consent.toml")),
     ("receipts", include_str!("../pipelines/receipts.toml")),
+    ("fanout", include_str!("../pipelines/fanout.toml")),
 ];
 
 /// The whole configuration of one `ese` process.
@@ -38,6 +39,9 @@ pub struct Settings {
     pub bridge: BridgeConfig,
     pub consent: ConsentConfig,
     pub receipts: ReceiptsConfig,
+    pub campaigns: CampaignsConfig,
+    /// `ese provider-sim`: the Twilio-compatible simulator.
+    pub provider_sim: crate::sim::SimConfig,
     /// Stage definitions keyed by stage name (`pipelines/<stage>.toml`).
     pub pipelines: BTreeMap<String, Pipeline>,
 }
@@ -172,6 +176,18 @@ pub struct ReceiptsConfig {
     /// A callback with no message for its SID after this long counts as unmatched. Default 10m.
     #[serde(with = "humantime_serde")]
     pub unmatched_after: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CampaignsConfig {
+    /// Deepest nesting a segment filter may have. Default 8.
+    pub max_filter_depth: usize,
+    /// Recipients per fan-out page (one transaction and one burst of send records). Default 5000.
+    pub fanout_page_size: i64,
+    /// How often the scheduler looks for due campaigns and finished ones. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub scheduler_interval: Duration,
 }
 
 /// One stage's wiring and tuning (`pipelines/<stage>.toml`).
@@ -309,6 +325,15 @@ impl Settings {
         self.pipelines
             .get(stage)
             .ok_or_else(|| anyhow::anyhow!("no pipeline configured for stage {stage:?}"))
+    }
+
+    /// The topic campaign transitions go to: the fanout stage's first input.
+    pub fn commands_topic(&self) -> anyhow::Result<String> {
+        self.pipeline("fanout")?
+            .inputs
+            .first()
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("pipelines.fanout.inputs is empty"))
     }
 
     /// Every topic any pipeline reads, writes or dead-letters to.

@@ -20,6 +20,23 @@ impl Deps {
     }
 }
 
+/// The HTTP surface of `ese serve` and `ese up`: webhooks, probes, metrics
+/// and the admin API.
+pub fn http_router(
+    settings: &Settings,
+    deps: &Deps,
+    tokens: Vec<String>,
+) -> anyhow::Result<axum::Router> {
+    let bridge = crate::bridge::Bridge::new(settings, tokens, deps.pool.clone())?;
+    let admin = crate::campaigns::api::Admin::new(
+        deps.pool.clone(),
+        deps.commands()?,
+        crate::campaigns::api::token_from_env(),
+        settings.campaigns.max_filter_depth,
+    );
+    Ok(bridge.router().merge(admin.router()))
+}
+
 /// Cancels `token` on SIGINT or SIGTERM.
 pub fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {

@@ -76,6 +76,24 @@ impl Producer {
         result
     }
 
+    /// Sends every record and waits for all acknowledgements; the first
+    /// error, if any, is returned once all have settled.
+    pub async fn send_all(
+        &self,
+        records: Vec<FutureRecord<'_, [u8], [u8]>>,
+        queue_timeout: Duration,
+    ) -> Result<(), KafkaError> {
+        let sends = records.into_iter().map(|r| self.send(r, queue_timeout));
+        match futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .find_map(Result::err)
+        {
+            Some((e, _)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     fn recover(&self, failed: &FutureProducer, error: &KafkaError) {
         let (code, reason) = match failed.client().fatal_error() {
             Some(fatal) => fatal,
@@ -180,4 +198,116 @@ pub fn is_transient(e: &KafkaError) -> bool {
             | Some(RDKafkaErrorCode::UnknownTopicOrPartition)
             | Some(RDKafkaErrorCode::TopicAuthorizationFailed)
     )
+}
+
+/// Reads topics outside any consumer group: end offsets, and the records
+/// between given offsets and the end. Used to find what a crashed fan-out
+/// already produced, and by replay to plan offset resets. Cheap to clone.
+#[derive(Clone)]
+pub struct TopicReader {
+    consumer: Arc<rdkafka::consumer::BaseConsumer>,
+    timeout: Duration,
+}
+
+impl TopicReader {
+    pub fn new(cfg: &KafkaConfig) -> anyhow::Result<Self> {
+        let mut c = client_config(cfg)?;
+        // A group id is required by librdkafka even though this consumer only
+        // uses `assign`; nothing is ever committed under it.
+        c.set("group.id", format!("{}.reader", cfg.client_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false");
+        Ok(Self {
+            consumer: Arc::new(
+                c.create()
+                    .map_err(|e| anyhow::anyhow!("cannot create Kafka reader: {e}"))?,
+            ),
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// `(partition, high watermark)` for every partition of `topic`.
+    pub async fn end_offsets(&self, topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
+        let (consumer, topic, timeout) = (self.consumer.clone(), topic.to_string(), self.timeout);
+        tokio::task::spawn_blocking(move || end_offsets(&consumer, &topic, timeout)).await?
+    }
+
+    /// The payloads of `topic` from `from` (partition → offset) up to the
+    /// partitions' current ends.
+    pub async fn read_to_end(
+        &self,
+        topic: &str,
+        from: &[(i32, i64)],
+    ) -> anyhow::Result<Vec<Vec<u8>>> {
+        use rdkafka::Message;
+        use rdkafka::consumer::Consumer;
+        let (consumer, topic, timeout) = (self.consumer.clone(), topic.to_string(), self.timeout);
+        let from = from.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let ends: std::collections::HashMap<i32, i64> =
+                end_offsets(&consumer, &topic, timeout)?
+                    .into_iter()
+                    .collect();
+            let mut list = rdkafka::TopicPartitionList::new();
+            let mut remaining = std::collections::HashMap::new();
+            for (p, offset) in from {
+                let end = ends.get(&p).copied().unwrap_or(offset);
+                if end > offset {
+                    list.add_partition_offset(&topic, p, rdkafka::Offset::Offset(offset))?;
+                    remaining.insert(p, end);
+                }
+            }
+            let mut out = Vec::new();
+            if remaining.is_empty() {
+                return Ok(out);
+            }
+            consumer.assign(&list)?;
+            let deadline = std::time::Instant::now() + timeout * 6;
+            while !remaining.is_empty() {
+                if std::time::Instant::now() > deadline {
+                    consumer.unassign()?;
+                    anyhow::bail!("reading {topic}: timed out before reaching the end");
+                }
+                let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
+                    continue;
+                };
+                let msg = msg?;
+                let p = msg.partition();
+                if let Some(&end) = remaining.get(&p) {
+                    if msg.offset() < end {
+                        out.push(msg.payload().unwrap_or_default().to_vec());
+                    }
+                    if msg.offset() + 1 >= end {
+                        remaining.remove(&p);
+                    }
+                }
+            }
+            consumer.unassign()?;
+            Ok(out)
+        })
+        .await?
+    }
+}
+
+fn end_offsets(
+    consumer: &rdkafka::consumer::BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<Vec<(i32, i64)>> {
+    use rdkafka::consumer::Consumer;
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        anyhow::bail!("topic {topic} has no partitions (does it exist?)");
+    }
+    partitions
+        .into_iter()
+        .map(|p| Ok((p, consumer.fetch_watermarks(topic, p, timeout)?.1)))
+        .collect()
 }

@@ -11,9 +11,11 @@
 //! - [`broker`]: the embedded Kafka-API broker (tansu) for development and tests.
 //! - [`codec`]: Avro records (`schemas/`), single-object or schema-registry encoded.
 //! - [`records`]: the record types on the topics, one per schema.
+//! - [`campaigns`]: templates, segment filters, the campaign state machine, the admin API, the scheduler.
 //! - [`reports`]: read-side queries (campaign performance, dashboard figures).
 //! - [`runner`]: the stage runner — the one consumer loop every stage uses.
 //! - [`stages`]: the stages (domain logic and SQL only), registered by name.
+//! - [`sim`]: the Twilio-compatible provider simulator (`ese provider-sim`).
 //! - [`phone`]: E.164 normalization.
 //! - [`metrics`]: the Prometheus recorder and `/metrics`.
 //! - [`bench`]: `ese bench …`, throughput with its ceilings measured in the same run.
@@ -22,6 +24,7 @@
 pub mod bench;
 pub mod bridge;
 pub mod broker;
+pub mod campaigns;
 pub mod cli;
 pub mod codec;
 pub mod config;
@@ -34,4 +37,5 @@ pub mod phone;
 pub mod records;
 pub mod reports;
 pub mod runner;
+pub mod sim;
 pub mod stages;

@@ -148,3 +148,18 @@ pub struct ConsentChange {
 impl Record for ConsentChange {
     const KIND: Kind = Kind::ConsentChange;
 }
+
+/// `campaigns.commands`: a campaign transition, keyed by campaign id.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CampaignCommand {
+    pub command_id: String,
+    pub campaign_id: i64,
+    pub command: String,
+    pub status: String,
+    pub issued_by: String,
+    pub issued_at: i64,
+}
+
+impl Record for CampaignCommand {
+    const KIND: Kind = Kind::CampaignCommand;
+}

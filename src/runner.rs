@@ -29,7 +29,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Pool, Transaction};
-use futures::future::join_all;
 use metrics::{counter, gauge, histogram};
 use rand::Rng;
 use rdkafka::client::ClientContext;
@@ -732,15 +731,16 @@ impl<S: Stage> Shared<S> {
     ) -> Result<(), StageError> {
         let name = self.name();
         let failed_at = chrono::Utc::now().to_rfc3339();
-        let mut futures = Vec::with_capacity(outputs.len() + dead.len());
+        let mut records = Vec::with_capacity(outputs.len() + dead.len());
         for o in outputs {
-            let rec = FutureRecord::<[u8], [u8]>::to(&o.topic)
-                .key(o.key.as_slice())
-                .payload(o.payload.as_slice())
-                .headers(to_headers(
-                    o.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
-                ));
-            futures.push(self.producer.send(rec, self.produce_timeout));
+            records.push(
+                FutureRecord::<[u8], [u8]>::to(&o.topic)
+                    .key(o.key.as_slice())
+                    .payload(o.payload.as_slice())
+                    .headers(to_headers(
+                        o.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+                    )),
+            );
         }
         for (r, reason) in dead {
             let partition = r.partition.to_string();
@@ -766,18 +766,16 @@ impl<S: Stage> Shared<S> {
             if let Some(p) = &r.payload {
                 rec = rec.payload(p.as_slice());
             }
-            futures.push(self.producer.send(rec, self.produce_timeout));
+            records.push(rec);
         }
-        let n = futures.len();
-        for result in join_all(futures).await {
-            if let Err((e, _)) = result {
-                let text = format!("producing {n} records: {e}");
-                return Err(if crate::kafka::is_transient(&e) {
-                    StageError::Transient(text)
-                } else {
-                    StageError::Fatal(text)
-                });
-            }
+        let n = records.len();
+        if let Err(e) = self.producer.send_all(records, self.produce_timeout).await {
+            let text = format!("producing {n} records: {e}");
+            return Err(if crate::kafka::is_transient(&e) {
+                StageError::Transient(text)
+            } else {
+                StageError::Fatal(text)
+            });
         }
         counter!("ese_stage_records_out_total", "stage" => name).increment(outputs.len() as u64);
         Ok(())

@@ -2,6 +2,7 @@
 //! runner does the rest.
 
 pub mod consent;
+pub mod fanout;
 pub mod normalize;
 pub mod receipts;
 pub mod users;
@@ -16,8 +17,16 @@ use crate::config::Settings;
 use crate::phone::Normalizer;
 use crate::runner;
 
-/// Every stage `ese run` knows, in pipeline order.
-pub const ALL: &[&str] = &["users", "normalize", "consent", "receipts"];
+/// Every stage `ese run` knows, in pipeline order. `scheduler` is not a
+/// consumer but runs the same way.
+pub const ALL: &[&str] = &[
+    "users",
+    "normalize",
+    "consent",
+    "receipts",
+    "fanout",
+    "scheduler",
+];
 
 /// What a stage is built from.
 #[derive(Clone)]
@@ -30,6 +39,12 @@ pub struct Deps {
 
 /// Runs stage `name` until `shutdown` (clean) or a fatal error.
 pub async fn run(name: &str, deps: Deps, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if name == "scheduler" {
+        let commands = deps.commands()?;
+        let interval = deps.settings.campaigns.scheduler_interval;
+        crate::campaigns::scheduler::run(deps.pool, commands, interval, shutdown).await;
+        return Ok(());
+    }
     let pipeline = deps.settings.pipeline(name)?.clone();
     let phones = Normalizer::new(&deps.settings.phone.default_region);
     match name {
@@ -66,7 +81,44 @@ pub async fn run(name: &str, deps: Deps, shutdown: CancellationToken) -> anyhow:
             };
             go(stage, pipeline, deps, shutdown).await
         }
+        "fanout" => {
+            let wake = Arc::new(tokio::sync::Notify::new());
+            let driver = fanout::Driver {
+                pool: deps.pool.clone(),
+                producer: deps.producer.clone(),
+                codec: deps.codec.clone(),
+                reader: crate::kafka::TopicReader::new(&deps.settings.kafka)?,
+                sends_topic: output(&pipeline, name, "sends")?,
+                page_size: deps.settings.campaigns.fanout_page_size,
+                max_depth: deps.settings.campaigns.max_filter_depth,
+                produce_timeout: deps.settings.kafka.produce_timeout,
+                poll: deps.settings.campaigns.scheduler_interval,
+                wake: wake.clone(),
+            };
+            let stop = shutdown.child_token();
+            let driving = tokio::spawn(driver.run(stop.clone()));
+            let stage = fanout::Fanout {
+                codec: deps.codec.clone(),
+                wake,
+            };
+            let result = go(stage, pipeline, deps, shutdown).await;
+            stop.cancel();
+            let _ = driving.await;
+            result
+        }
         other => anyhow::bail!("unknown stage {other:?}; stages: {}", ALL.join(", ")),
+    }
+}
+
+impl Deps {
+    /// The publisher of campaign commands (admin API, scheduler).
+    pub fn commands(&self) -> anyhow::Result<crate::campaigns::Commands> {
+        Ok(crate::campaigns::Commands {
+            producer: self.producer.clone(),
+            codec: self.codec.clone(),
+            topic: self.settings.commands_topic()?,
+            timeout: self.settings.kafka.produce_timeout,
+        })
     }
 }
 

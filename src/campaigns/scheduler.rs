@@ -1,0 +1,73 @@
+//! The scheduler: READY campaigns whose `schedule_time` has come get their
+//! start command, and RUNNING campaigns whose fan-out finished and whose
+//! messages are all final become COMPLETED. Rows are taken with
+//! `FOR UPDATE SKIP LOCKED`, so any number of schedulers act once per campaign.
+
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use metrics::counter;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::Commands;
+
+const DUE: &str = "
+SELECT id FROM campaigns
+ WHERE status = 'READY' AND schedule_time <= now()
+ ORDER BY schedule_time, id LIMIT 100
+ FOR UPDATE SKIP LOCKED";
+
+const DONE: &str = "
+SELECT c.id FROM campaigns c JOIN fanout_progress f ON f.campaign_id = c.id
+ WHERE c.status = 'RUNNING' AND f.finished
+   AND NOT EXISTS (SELECT 1 FROM messages m
+                    WHERE m.campaign_id = c.id AND m.status IN ('QUEUED', 'SENDING', 'SENT'))
+ ORDER BY c.id LIMIT 100
+ FOR UPDATE OF c SKIP LOCKED";
+
+/// Runs [`tick`] every `interval` until `shutdown`; errors are logged and retried.
+pub async fn run(pool: Pool, commands: Commands, interval: Duration, shutdown: CancellationToken) {
+    info!(?interval, "scheduler running");
+    loop {
+        if let Err(e) = tick(&pool, &commands).await {
+            counter!("ese_scheduler_errors_total").increment(1);
+            warn!(error = %e, "scheduler tick failed; trying again");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// One pass: start what is due, complete what is done. Returns both counts.
+pub async fn tick(pool: &Pool, commands: &Commands) -> anyhow::Result<(usize, usize)> {
+    let started = pass(pool, commands, DUE, "start").await?;
+    let completed = pass(pool, commands, DONE, "complete").await?;
+    counter!("ese_scheduler_commands_total", "command" => "start").increment(started as u64);
+    counter!("ese_scheduler_commands_total", "command" => "complete").increment(completed as u64);
+    Ok((started, completed))
+}
+
+async fn pass(
+    pool: &Pool,
+    commands: &Commands,
+    query: &str,
+    action: &str,
+) -> anyhow::Result<usize> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let ids: Vec<i64> = tx
+        .query(query, &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for id in &ids {
+        commands.transition(&tx, *id, action, "scheduler").await?;
+        info!(campaign = id, action, "scheduler");
+    }
+    tx.commit().await?;
+    Ok(ids.len())
+}

@@ -1,0 +1,412 @@
+//! `fanout`: a campaign's audience → `messages` rows (QUEUED) and one send
+//! record per message on `sends`.
+//!
+//! Commands on `campaigns.commands` only wake the [`Driver`]; the campaign's
+//! status in Postgres decides what runs. The driver takes each RUNNING
+//! campaign whose fan-out is unfinished (one process per campaign, by an
+//! advisory lock) and walks its audience in keyset pages of users:
+//!
+//! 1. one transaction: the page's users, their rendered messages inserted
+//!    (`ON CONFLICT (campaign_id, recipient_phone)` returns the existing row),
+//!    and the page marked pending with the send topic's end offsets;
+//! 2. the page's send records produced and acknowledged;
+//! 3. the page marked done (`fanout_progress.last_user_id`).
+//!
+//! A crash between 1 and 3 leaves the page pending: the next run reads the
+//! send topic from the recorded offsets and produces only the messages not
+//! already there. So after any crash there is exactly one message row and one
+//! send record per recipient. Pause or cancel stops the walk at the next page;
+//! resume continues it. Memory is one page, whatever the audience size.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Pool, Transaction};
+use metrics::{counter, histogram};
+use rdkafka::producer::FutureRecord;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::campaigns::{segment, template};
+use crate::codec::Codec;
+use crate::kafka::{Producer, TopicReader};
+use crate::records::{CampaignCommand, SendRequest};
+use crate::runner::{Collector, InRecord, Item, Stage, StageError};
+
+/// Advisory lock namespace of fan-outs (xor-ed with the campaign id).
+const LOCK_NS: i64 = 0x6573_6566_0000_0000;
+
+/// The stage: wakes the driver once the command's transaction is committed.
+pub struct Fanout {
+    pub codec: Codec,
+    pub wake: Arc<Notify>,
+}
+
+impl Stage for Fanout {
+    type Input = CampaignCommand;
+
+    fn name(&self) -> &'static str {
+        "fanout"
+    }
+
+    async fn decode(&self, record: &InRecord) -> Result<CampaignCommand, StageError> {
+        Ok(self.codec.decode(record.payload()).await?)
+    }
+
+    async fn process(
+        &self,
+        tx: &Transaction<'_>,
+        batch: &[Item<CampaignCommand>],
+        out: &mut Collector,
+    ) -> Result<(), StageError> {
+        let ids: Vec<i64> = batch.iter().map(|i| i.value.campaign_id).collect();
+        // The issuer publishes before it commits; FOR SHARE waits for that commit.
+        let found: HashSet<i64> = tx
+            .query(
+                "SELECT id FROM campaigns WHERE id = ANY($1) FOR SHARE",
+                &[&ids],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for (i, item) in batch.iter().enumerate() {
+            let c = &item.value;
+            if found.contains(&c.campaign_id) {
+                counter!("ese_fanout_commands_total", "command" => c.command.clone()).increment(1);
+            } else {
+                out.dead_letter(i, format!("unknown campaign {}", c.campaign_id));
+            }
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+}
+
+/// Walks RUNNING campaigns' audiences page by page.
+pub struct Driver {
+    pub pool: Pool,
+    pub producer: Producer,
+    pub codec: Codec,
+    pub reader: TopicReader,
+    pub sends_topic: String,
+    pub page_size: i64,
+    pub max_depth: usize,
+    pub produce_timeout: Duration,
+    /// How often to look for work without a wake-up.
+    pub poll: Duration,
+    pub wake: Arc<Notify>,
+}
+
+const WORK: &str = "
+SELECT c.id FROM campaigns c JOIN fanout_progress f ON f.campaign_id = c.id
+ WHERE c.status = 'RUNNING' AND NOT f.finished ORDER BY c.id";
+
+const CAMPAIGN: &str = "
+SELECT t.body, t.defaults, t.channel, s.filter FROM campaigns c
+  JOIN templates t ON t.id = c.template_id JOIN segments s ON s.id = c.segment_id
+ WHERE c.id = $1";
+
+const PROGRESS: &str = "
+SELECT last_user_id, pending_to, pending_offsets, skipped_reasons
+  FROM fanout_progress WHERE campaign_id = $1";
+
+const INSERT: &str = "
+INSERT INTO messages (campaign_id, user_id, recipient_phone, channel, body)
+SELECT $1, x.u, x.p, $2, x.b FROM unnest($3::bigint[], $4::text[], $5::text[]) AS x(u, p, b)
+ON CONFLICT (campaign_id, recipient_phone) DO UPDATE SET campaign_id = EXCLUDED.campaign_id
+RETURNING id, recipient_phone, body";
+
+const PENDING: &str = "
+UPDATE fanout_progress SET pending_to = $2, pending_offsets = $3, updated_at = now()
+ WHERE campaign_id = $1";
+
+const PAGE_DONE: &str = "
+UPDATE fanout_progress
+   SET last_user_id = $2, pending_to = NULL, pending_offsets = NULL,
+       messages_created = messages_created + $3, sends_produced = sends_produced + $4,
+       skipped = skipped + $5, skipped_reasons = $6, updated_at = now()
+ WHERE campaign_id = $1";
+
+const FINISHED: &str = "
+UPDATE fanout_progress SET finished = true, finished_at = now(), updated_at = now()
+ WHERE campaign_id = $1";
+
+/// What a campaign's pages are built from.
+struct Plan {
+    id: i64,
+    template: template::Template,
+    defaults: serde_json::Map<String, serde_json::Value>,
+    channel: String,
+    page_sql: String,
+    filter: segment::Compiled,
+}
+
+impl Driver {
+    /// Runs until `shutdown`; failures are logged and the work retried.
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            if let Err(e) = self.pass(&shutdown).await {
+                counter!("ese_fanout_errors_total").increment(1);
+                warn!(error = %e, "fan-out interrupted; resuming shortly");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(self.poll) => {}
+            }
+        }
+    }
+
+    /// Fans out every campaign that needs it and no other process holds.
+    async fn pass(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let mut client = self.pool.get().await?;
+        let ids: Vec<i64> = client
+            .query(WORK, &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for id in ids {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let key = LOCK_NS ^ id;
+            let locked: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+                .await?
+                .get(0);
+            if !locked {
+                continue;
+            }
+            let result = self.campaign(&mut client, id, shutdown).await;
+            client
+                .execute("SELECT pg_advisory_unlock($1)", &[&key])
+                .await?;
+            result?;
+        }
+        Ok(())
+    }
+
+    async fn plan(&self, client: &deadpool_postgres::Client, id: i64) -> anyhow::Result<Plan> {
+        let row = client
+            .query_opt(CAMPAIGN, &[&id])
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("campaign {id} vanished"))?;
+        let body: String = row.get(0);
+        let defaults: serde_json::Value = row.get(1);
+        let filter: serde_json::Value = row.get(3);
+        let template = template::parse(&body)
+            .map_err(|e| anyhow::anyhow!("campaign {id}: stored template: {e}"))?;
+        let node = segment::parse(&filter, self.max_depth)
+            .map_err(|e| anyhow::anyhow!("campaign {id}: stored segment: {e}"))?;
+        let filter = segment::compile(&node, "u.attributes", 4);
+        let page_sql = format!(
+            "SELECT u.id, u.phone_number, u.attributes FROM users u
+              WHERE u.id > $1 AND ($2::bigint IS NULL OR u.id <= $2)
+                AND u.consent_state = 'OPT_IN' AND {}
+              ORDER BY u.id LIMIT $3",
+            filter.sql
+        );
+        Ok(Plan {
+            id,
+            template,
+            defaults: match defaults {
+                serde_json::Value::Object(m) => m,
+                _ => Default::default(),
+            },
+            channel: row.get(2),
+            page_sql,
+            filter,
+        })
+    }
+
+    /// Fans out one campaign until its audience is exhausted or it leaves RUNNING.
+    async fn campaign(
+        &self,
+        client: &mut deadpool_postgres::Client,
+        id: i64,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let plan = self.plan(client, id).await?;
+        let started = Instant::now();
+        let mut total = 0usize;
+        info!(campaign = id, "fan-out running");
+        loop {
+            let status: Option<String> = client
+                .query_opt("SELECT status FROM campaigns WHERE id = $1", &[&id])
+                .await?
+                .map(|r| r.get(0));
+            if status.as_deref() != Some("RUNNING") {
+                info!(campaign = id, status = ?status, recipients = total, "fan-out stopped");
+                return Ok(());
+            }
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            match self.page(client, &plan).await? {
+                Some(n) => total += n,
+                None => {
+                    let secs = started.elapsed().as_secs_f64();
+                    info!(campaign = id, recipients = total, secs, "fan-out finished");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// One page; `None` when the audience is exhausted (and the fan-out marked finished).
+    async fn page(
+        &self,
+        client: &mut deadpool_postgres::Client,
+        plan: &Plan,
+    ) -> anyhow::Result<Option<usize>> {
+        let started = Instant::now();
+        let id = plan.id;
+        let progress = client.query_one(PROGRESS, &[&id]).await?;
+        let last: i64 = progress.get(0);
+        let pending: Option<i64> = progress.get(1);
+        let mut reasons: BTreeMap<String, i64> =
+            serde_json::from_value(progress.get(3)).unwrap_or_default();
+
+        let tx = client.transaction().await?;
+        // A pending page is redone whole: same users, existing rows returned.
+        let limit = if pending.is_some() {
+            i64::MAX
+        } else {
+            self.page_size
+        };
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            vec![&last, &pending, &limit];
+        params.extend(plan.filter.refs());
+        let users = tx.query(&plan.page_sql, &params).await?;
+        if users.is_empty() && pending.is_none() {
+            tx.execute(FINISHED, &[&id]).await?;
+            tx.commit().await?;
+            return Ok(None);
+        }
+        let (mut ids, mut phones, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
+        let mut skipped = 0i64;
+        for u in &users {
+            let attributes: serde_json::Value = u.get(2);
+            let rendered = plan.template.render(|name| {
+                attributes
+                    .get(name)
+                    .and_then(template::attribute_text)
+                    .or_else(|| plan.defaults.get(name).and_then(template::attribute_text))
+            });
+            match rendered {
+                Ok(body) => {
+                    ids.push(u.get::<_, i64>(0));
+                    phones.push(u.get::<_, String>(1));
+                    bodies.push(body);
+                }
+                Err(var) => {
+                    skipped += 1;
+                    *reasons
+                        .entry(format!("missing variable {var}"))
+                        .or_default() += 1;
+                    counter!("ese_fanout_skipped_total", "reason" => "missing_variable")
+                        .increment(1);
+                }
+            }
+        }
+        let page_end: i64 = match (pending, users.last()) {
+            (Some(to), _) => to,
+            (None, Some(u)) => u.get(0),
+            (None, None) => last,
+        };
+        let messages = tx
+            .query(INSERT, &[&id, &plan.channel, &ids, &phones, &bodies])
+            .await?;
+        let already = match pending {
+            None => {
+                let offsets = self.reader.end_offsets(&self.sends_topic).await?;
+                let json = serde_json::to_value(&offsets)?;
+                tx.execute(PENDING, &[&id, &page_end, &json]).await?;
+                tx.commit().await?;
+                HashSet::new()
+            }
+            Some(_) => {
+                tx.commit().await?;
+                let offsets: Vec<(i32, i64)> = progress
+                    .get::<_, Option<serde_json::Value>>(2)
+                    .map(serde_json::from_value)
+                    .transpose()?
+                    .unwrap_or_default();
+                self.already_sent(id, &offsets).await?
+            }
+        };
+
+        let mut payloads = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let message_id: i64 = m.get(0);
+            if already.contains(&message_id) {
+                continue;
+            }
+            let recipient: String = m.get(1);
+            let send = SendRequest {
+                message_id,
+                campaign_id: Some(id),
+                recipient: recipient.clone(),
+                channel: plan.channel.clone(),
+                body: m.get(2),
+                attempt: 0,
+                kind: "campaign".to_string(),
+                not_before: None,
+            };
+            payloads.push((
+                recipient,
+                self.codec.encode(&self.sends_topic, &send).await?,
+            ));
+        }
+        let records = payloads
+            .iter()
+            .map(|(k, p)| {
+                FutureRecord::<[u8], [u8]>::to(&self.sends_topic)
+                    .key(k.as_bytes())
+                    .payload(p.as_slice())
+            })
+            .collect();
+        self.producer
+            .send_all(records, self.produce_timeout)
+            .await
+            .map_err(|e| anyhow::anyhow!("producing sends of campaign {id}: {e}"))?;
+
+        let created = messages.len() as i64;
+        let produced = payloads.len() as i64;
+        let reasons = serde_json::to_value(&reasons)?;
+        client
+            .execute(
+                PAGE_DONE,
+                &[&id, &page_end, &created, &produced, &skipped, &reasons],
+            )
+            .await?;
+        counter!("ese_fanout_messages_total").increment(created as u64);
+        counter!("ese_fanout_sends_total").increment(produced as u64);
+        histogram!("ese_fanout_page_seconds").record(started.elapsed().as_secs_f64());
+        Ok(Some(users.len()))
+    }
+
+    /// Message ids of campaign `id` already on the send topic after `offsets`.
+    async fn already_sent(&self, id: i64, offsets: &[(i32, i64)]) -> anyhow::Result<HashSet<i64>> {
+        let mut found = HashSet::new();
+        for payload in self.reader.read_to_end(&self.sends_topic, offsets).await? {
+            match self.codec.decode::<SendRequest>(&payload).await {
+                Ok(s) if s.campaign_id == Some(id) => {
+                    found.insert(s.message_id);
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "undecodable record on the send topic, ignored"),
+            }
+        }
+        info!(
+            campaign = id,
+            already = found.len(),
+            "resumed a pending fan-out page"
+        );
+        Ok(found)
+    }
+}
