@@ -229,6 +229,62 @@ impl TestApp {
         }
     }
 
+    /// Starts the admin API on a free port with bearer token [`ADMIN_TOKEN`].
+    pub async fn start_api(&self) -> RunningApi {
+        let deps = self.deps();
+        let admin = ese::campaigns::api::Admin::new(
+            self.pool.clone(),
+            deps.commands().expect("commands"),
+            Some(ADMIN_TOKEN.to_string()),
+            self.settings.campaigns.max_filter_depth,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind api");
+        let addr = listener.local_addr().expect("api address");
+        let token = CancellationToken::new();
+        let t = token.clone();
+        let router = admin.router();
+        tokio::spawn(async move { ese::bridge::serve_on(listener, router, t).await });
+        RunningApi {
+            base: format!("http://{addr}"),
+            token,
+            http: ese::http::client_builder().build().expect("http client"),
+        }
+    }
+
+    /// Seeds `n` opted-in users `+1415000000{i}`-style with `attributes(i)`.
+    pub async fn seed_users(&self, n: i64, attributes: &str) {
+        let c = self.pool.get().await.unwrap();
+        c.execute(
+            &format!(
+                "INSERT INTO users (phone_number, attributes)
+                 SELECT '+1415' || lpad(i::text, 7, '0'), {attributes} FROM generate_series(1, $1::bigint) i"
+            ),
+            &[&n],
+        )
+        .await
+        .expect("seed users");
+    }
+
+    /// Decoded records of the commands topic (reads until `n` or `timeout`).
+    pub async fn commands(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<ese::records::CampaignCommand> {
+        let mut out = Vec::new();
+        for r in self.read_topic(&self.topic("campaigns.commands"), n, timeout) {
+            out.push(
+                self.codec
+                    .decode(r.payload.as_deref().unwrap_or_default())
+                    .await
+                    .expect("command decodes"),
+            );
+        }
+        out
+    }
+
     /// Starts `ese ARGS…` as a child process against this test's settings.
     pub fn spawn_ese(&self, args: &[&str]) -> Child {
         Command::new(env!("CARGO_BIN_EXE_ese"))
@@ -527,6 +583,60 @@ impl RunningBridge {
 }
 
 impl Drop for RunningBridge {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// The admin API running in the test process.
+pub struct RunningApi {
+    pub base: String,
+    pub token: CancellationToken,
+    pub http: reqwest::Client,
+}
+
+impl RunningApi {
+    /// `METHOD path` with the admin token and an optional JSON body → (status, JSON or Null).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("api answers");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Like [`RunningApi::call`], expecting `status`; returns the JSON.
+    pub async fn expect(
+        &self,
+        status: u16,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> serde_json::Value {
+        let (got, json) = self.call(method, path, body).await;
+        assert_eq!(got, status, "{method} {path}: {json}");
+        json
+    }
+}
+
+impl Drop for RunningApi {
     fn drop(&mut self) {
         self.token.cancel();
     }

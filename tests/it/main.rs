@@ -2,6 +2,7 @@
 //! Kafka-API broker (the embedded one, or `KAFKA_BROKERS`), every client over TCP.
 
 mod bridge;
+mod campaigns;
 mod fixtures;
 mod harness;
 mod migrations;

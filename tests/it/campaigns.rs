@@ -1,0 +1,790 @@
+//! Campaigns: the admin API, the segment DSL against real users, the state
+//! machine and its commands, the scheduler, and the fan-out (resumable after
+//! SIGKILL, pausable, never duplicating).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::{ADMIN_TOKEN, RunningApi, TestApp, kill9};
+
+/// A template, a segment and a DRAFT campaign over them; returns the campaign id.
+async fn campaign(api: &RunningApi, name: &str, body: &str, filter: Value) -> i64 {
+    let t = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/templates",
+            Some(json!({"name": format!("{name}-t"), "body": body})),
+        )
+        .await;
+    let s = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/segments",
+            Some(json!({"name": format!("{name}-s"), "filter": filter})),
+        )
+        .await;
+    let c = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/campaigns",
+            Some(json!({"name": name, "template_id": t["id"], "segment_id": s["id"]})),
+        )
+        .await;
+    assert_eq!(c["status"], "DRAFT");
+    c["id"].as_i64().expect("campaign id")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_operator_and_nesting_selects_the_right_users() {
+    let app = TestApp::spawn().await;
+    let api = app.start_api().await;
+    let huge = "k".repeat(20_000);
+    let people = [
+        json!({"country": "US", "age": 30, "tags": ["vip", "beta"], "name": "Alice", "signup": "2024-01-15"}),
+        json!({"country": "GB", "age": 17, "tags": ["beta"], "name": "Bob", "signup": "2023-06-01T10:00:00Z"}),
+        json!({"country": "US", "age": 45.5, "name": "Carol Ann", "signup": "not a date"}),
+        json!({"country": "DE", "age": "30", "name": "dave"}),
+        json!({}),
+        // Opted out: never in any audience, whatever the filter.
+        json!({"country": "US", "age": 30, "tags": ["vip"], "name": "Alice"}),
+        json!({"'); DROP TABLE users; --": "x'y\"z", "名前": "太郎", "country": "FR", huge.clone(): 1}),
+    ];
+    let c = app.pool.get().await.unwrap();
+    for (i, attrs) in people.iter().enumerate() {
+        let phone = format!("+1415555000{}", i + 1);
+        let consent = if i == 5 { "OPT_OUT" } else { "OPT_IN" };
+        c.execute(
+            "INSERT INTO users (phone_number, attributes, consent_state) VALUES ($1, $2, $3)",
+            &[&phone, attrs, &consent],
+        )
+        .await
+        .unwrap();
+    }
+    let leaf = |a: &str, op: &str, v: Value| json!({"attribute": a, "operator": op, "value": v});
+    let cases: Vec<(&str, Value, Vec<u8>)> = vec![
+        ("equals", leaf("country", "equals", json!("US")), vec![1, 3]),
+        (
+            "not_equals",
+            leaf("country", "not_equals", json!("US")),
+            vec![2, 4, 7],
+        ),
+        (
+            "in",
+            leaf("country", "in", json!(["US", "GB"])),
+            vec![1, 2, 3],
+        ),
+        (
+            "not_in",
+            leaf("country", "not_in", json!(["US"])),
+            vec![2, 4, 7],
+        ),
+        (
+            "contains text",
+            leaf("name", "contains", json!("Ann")),
+            vec![3],
+        ),
+        (
+            "contains array",
+            leaf("tags", "contains", json!("vip")),
+            vec![1],
+        ),
+        (
+            "starts_with",
+            leaf("name", "starts_with", json!("Al")),
+            vec![1],
+        ),
+        ("gt", leaf("age", "gt", json!(29)), vec![1, 3]),
+        ("gte", leaf("age", "gte", json!(30)), vec![1, 3]),
+        ("lt", leaf("age", "lt", json!(30)), vec![2]),
+        ("lte", leaf("age", "lte", json!(30)), vec![1, 2]),
+        (
+            "before",
+            leaf("signup", "before", json!("2024-01-01")),
+            vec![2],
+        ),
+        (
+            "after",
+            leaf("signup", "after", json!("2024-01-01T00:00:00Z")),
+            vec![1],
+        ),
+        (
+            "exists",
+            json!({"attribute": "tags", "operator": "exists"}),
+            vec![1, 2],
+        ),
+        (
+            "not_exists",
+            json!({"attribute": "tags", "operator": "not_exists"}),
+            vec![3, 4, 5, 7],
+        ),
+        (
+            "AND",
+            json!({"operator": "AND", "conditions": [leaf("country", "equals", json!("US")), leaf("age", "gt", json!(40))]}),
+            vec![3],
+        ),
+        (
+            "OR",
+            json!({"operator": "OR", "conditions": [leaf("country", "equals", json!("GB")), leaf("country", "equals", json!("DE"))]}),
+            vec![2, 4],
+        ),
+        (
+            "NOT",
+            json!({"operator": "NOT", "conditions": [leaf("country", "equals", json!("US"))]}),
+            vec![2, 4, 5, 7],
+        ),
+        (
+            "nested",
+            json!({"operator": "or", "conditions": [
+                {"operator": "AND", "conditions": [
+                    leaf("country", "equals", json!("US")),
+                    {"operator": "NOT", "conditions": [{"attribute": "tags", "operator": "exists"}]}
+                ]},
+                leaf("name", "equals", json!("Bob"))
+            ]}),
+            vec![2, 3],
+        ),
+        (
+            "hostile name",
+            leaf("'); DROP TABLE users; --", "equals", json!("x'y\"z")),
+            vec![7],
+        ),
+        ("unicode", leaf("名前", "equals", json!("太郎")), vec![7]),
+        ("huge name", leaf(&huge, "equals", json!(1)), vec![7]),
+        (
+            "hostile value",
+            leaf("country", "equals", json!("US'; DELETE FROM users; --")),
+            vec![],
+        ),
+    ];
+    for (i, (what, filter, expected)) in cases.into_iter().enumerate() {
+        let s = api
+            .expect(
+                201,
+                "POST",
+                "/api/v1/segments",
+                Some(json!({"name": format!("case {i}"), "filter": filter})),
+            )
+            .await;
+        let id = s["id"].as_i64().unwrap();
+        let preview = api
+            .expect(
+                200,
+                "GET",
+                &format!("/api/v1/segments/{id}/preview?limit=100"),
+                None,
+            )
+            .await;
+        let got: Vec<u8> = preview["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| {
+                let p = u["phone_number"].as_str().unwrap();
+                p[p.len() - 1..].parse().unwrap()
+            })
+            .collect();
+        assert_eq!(got, expected, "{what}");
+        let est = api
+            .expect(200, "GET", &format!("/api/v1/segments/{id}/estimate"), None)
+            .await;
+        assert_eq!(est["estimated_audience_size"], expected.len(), "{what}");
+        let stored = app
+            .count(&format!(
+                "SELECT estimated_audience_size FROM segments WHERE id = {id}"
+            ))
+            .await;
+        assert_eq!(stored, expected.len() as i64, "{what}");
+    }
+    assert_eq!(
+        app.count("SELECT count(*) FROM users").await,
+        7,
+        "users intact"
+    );
+
+    // Validation points at the bad node.
+    let (status, err) = api
+        .call(
+            "POST",
+            "/api/v1/segments",
+            Some(
+                json!({"name": "bad", "filter": {"operator": "AND", "conditions": [
+                leaf("age", "gt", json!(1)), leaf("age", "gt", json!("old"))]}}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 422, "{err}");
+    assert_eq!(err["error"]["field"], "/filter/conditions/1/value", "{err}");
+    let mut deep = leaf("a", "exists", Value::Null);
+    for _ in 0..app.settings.campaigns.max_filter_depth {
+        deep = json!({"operator": "NOT", "conditions": [deep]});
+    }
+    let (status, err) = api
+        .call(
+            "POST",
+            "/api/v1/segments",
+            Some(json!({"name": "deep", "filter": deep})),
+        )
+        .await;
+    assert_eq!(status, 422, "{err}");
+    assert!(
+        err["error"]["field"]
+            .as_str()
+            .unwrap()
+            .starts_with("/filter/conditions/0"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn templates_are_checked_rendered_and_protected_while_used() {
+    let app = TestApp::spawn().await;
+    let api = app.start_api().await;
+    let t = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/templates",
+            Some(json!({"name": "promo", "body": "Hi {first_name}, {{sale}} ends {day}. {first_name}!",
+                        "defaults": {"day": "Friday"}})),
+        )
+        .await;
+    assert_eq!(t["variables"], json!(["first_name", "day"]));
+    let id = t["id"].as_i64().unwrap();
+
+    let (status, err) = api
+        .call(
+            "POST",
+            "/api/v1/templates",
+            Some(json!({"name": "bad", "body": "Hi {first name}"})),
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert_eq!(err["error"]["field"], "/body");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("character 9"),
+        "{err}"
+    );
+
+    let r = api
+        .expect(
+            200,
+            "POST",
+            &format!("/api/v1/templates/{id}/render"),
+            Some(json!({"variables": {"first_name": "Zoé"}})),
+        )
+        .await;
+    assert_eq!(r["body"], "Hi Zoé, {sale} ends Friday. Zoé!");
+    assert_eq!(r["length"]["encoding"], "GSM-7");
+    assert_eq!(r["length"]["segments"], 1);
+    let (status, err) = api
+        .call(
+            "POST",
+            &format!("/api/v1/templates/{id}/render"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert_eq!(err["error"]["field"], "/variables/first_name");
+
+    let long = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/templates",
+            Some(json!({"name": "long", "body": "a".repeat(161)})),
+        )
+        .await;
+    assert_eq!(long["length"]["segments"], 2);
+    let emoji = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/templates",
+            Some(json!({"name": "emoji", "body": "Sale 🎉"})),
+        )
+        .await;
+    assert_eq!(emoji["length"]["encoding"], "UCS-2");
+
+    // In use by a campaign: no delete, no update once it is past DRAFT.
+    let s = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/segments",
+            Some(json!({"name": "all", "filter": {"attribute": "x", "operator": "not_exists"}})),
+        )
+        .await;
+    let c = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/campaigns",
+            Some(json!({"name": "c", "template_id": id, "segment_id": s["id"]})),
+        )
+        .await;
+    let (status, err) = api
+        .call("DELETE", &format!("/api/v1/templates/{id}"), None)
+        .await;
+    assert_eq!(status, 409, "{err}");
+    assert_eq!(err["error"]["code"], "in_use");
+    api.expect(
+        200,
+        "POST",
+        &format!("/api/v1/campaigns/{}/ready", c["id"]),
+        None,
+    )
+    .await;
+    let (status, _) = api
+        .call(
+            "PUT",
+            &format!("/api/v1/templates/{id}"),
+            Some(json!({"name": "promo", "body": "changed"})),
+        )
+        .await;
+    assert_eq!(status, 409);
+    let unused = long["id"].as_i64().unwrap();
+    api.expect(204, "DELETE", &format!("/api/v1/templates/{unused}"), None)
+        .await;
+    api.expect(404, "GET", &format!("/api/v1/templates/{unused}"), None)
+        .await;
+
+    // Bad campaign input names the field.
+    let (status, err) = api
+        .call(
+            "POST",
+            "/api/v1/campaigns",
+            Some(json!({"name": "q", "template_id": id, "segment_id": s["id"], "quiet_hours_start": "21:00"})),
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert_eq!(err["error"]["field"], "/quiet_hours_end");
+    let (status, err) = api
+        .call(
+            "POST",
+            "/api/v1/campaigns",
+            Some(json!({"name": "q", "template_id": 999_999, "segment_id": s["id"]})),
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert_eq!(err["error"]["field"], "/template_id");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_route_needs_the_token_and_is_documented() {
+    let app = TestApp::spawn().await;
+    let api = app.start_api().await;
+    let doc: Value = api
+        .http
+        .get(format!("{}/api/v1/openapi.json", api.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let checked_in: Value =
+        serde_json::from_str(include_str!("../../schemas/admin-api.openapi.json")).unwrap();
+    assert_eq!(doc, checked_in);
+    for (method, path) in ese::campaigns::api::ROUTES {
+        assert!(
+            doc["paths"][path][method.to_lowercase()].is_object(),
+            "{method} {path} is not in the OpenAPI document"
+        );
+        let url = format!(
+            "{}{}",
+            api.base,
+            path.replace("{id}", "1").replace("{action}", "start")
+        );
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        for token in [None, Some("wrong"), Some("")] {
+            let mut req = api.http.request(m.clone(), &url).json(&json!({}));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 401, "{method} {path} with {token:?}");
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "unauthorized");
+        }
+    }
+    // And with it, the routes answer (an empty list here).
+    let list = api.expect(200, "GET", "/api/v1/campaigns", None).await;
+    assert_eq!(list["items"], json!([]));
+    assert_eq!(ADMIN_TOKEN.is_empty(), false);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn illegal_transitions_are_409_and_legal_ones_publish_a_command() {
+    let app = TestApp::spawn().await;
+    let api = app.start_api().await;
+    let base = campaign(
+        &api,
+        "base",
+        "Hello",
+        json!({"attribute": "x", "operator": "exists"}),
+    )
+    .await;
+    let legal: &[(&str, &str, &str)] = &[
+        ("DRAFT", "ready", "READY"),
+        ("DRAFT", "pause", "PAUSED"),
+        ("DRAFT", "cancel", "CANCELLED"),
+        ("READY", "start", "RUNNING"),
+        ("READY", "pause", "PAUSED"),
+        ("READY", "cancel", "CANCELLED"),
+        ("RUNNING", "pause", "PAUSED"),
+        ("RUNNING", "cancel", "CANCELLED"),
+        ("PAUSED", "resume", "RUNNING"),
+        ("PAUSED", "cancel", "CANCELLED"),
+    ];
+    let c = app.pool.get().await.unwrap();
+    let mut published = Vec::new();
+    for from in [
+        "DRAFT",
+        "READY",
+        "RUNNING",
+        "PAUSED",
+        "COMPLETED",
+        "CANCELLED",
+    ] {
+        for action in ["ready", "start", "pause", "resume", "cancel"] {
+            let id: i64 = c
+                .query_one(
+                    "INSERT INTO campaigns (name, template_id, segment_id, status, paused_from)
+                     SELECT $1, template_id, segment_id, $2, CASE WHEN $2 = 'PAUSED' THEN 'RUNNING' END
+                       FROM campaigns WHERE id = $3 RETURNING id",
+                    &[&format!("{from}-{action}"), &from, &base],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            let (status, body) = api
+                .call("POST", &format!("/api/v1/campaigns/{id}/{action}"), None)
+                .await;
+            match legal.iter().find(|(f, a, _)| *f == from && *a == action) {
+                Some((_, _, to)) => {
+                    assert_eq!(status, 200, "{from} {action}: {body}");
+                    assert_eq!(body["status"], *to, "{from} {action}");
+                    published.push((id, action.to_string(), to.to_string()));
+                }
+                None => {
+                    assert_eq!(status, 409, "{from} {action}: {body}");
+                    assert_eq!(body["error"]["code"], "illegal_transition");
+                    let msg = body["error"]["message"].as_str().unwrap();
+                    assert!(msg.contains("allowed"), "{msg}");
+                    let stored: String = c
+                        .query_one("SELECT status FROM campaigns WHERE id = $1", &[&id])
+                        .await
+                        .unwrap()
+                        .get(0);
+                    assert_eq!(stored, from, "an illegal transition changed nothing");
+                }
+            }
+        }
+    }
+    // Resume returns to where the campaign was paused from.
+    api.expect(
+        200,
+        "POST",
+        &format!("/api/v1/campaigns/{base}/ready"),
+        None,
+    )
+    .await;
+    api.expect(
+        200,
+        "POST",
+        &format!("/api/v1/campaigns/{base}/pause"),
+        None,
+    )
+    .await;
+    let back = api
+        .expect(
+            200,
+            "POST",
+            &format!("/api/v1/campaigns/{base}/resume"),
+            None,
+        )
+        .await;
+    assert_eq!(back["status"], "READY");
+    api.expect(404, "POST", "/api/v1/campaigns/999999/start", None)
+        .await;
+    api.expect(
+        404,
+        "POST",
+        &format!("/api/v1/campaigns/{base}/launch"),
+        None,
+    )
+    .await;
+
+    let expected = published.len() + 3;
+    let commands = app.commands(expected + 1, Duration::from_secs(5)).await;
+    assert_eq!(commands.len(), expected, "one command per legal transition");
+    for (id, action, to) in &published {
+        assert!(
+            commands
+                .iter()
+                .any(|c| c.campaign_id == *id && &c.command == action && &c.status == to),
+            "no command for campaign {id} {action}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scheduler_starts_each_due_campaign_once_even_when_two_run() {
+    let app = TestApp::spawn().await;
+    let api = app.start_api().await;
+    let base = campaign(
+        &api,
+        "base",
+        "Hello",
+        json!({"attribute": "x", "operator": "exists"}),
+    )
+    .await;
+    let c = app.pool.get().await.unwrap();
+    c.execute(
+        "INSERT INTO campaigns (name, template_id, segment_id, status, schedule_time)
+         SELECT 'due ' || i, template_id, segment_id, 'READY', now() - interval '1 minute'
+           FROM campaigns, generate_series(1, 20) i WHERE id = $1",
+        &[&base],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "INSERT INTO campaigns (name, template_id, segment_id, status, schedule_time)
+         SELECT 'later', template_id, segment_id, 'READY', now() + interval '1 hour'
+           FROM campaigns WHERE id = $1",
+        &[&base],
+    )
+    .await
+    .unwrap();
+    let commands = app.deps().commands().unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let (pool, commands) = (app.pool.clone(), commands.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut started = 0;
+            for _ in 0..5 {
+                started += ese::campaigns::scheduler::tick(&pool, &commands)
+                    .await
+                    .unwrap()
+                    .0;
+            }
+            started
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, 20);
+    assert_eq!(
+        app.count("SELECT count(*) FROM campaigns WHERE status = 'RUNNING'")
+            .await,
+        20
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM campaigns WHERE status = 'READY'")
+            .await,
+        1
+    );
+    let published = app.commands(21, Duration::from_secs(5)).await;
+    assert_eq!(published.len(), 20);
+    let ids: HashSet<i64> = published.iter().map(|c| c.campaign_id).collect();
+    assert_eq!(ids.len(), 20, "one start per campaign");
+    assert!(
+        published
+            .iter()
+            .all(|c| c.command == "start" && c.issued_by == "scheduler")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fanout_pauses_resumes_skips_missing_variables_and_completes() {
+    let app =
+        TestApp::spawn_with(toml::from_str("[campaigns]\nfanout-page-size = 7").unwrap()).await;
+    let api = app.start_api().await;
+    // 50 users: every 5th has no first_name; users 41-50 opted out.
+    app.seed_users(
+        50,
+        "CASE WHEN i % 5 = 0 THEN '{\"plan\": \"pro\"}'::jsonb
+              ELSE jsonb_build_object('plan', 'pro', 'first_name', 'U' || i) END",
+    )
+    .await;
+    let c = app.pool.get().await.unwrap();
+    c.execute(
+        "UPDATE users SET consent_state = 'OPT_OUT' WHERE id > 40",
+        &[],
+    )
+    .await
+    .unwrap();
+    let id = campaign(
+        &api,
+        "spring",
+        "Hi {first_name}",
+        json!({"attribute": "plan", "operator": "equals", "value": "pro"}),
+    )
+    .await;
+    api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/ready"), None)
+        .await;
+    api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/start"), None)
+        .await;
+    api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/pause"), None)
+        .await;
+
+    let fanout = app.start_stage("fanout");
+    app.wait_caught_up("fanout", Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        app.count("SELECT count(*) FROM messages").await,
+        0,
+        "paused: nothing fans out"
+    );
+
+    api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/resume"), None)
+        .await;
+    app.wait_for_count(
+        "SELECT count(*) FROM fanout_progress WHERE finished",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    // 40 opted in, 8 of them without first_name → 32 messages, 8 skipped.
+    assert_eq!(
+        app.count("SELECT count(*) FROM messages WHERE status = 'QUEUED'")
+            .await,
+        32
+    );
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM messages WHERE body = 'Hi U' || substr(recipient_phone, 6)::int"
+        )
+        .await,
+        32,
+        "every body rendered from its user's attributes"
+    );
+    let got = api
+        .expect(200, "GET", &format!("/api/v1/campaigns/{id}"), None)
+        .await;
+    assert_eq!(got["counts"]["QUEUED"], 32);
+    assert_eq!(got["fanout"]["skipped"], 8);
+    assert_eq!(
+        got["fanout"]["skipped_reasons"]["missing variable first_name"],
+        8
+    );
+
+    let sends = app.read_topic(&app.topic("sends"), 33, Duration::from_secs(5));
+    assert_eq!(sends.len(), 32);
+    let mut seen = HashSet::new();
+    for r in &sends {
+        let s: ese::records::SendRequest = app
+            .codec
+            .decode(r.payload.as_deref().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(s.campaign_id, Some(id));
+        assert_eq!(
+            r.key.as_deref(),
+            Some(s.recipient.as_bytes()),
+            "keyed by recipient"
+        );
+        assert!(seen.insert(s.message_id));
+    }
+
+    // Completed once every message is final.
+    let commands = app.deps().commands().unwrap();
+    let (_, completed) = ese::campaigns::scheduler::tick(&app.pool, &commands)
+        .await
+        .unwrap();
+    assert_eq!(completed, 0, "messages still queued");
+    c.execute("UPDATE messages SET status = 'FAILED'", &[])
+        .await
+        .unwrap();
+    let (_, completed) = ese::campaigns::scheduler::tick(&app.pool, &commands)
+        .await
+        .unwrap();
+    assert_eq!(completed, 1);
+    let got = api
+        .expect(200, "GET", &format!("/api/v1/campaigns/{id}"), None)
+        .await;
+    assert_eq!(got["status"], "COMPLETED");
+    fanout.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fanout_killed_midway_resumes_with_exactly_one_message_and_send_each() {
+    const USERS: i64 = 10_000;
+    let app =
+        TestApp::spawn_with(toml::from_str("[campaigns]\nfanout-page-size = 250").unwrap()).await;
+    let api = app.start_api().await;
+    app.seed_users(USERS, "jsonb_build_object('first_name', 'U' || i)")
+        .await;
+    let id = campaign(
+        &api,
+        "big",
+        "Hello {first_name}",
+        json!({"attribute": "first_name", "operator": "exists"}),
+    )
+    .await;
+    let mut child = app.spawn_ese(&["run", "fanout"]);
+    api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/ready"), None)
+        .await;
+    api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/start"), None)
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = app.count("SELECT count(*) FROM messages").await;
+        if n >= 2_500 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fan-out did not start: {n} messages"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kill9(&mut child);
+    let at_kill = app.count("SELECT count(*) FROM messages").await;
+    assert!(at_kill < USERS, "killed mid-way ({at_kill} messages)");
+
+    let mut child = app.spawn_ese(&["run", "fanout"]);
+    app.wait_for_count(
+        "SELECT count(*) FROM fanout_progress WHERE finished",
+        1,
+        Duration::from_secs(120),
+    )
+    .await;
+    kill9(&mut child);
+    assert_eq!(app.count("SELECT count(*) FROM messages").await, USERS);
+    assert_eq!(
+        app.count("SELECT count(DISTINCT recipient_phone) FROM messages")
+            .await,
+        USERS
+    );
+    let sends = app.read_topic(
+        &app.topic("sends"),
+        USERS as usize + 1,
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        sends.len() as i64,
+        USERS,
+        "exactly one send record per recipient"
+    );
+    let mut ids = HashSet::new();
+    for r in &sends {
+        let s: ese::records::SendRequest = app
+            .codec
+            .decode(r.payload.as_deref().unwrap())
+            .await
+            .unwrap();
+        ids.insert(s.message_id);
+    }
+    assert_eq!(ids.len() as i64, USERS);
+}
