@@ -69,6 +69,13 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// fanout stage: a campaign over N users → messages and acknowledged send
+    /// records, in a child process (peak RSS reported), against COPY.
+    Fanout {
+        /// Audience sizes, one run each.
+        #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+        users: Vec<i64>,
+    },
     /// users stage: topic → committed rows, against bare consume and COPY.
     Users {
         /// Upserts to push through.
@@ -199,6 +206,9 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                     concurrency,
                 },
         } => crate::bench::webhooks(settings, requests, concurrency).await,
+        Command::Bench {
+            command: BenchCommand::Fanout { users },
+        } => crate::bench::fanout(settings, &users).await,
         Command::Bench {
             command: BenchCommand::Receipts { records },
         } => crate::bench::receipts(settings, records).await,

@@ -24,6 +24,7 @@ const PIPELINES: &[(&str, &str)] = &[
     ("consent", include_str!("../pipelines/consent.toml")),
     ("receipts", include_str!("../pipelines/receipts.toml")),
     ("fanout", include_str!("../pipelines/fanout.toml")),
+    ("sender", include_str!("../pipelines/sender.toml")),
 ];
 
 /// The whole configuration of one `ese` process.
@@ -40,6 +41,8 @@ pub struct Settings {
     pub consent: ConsentConfig,
     pub receipts: ReceiptsConfig,
     pub campaigns: CampaignsConfig,
+    pub provider: ProviderConfig,
+    pub sender: SenderConfig,
     /// `ese provider-sim`: the Twilio-compatible simulator.
     pub provider_sim: crate::sim::SimConfig,
     /// Stage definitions keyed by stage name (`pipelines/<stage>.toml`).
@@ -190,6 +193,47 @@ pub struct CampaignsConfig {
     pub scheduler_interval: Duration,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// The provider's API base URL. Default `https://api.twilio.com`; point it
+    /// at `ese provider-sim` locally.
+    pub base_url: String,
+    /// Sender number (E.164) used as `From`; or set `messaging-service-sid`.
+    pub from: String,
+    /// `MessagingServiceSid` used instead of `From` when set.
+    pub messaging_service_sid: String,
+    /// A provider call that takes longer is treated as an unknown outcome
+    /// (the message is reconciled, not re-sent). Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Provider calls in flight per sender process. Default 64.
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SenderConfig {
+    /// Messages per second per sender number across all sender processes; 0 = off. Default 0.
+    pub global_rate_limit: u32,
+    /// Sends a limiter may let through at once above the steady rate. Default 1.
+    pub burst: u32,
+    /// Delay before retry 1, 2, 3…; each has its retry topic (`pipelines.sender.outputs.retry-N`).
+    pub retry_delays: Vec<humantime_serde::Serde<Duration>>,
+    /// Transient failures retried before the message is FAILED. Default 3.
+    pub max_retries: u32,
+    /// Time zone for quiet hours when neither the user's `timezone` attribute
+    /// nor the number's region gives one. Default `UTC`.
+    pub default_timezone: String,
+    /// A message left SENDING this long (a sender died mid-call) is looked up
+    /// at the provider. Default 2m.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_after: Duration,
+    /// How often held messages that are due go back on the send topic. Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub pump_interval: Duration,
+}
+
 /// One stage's wiring and tuning (`pipelines/<stage>.toml`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -215,6 +259,9 @@ pub struct Pipeline {
     /// Backoff for transient errors (the batch is retried, its offsets not stored).
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// Extra librdkafka properties of this stage's consumer (e.g. `max.poll.interval.ms`).
+    #[serde(default)]
+    pub consumer_options: BTreeMap<String, String>,
 }
 
 /// Capped exponential backoff for transient errors.

@@ -221,6 +221,9 @@ pub trait Stage: Send + Sync + 'static {
         record: &InRecord,
     ) -> impl Future<Output = Result<Self::Input, StageError>> + Send;
 
+    /// Called after every rebalance with the partitions this process now owns.
+    fn assigned(&self, _owned: &[(String, i32)]) {}
+
     /// Applies `batch` inside `tx` and collects its outputs. Outputs must follow
     /// from the input and committed state, not from whether this attempt
     /// changed a row, so a replayed record produces them again.
@@ -232,6 +235,9 @@ pub trait Stage: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), StageError>> + Send;
 }
 
+/// A topic partition.
+type Partition = (String, i32);
+
 /// Partitions this consumer owns, each with the epoch of the assignment that gave it.
 type Owned = Arc<Mutex<HashMap<(String, i32), u64>>>;
 
@@ -241,6 +247,14 @@ pub struct RunnerContext {
     stage: &'static str,
     owned: Owned,
     epoch: std::sync::atomic::AtomicU64,
+    /// Told the partitions owned after every rebalance ([`Stage::assigned`]).
+    on_change: Box<dyn Fn(Vec<Partition>) + Send + Sync>,
+}
+
+impl RunnerContext {
+    fn changed(&self, owned: &HashMap<(String, i32), u64>) {
+        (self.on_change)(owned.keys().cloned().collect());
+    }
 }
 
 impl ClientContext for RunnerContext {
@@ -264,6 +278,7 @@ impl ConsumerContext for RunnerContext {
             for e in tpl.elements() {
                 owned.remove(&(e.topic().to_string(), e.partition()));
             }
+            self.changed(&owned);
             info!(
                 stage = self.stage,
                 partitions = tpl.count(),
@@ -279,6 +294,7 @@ impl ConsumerContext for RunnerContext {
             for e in tpl.elements() {
                 owned.insert((e.topic().to_string(), e.partition()), epoch);
             }
+            self.changed(&owned);
             info!(
                 stage = self.stage,
                 partitions = tpl.count(),
@@ -318,15 +334,20 @@ pub async fn run<S: Stage>(
 ) -> anyhow::Result<()> {
     let name = stage.name();
     let owned: Owned = Arc::default();
+    let notify = stage.clone();
     let context = RunnerContext {
         stage: name,
         owned: owned.clone(),
         epoch: Default::default(),
+        on_change: Box::new(move |parts| notify.assigned(&parts)),
     };
-    let consumer: StreamConsumer<RunnerContext> =
-        crate::kafka::consumer_config(kafka, &pipeline.group_id)?
-            .create_with_context(context)
-            .map_err(|e| anyhow::anyhow!("stage {name}: cannot create consumer: {e}"))?;
+    let mut config = crate::kafka::consumer_config(kafka, &pipeline.group_id)?;
+    for (k, v) in &pipeline.consumer_options {
+        config.set(k, v);
+    }
+    let consumer: StreamConsumer<RunnerContext> = config
+        .create_with_context(context)
+        .map_err(|e| anyhow::anyhow!("stage {name}: cannot create consumer: {e}"))?;
     let consumer = Arc::new(consumer);
     let topics: Vec<&str> = pipeline.inputs.iter().map(String::as_str).collect();
     consumer

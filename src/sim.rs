@@ -437,6 +437,15 @@ enum Fate {
     Failed { status: String, code: i32 },
 }
 
+impl Fate {
+    fn status(&self) -> &str {
+        match self {
+            Fate::Delivered => "delivered",
+            Fate::Failed { status, .. } => status,
+        }
+    }
+}
+
 /// `u` uniform in [0, 1) picks a failure by cumulative rate, else delivered.
 fn random_fate(failures: &[FailureMix], u: f64) -> Fate {
     let mut acc = 0.0;
@@ -514,15 +523,15 @@ fn plan_callbacks(cfg: &SimConfig, fate: &Fate, rng: &mut StdRng) -> Vec<Planned
         plan[n - 2].at = last.max(earlier + Duration::from_millis(1));
     }
     if cfg.duplicate_rate > 0.0 {
-        let dups: Vec<Planned> = plan
-            .iter()
-            .filter_map(|p| {
-                rng.random_bool(cfg.duplicate_rate).then(|| Planned {
+        let mut dups = Vec::new();
+        for p in &plan {
+            if rng.random_bool(cfg.duplicate_rate) {
+                dups.push(Planned {
                     at: p.at + Duration::from_millis(rng.random_range(1..=50)),
                     ..p.clone()
-                })
-            })
-            .collect();
+                });
+            }
+        }
         plan.extend(dups);
     }
     plan.sort_by_key(|p| p.at);
@@ -586,6 +595,8 @@ struct Stats {
     rejected: BTreeMap<i32, u64>,
     per_recipient: BTreeMap<String, u64>,
     per_second: BTreeMap<i64, u64>,
+    /// Accepted sends by the final status planned for them.
+    fates: BTreeMap<String, u64>,
     callbacks: CallbackStats,
 }
 
@@ -734,7 +745,7 @@ impl Simulator {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn authorize(&self, path_account: &str, headers: &HeaderMap) -> Result<(), Response> {
+    fn authorize(&self, path_account: &str, headers: &HeaderMap) -> Result<(), Box<Response>> {
         let ok = basic_credentials(headers).is_some_and(|(user, password)| {
             user == self.account_sid && password == self.auth_token && path_account == user
         });
@@ -747,7 +758,7 @@ impl Simulator {
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Basic realm=\"Twilio API\""),
         );
-        Err(r)
+        Err(Box::new(r))
     }
 
     /// Records one authenticated send and schedules its callbacks; returns the
@@ -789,6 +800,7 @@ impl Simulator {
             }
         };
         let plan = plan_callbacks(&self.cfg, &fate, &mut lg.rng);
+        *lg.stats.fates.entry(fate.status().to_string()).or_default() += 1;
         let message = Message {
             sid: new_sid(),
             to: req.to,
@@ -948,7 +960,7 @@ async fn send(
     body: Bytes,
 ) -> Response {
     if let Err(r) = sim.authorize(&account, &headers) {
-        return r;
+        return *r;
     }
     let params: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
     let (result, delay) = sim.accept(&params);
@@ -969,7 +981,7 @@ async fn list(
     headers: HeaderMap,
 ) -> Response {
     if let Err(r) = sim.authorize(&account, &headers) {
-        return r;
+        return *r;
     }
     let query = query.unwrap_or_default();
     let q: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
@@ -1019,7 +1031,7 @@ async fn fetch(
     headers: HeaderMap,
 ) -> Response {
     if let Err(r) = sim.authorize(&account, &headers) {
-        return r;
+        return *r;
     }
     let sid = file.strip_suffix(".json").unwrap_or("");
     let found = {
@@ -1099,6 +1111,22 @@ pub async fn serve_on(
         .map_err(|e| anyhow::anyhow!("provider-sim server: {e}"));
     sim.ledger().generation.cancel();
     result
+}
+
+/// The simulator's credentials: `TWILIO_ACCOUNT_SID` and the first of
+/// `TWILIO_AUTH_TOKEN` (the one it signs callbacks with).
+pub fn credentials_from_env() -> anyhow::Result<(String, String)> {
+    let account = std::env::var("TWILIO_ACCOUNT_SID").unwrap_or_default();
+    let token = crate::bridge::tokens_from_env()
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    if account.is_empty() || token.is_empty() {
+        anyhow::bail!(
+            "set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN: the simulator authenticates sends and signs callbacks with them"
+        );
+    }
+    Ok((account, token))
 }
 
 #[cfg(test)]
@@ -1373,20 +1401,4 @@ failures = []
         };
         assert!(bad.validate().is_err());
     }
-}
-
-/// The simulator's credentials: `TWILIO_ACCOUNT_SID` and the first of
-/// `TWILIO_AUTH_TOKEN` (the one it signs callbacks with).
-pub fn credentials_from_env() -> anyhow::Result<(String, String)> {
-    let account = std::env::var("TWILIO_ACCOUNT_SID").unwrap_or_default();
-    let token = crate::bridge::tokens_from_env()
-        .into_iter()
-        .next()
-        .unwrap_or_default();
-    if account.is_empty() || token.is_empty() {
-        anyhow::bail!(
-            "set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN: the simulator authenticates sends and signs callbacks with them"
-        );
-    }
-    Ok((account, token))
 }

@@ -18,8 +18,10 @@ use crate::config::Settings;
 use crate::stages::Deps;
 use crate::stages::users::UserUpsert;
 
+mod fanout;
 mod sinks;
 mod webhooks;
+pub use fanout::fanout;
 pub use sinks::receipts;
 pub use webhooks::webhooks;
 

@@ -5,6 +5,7 @@ pub mod consent;
 pub mod fanout;
 pub mod normalize;
 pub mod receipts;
+pub mod sender;
 pub mod users;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ pub const ALL: &[&str] = &[
     "consent",
     "receipts",
     "fanout",
+    "sender",
     "scheduler",
 ];
 
@@ -104,6 +106,64 @@ pub async fn run(name: &str, deps: Deps, shutdown: CancellationToken) -> anyhow:
             let result = go(stage, pipeline, deps, shutdown).await;
             stop.cancel();
             let _ = driving.await;
+            result
+        }
+        "sender" => {
+            let settings = &deps.settings;
+            let sends_topic = pipeline
+                .inputs
+                .first()
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("pipelines.sender.inputs is empty"))?;
+            let retry_topics = (1..=settings.sender.retry_delays.len())
+                .map(|n| output(&pipeline, name, &format!("retry-{n}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let provider = sender::Provider {
+                http: crate::http::client_builder()
+                    .build()
+                    .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))?,
+                cfg: settings.provider.clone(),
+                creds: sender::Credentials::from_env()?,
+                status_callback: format!(
+                    "{}/webhooks/twilio/status",
+                    settings.bridge.public_url.trim_end_matches('/')
+                ),
+            };
+            let default_tz = settings.sender.default_timezone.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "sender.default-timezone: {:?} is not an IANA time zone",
+                    settings.sender.default_timezone
+                )
+            })?;
+            let partitions = crate::kafka::TopicReader::new(&settings.kafka)?
+                .end_offsets(&sends_topic)
+                .await?
+                .len();
+            let pump = sender::Pump {
+                pool: deps.pool.clone(),
+                producer: deps.producer.clone(),
+                codec: deps.codec.clone(),
+                provider: provider.clone(),
+                sends_topic: sends_topic.clone(),
+                interval: settings.sender.pump_interval,
+                reconcile_after: settings.sender.reconcile_after,
+                produce_timeout: settings.kafka.produce_timeout,
+            };
+            let stage = sender::Sender {
+                codec: deps.codec.clone(),
+                pool: deps.pool.clone(),
+                provider,
+                cfg: settings.sender.clone(),
+                retry_topics,
+                phones,
+                default_tz,
+                limits: sender::Limits::new(&sends_topic, partitions, &settings.sender),
+            };
+            let stop = shutdown.child_token();
+            let pumping = tokio::spawn(pump.run(stop.clone()));
+            let result = go(stage, pipeline, deps, shutdown).await;
+            stop.cancel();
+            let _ = pumping.await;
             result
         }
         other => anyhow::bail!("unknown stage {other:?}; stages: {}", ALL.join(", ")),

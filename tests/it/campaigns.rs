@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::harness::{ADMIN_TOKEN, RunningApi, TestApp, kill9};
+use crate::harness::{RunningApi, TestApp, kill9};
 
 /// A template, a segment and a DRAFT campaign over them; returns the campaign id.
 async fn campaign(api: &RunningApi, name: &str, body: &str, filter: Value) -> i64 {
@@ -418,7 +418,6 @@ async fn every_route_needs_the_token_and_is_documented() {
     // And with it, the routes answer (an empty list here).
     let list = api.expect(200, "GET", "/api/v1/campaigns", None).await;
     assert_eq!(list["items"], json!([]));
-    assert_eq!(ADMIN_TOKEN.is_empty(), false);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -663,7 +662,7 @@ async fn fanout_pauses_resumes_skips_missing_variables_and_completes() {
     );
     assert_eq!(
         app.count(
-            "SELECT count(*) FROM messages WHERE body = 'Hi U' || substr(recipient_phone, 6)::int"
+            "SELECT count(*) FROM messages WHERE body = 'Hi U' || (substr(recipient_phone, 6)::int - 2000000)"
         )
         .await,
         32,

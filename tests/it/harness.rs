@@ -208,13 +208,18 @@ impl TestApp {
 
     /// Starts the webhook bridge on a free port, trusting `fixtures::TOKEN`.
     pub async fn start_bridge(&self) -> RunningBridge {
+        self.start_bridge_on("127.0.0.1:0").await
+    }
+
+    /// Starts the webhook bridge on `addr`.
+    pub async fn start_bridge_on(&self, addr: &str) -> RunningBridge {
         let bridge = ese::bridge::Bridge::new(
             &self.settings,
             vec![crate::fixtures::TOKEN.to_string()],
             self.pool.clone(),
         )
         .expect("bridge");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .expect("bind bridge");
         let addr = listener.local_addr().expect("bridge address");
@@ -253,13 +258,13 @@ impl TestApp {
         }
     }
 
-    /// Seeds `n` opted-in users `+1415000000{i}`-style with `attributes(i)`.
+    /// Seeds `n` opted-in users `+1415` + (2000000 + i) (valid US numbers) with `attributes(i)`.
     pub async fn seed_users(&self, n: i64, attributes: &str) {
         let c = self.pool.get().await.unwrap();
         c.execute(
             &format!(
                 "INSERT INTO users (phone_number, attributes)
-                 SELECT '+1415' || lpad(i::text, 7, '0'), {attributes} FROM generate_series(1, $1::bigint) i"
+                 SELECT '+1415' || (2000000 + i)::text, {attributes} FROM generate_series(1, $1::bigint) i"
             ),
             &[&n],
         )
@@ -294,6 +299,8 @@ impl TestApp {
             .env("DATABASE_URL", &self.settings.database.url)
             .env("KAFKA_BROKERS", &self.settings.kafka.brokers)
             .env("RUST_LOG", "warn")
+            .env("TWILIO_ACCOUNT_SID", SIM_ACCOUNT)
+            .env("TWILIO_AUTH_TOKEN", crate::fixtures::TOKEN)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -589,6 +596,114 @@ impl Drop for RunningBridge {
 }
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// The account the provider simulator accepts in tests.
+pub const SIM_ACCOUNT: &str = "ACtest0000000000000000000000000000";
+
+/// A free local port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The whole loop on one machine: API, bridge, simulator; senders as child processes.
+pub struct Loop {
+    pub app: TestApp,
+    pub api: RunningApi,
+    pub bridge: RunningBridge,
+    pub sim_base: String,
+    sim_token: CancellationToken,
+}
+
+impl Loop {
+    /// `extra` config on top of short retry delays and quick simulator callbacks.
+    pub async fn start(extra: &str) -> Loop {
+        let (bridge_port, sim_port) = (free_port(), free_port());
+        let mut doc: toml::Table = toml::from_str(&format!(
+            r#"
+            [bridge]
+            public-url = "http://127.0.0.1:{bridge_port}"
+            [provider]
+            base-url = "http://127.0.0.1:{sim_port}"
+            [sender]
+            retry-delays = ["1s", "1s", "1s", "1s"]
+            reconcile-after = "2s"
+            pump-interval = "200ms"
+            [provider-sim]
+            seed = 7
+            sent-after = "10ms"
+            delivered-after = "50ms"
+            jitter = "5ms"
+            [campaigns]
+            scheduler-interval = "200ms"
+            "#
+        ))
+        .expect("loop config");
+        let extra: toml::Table = toml::from_str(extra).expect("extra config");
+        merge(&mut doc, extra);
+        let app = TestApp::spawn_with(doc).await;
+        let api = app.start_api().await;
+        let bridge = app
+            .start_bridge_on(&format!("127.0.0.1:{bridge_port}"))
+            .await;
+        let sim = ese::sim::Simulator::new(
+            app.settings.provider_sim.clone(),
+            SIM_ACCOUNT.to_string(),
+            crate::fixtures::TOKEN.to_string(),
+        )
+        .expect("simulator");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", sim_port))
+            .await
+            .expect("bind simulator");
+        let sim_token = CancellationToken::new();
+        tokio::spawn(ese::sim::serve_on(sim, listener, sim_token.clone()));
+        Loop {
+            app,
+            api,
+            bridge,
+            sim_base: format!("http://127.0.0.1:{sim_port}"),
+            sim_token,
+        }
+    }
+
+    /// `GET /sim/stats`.
+    pub async fn stats(&self) -> serde_json::Value {
+        self.bridge
+            .http
+            .get(format!("{}/sim/stats", self.sim_base))
+            .send()
+            .await
+            .expect("stats")
+            .json()
+            .await
+            .expect("stats json")
+    }
+
+    /// Scripts the next outcomes for `to` (`{"api_error": 20429}`, …).
+    pub async fn script(&self, to: &str, outcomes: serde_json::Value) {
+        let r = self
+            .bridge
+            .http
+            .post(format!("{}/sim/script", self.sim_base))
+            .json(&serde_json::json!({"to": to, "outcomes": outcomes}))
+            .send()
+            .await
+            .expect("script");
+        assert!(
+            r.status().is_success(),
+            "script refused: {}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        self.sim_token.cancel();
+    }
+}
 
 /// The admin API running in the test process.
 pub struct RunningApi {

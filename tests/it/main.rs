@@ -7,4 +7,5 @@ mod fixtures;
 mod harness;
 mod migrations;
 mod receipts_consent;
+mod sender;
 mod users;

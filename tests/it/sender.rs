@@ -1,0 +1,447 @@
+//! The full loop against the provider simulator: campaign → fan-out → sender
+//! (child processes) → simulator → signed callbacks → bridge → normalize →
+//! receipts → DELIVERED. Counts come from the simulator's own stats.
+
+use std::collections::BTreeMap;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Loop, RunningStage, kill9};
+
+/// Creates template, segment (everyone with `plan = pro`) and a campaign with
+/// `options`, readies and starts it; returns its id.
+async fn start_campaign(l: &Loop, name: &str, options: Value) -> i64 {
+    let api = &l.api;
+    let t = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/templates",
+            Some(json!({"name": name, "body": "Hi {first_name}"})),
+        )
+        .await;
+    let s = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/segments",
+            Some(json!({"name": name, "filter": {"attribute": "plan", "operator": "equals", "value": "pro"}})),
+        )
+        .await;
+    let mut body = json!({"name": name, "template_id": t["id"], "segment_id": s["id"]});
+    for (k, v) in options.as_object().cloned().unwrap_or_default() {
+        body[k] = v;
+    }
+    let c = api
+        .expect(201, "POST", "/api/v1/campaigns", Some(body))
+        .await;
+    let id = c["id"].as_i64().unwrap();
+    api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/ready"), None)
+        .await;
+    api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/start"), None)
+        .await;
+    id
+}
+
+/// `n` opted-in users ([`phone`]`(i)`) with `plan = pro`, a first name and `timezone`.
+async fn users(l: &Loop, n: i64, timezone: &str) {
+    l.app
+        .seed_users(
+            n,
+            &format!("jsonb_build_object('plan', 'pro', 'first_name', 'U' || i, 'timezone', '{timezone}')"),
+        )
+        .await;
+}
+
+fn phone(i: i64) -> String {
+    format!("+1415{}", 2_000_000 + i)
+}
+
+struct Stages(Vec<RunningStage>, Vec<Child>);
+
+/// A child `ese` killed when the test ends, however it ends.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        kill9(&mut self.0);
+    }
+}
+
+impl Drop for Stages {
+    fn drop(&mut self) {
+        for c in &mut self.1 {
+            kill9(c);
+        }
+    }
+}
+
+impl Stages {
+    /// In-process fanout, normalize, receipts; `senders` sender child processes.
+    fn start(l: &Loop, senders: usize) -> Stages {
+        let stages = ["fanout", "normalize", "receipts"]
+            .into_iter()
+            .map(|s| l.app.start_stage(s))
+            .collect();
+        let children = (0..senders)
+            .map(|_| l.app.spawn_ese(&["run", "sender"]))
+            .collect();
+        Stages(stages, children)
+    }
+
+    async fn stop(mut self) {
+        for c in &mut self.1 {
+            kill9(c);
+        }
+        for s in std::mem::take(&mut self.0) {
+            s.stop().await;
+        }
+    }
+}
+
+async fn wait_until(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn per_recipient(stats: &Value) -> BTreeMap<String, u64> {
+    serde_json::from_value(stats["per_recipient"].clone()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn campaign_of_500_runs_end_to_end_matching_the_simulator() {
+    let l = Loop::start(
+        r#"
+        [provider-sim]
+        failures = [{ code = 30006, status = "undelivered", rate = 0.1 }]
+        "#,
+    )
+    .await;
+    users(&l, 500, "UTC").await;
+    let stages = Stages::start(&l, 1);
+    let id = start_campaign(&l, "five hundred", json!({"rate_limit_per_second": 1000})).await;
+    wait_until(
+        "every message final",
+        Duration::from_secs(120),
+        async || {
+            l.app
+                .count("SELECT count(*) FROM messages WHERE status IN ('DELIVERED', 'UNDELIVERED')")
+                .await
+                == 500
+        },
+    )
+    .await;
+    let stats = l.stats().await;
+    assert_eq!(stats["accepted"], 500);
+    let sent = per_recipient(&stats);
+    assert_eq!(sent.len(), 500);
+    assert!(
+        sent.values().all(|n| *n == 1),
+        "each recipient exactly once"
+    );
+    let delivered = l
+        .app
+        .count("SELECT count(*) FROM messages WHERE status = 'DELIVERED'")
+        .await;
+    let undelivered = l
+        .app
+        .count("SELECT count(*) FROM messages WHERE status = 'UNDELIVERED' AND error_code = 30006")
+        .await;
+    assert_eq!(stats["fates"]["delivered"].as_i64(), Some(delivered));
+    assert_eq!(stats["fates"]["undelivered"].as_i64(), Some(undelivered));
+    assert!(undelivered > 0, "the failure mix shows up");
+    assert_eq!(
+        l.app
+            .count("SELECT count(*) FROM messages WHERE sent_at IS NOT NULL AND provider_sid LIKE 'SM%'")
+            .await,
+        500
+    );
+    // The scheduler marks it COMPLETED.
+    let commands = l.app.deps().commands().unwrap();
+    ese::campaigns::scheduler::tick(&l.app.pool, &commands)
+        .await
+        .unwrap();
+    let c = l
+        .api
+        .expect(200, "GET", &format!("/api/v1/campaigns/{id}"), None)
+        .await;
+    assert_eq!(c["status"], "COMPLETED");
+    stages.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn opt_out_after_fanout_is_never_messaged_and_pause_holds_everything() {
+    let l = Loop::start("").await;
+    users(&l, 30, "UTC").await;
+    // Fan out first, with no sender running.
+    let fanout = l.app.start_stage("fanout");
+    let id = start_campaign(&l, "careful", json!({"rate_limit_per_second": 5})).await;
+    l.app
+        .wait_for_count(
+            "SELECT count(*) FROM fanout_progress WHERE finished",
+            1,
+            Duration::from_secs(30),
+        )
+        .await;
+    // Users 1-5 opt out between fan-out and send.
+    let c = l.app.pool.get().await.unwrap();
+    c.execute(
+        "UPDATE users SET consent_state = 'OPT_OUT' WHERE id <= 5",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    let _sender = Proc(l.app.spawn_ese(&["run", "sender"]));
+    wait_until("a few sends", Duration::from_secs(30), async || {
+        l.stats().await["accepted"].as_i64().unwrap_or(0) >= 3
+    })
+    .await;
+    l.api
+        .expect(200, "POST", &format!("/api/v1/campaigns/{id}/pause"), None)
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // calls in flight finish
+    let paused_at = l.stats().await["accepted"].as_i64().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        l.stats().await["accepted"].as_i64().unwrap(),
+        paused_at,
+        "nothing sent while paused"
+    );
+    assert!(paused_at < 25, "paused before the end ({paused_at})");
+    l.api
+        .expect(200, "POST", &format!("/api/v1/campaigns/{id}/resume"), None)
+        .await;
+    wait_until("the rest sent", Duration::from_secs(60), async || {
+        l.stats().await["accepted"].as_i64().unwrap_or(0) >= 25
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stats = l.stats().await;
+    assert_eq!(stats["accepted"], 25);
+    let sent = per_recipient(&stats);
+    for i in 1..=5 {
+        assert!(
+            !sent.contains_key(&phone(i)),
+            "opted-out {} was messaged",
+            phone(i)
+        );
+    }
+    assert!(sent.values().all(|n| *n == 1));
+    assert_eq!(
+        l.app
+            .count("SELECT count(*) FROM messages WHERE status = 'FAILED' AND failure_reason LIKE 'suppressed%'")
+            .await,
+        5
+    );
+    fanout.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quiet_hours_defer_until_the_window_ends() {
+    let l = Loop::start("").await;
+    users(&l, 5, "UTC").await;
+    // A window from a minute ago to 4 s from now, in the users' zone (UTC).
+    let now = chrono::Utc::now();
+    let start = (now - chrono::Duration::minutes(1))
+        .format("%H:%M:%S")
+        .to_string();
+    let end_at = now + chrono::Duration::seconds(4);
+    let end = end_at.format("%H:%M:%S").to_string();
+    let stages = Stages::start(&l, 1);
+    start_campaign(
+        &l,
+        "quiet",
+        json!({"rate_limit_per_second": 100, "quiet_hours_start": start, "quiet_hours_end": end}),
+    )
+    .await;
+    l.app
+        .wait_for_count(
+            "SELECT count(*) FROM messages WHERE parked_reason = 'quiet hours'",
+            5,
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(
+        l.stats().await["accepted"],
+        0,
+        "nothing sent inside quiet hours"
+    );
+    wait_until(
+        "sends after the window",
+        Duration::from_secs(30),
+        async || l.stats().await["accepted"].as_i64().unwrap_or(0) == 5,
+    )
+    .await;
+    let stats = l.stats().await;
+    let seconds: Vec<i64> = stats["per_second"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.parse().unwrap())
+        .collect();
+    let end_second = end_at.timestamp() - 1; // the window ends within this second (TIME is whole seconds)
+    assert!(
+        seconds.iter().all(|s| *s >= end_second),
+        "sent at {seconds:?}, window ended {end_second}"
+    );
+    stages.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn transient_errors_retry_permanent_fail_and_21610_opts_out() {
+    let l = Loop::start("").await;
+    users(&l, 6, "UTC").await;
+    l.script(&phone(1), json!([{"api_error": 30001}])).await;
+    l.script(&phone(2), json!([{"api_error": 20429}, {"api_error": 20429}, {"api_error": 20429}, {"api_error": 20429}])).await;
+    l.script(&phone(3), json!([{"api_error": 21211}])).await;
+    l.script(&phone(4), json!([{"api_error": 21610}])).await;
+    let stages = Stages::start(&l, 1);
+    start_campaign(&l, "retries", json!({"rate_limit_per_second": 100})).await;
+    wait_until(
+        "every message settled",
+        Duration::from_secs(60),
+        async || {
+            l.app
+                .count("SELECT count(*) FROM messages WHERE status IN ('DELIVERED', 'FAILED')")
+                .await
+                == 6
+        },
+    )
+    .await;
+    let row = |p: String| {
+        let pool = l.app.pool.clone();
+        async move {
+            let c = pool.get().await.unwrap();
+            let r = c
+                .query_one(
+                    "SELECT status, retry_count, error_code FROM messages WHERE recipient_phone = $1",
+                    &[&p],
+                )
+                .await
+                .unwrap();
+            (
+                r.get::<_, String>(0),
+                r.get::<_, i32>(1),
+                r.get::<_, Option<i32>>(2),
+            )
+        }
+    };
+    let (status, retries, _) = row(phone(1)).await;
+    assert_eq!(
+        (status.as_str(), retries),
+        ("DELIVERED", 1),
+        "one transient error then success"
+    );
+    assert_eq!(
+        row(phone(2)).await,
+        ("FAILED".into(), 3, Some(20429)),
+        "three retries, then FAILED"
+    );
+    assert_eq!(
+        row(phone(3)).await,
+        ("FAILED".into(), 0, Some(21211)),
+        "permanent: FAILED at once"
+    );
+    assert_eq!(row(phone(4)).await, ("FAILED".into(), 0, Some(21610)));
+    assert_eq!(
+        l.app
+            .count(&format!(
+                "SELECT count(*) FROM users WHERE phone_number = '{}' AND consent_state = 'OPT_OUT'",
+                phone(4)
+            ))
+            .await,
+        1,
+        "21610 opts the user out"
+    );
+    assert_eq!(
+        l.app
+            .count("SELECT count(*) FROM consent_events WHERE source = 'provider' AND new_state = 'OPT_OUT'")
+            .await,
+        1
+    );
+    let stats = l.stats().await;
+    assert_eq!(stats["rejected"]["20429"], 4, "initial attempt + 3 retries");
+    assert_eq!(stats["accepted"], 3, "users 1, 5 and 6 each accepted once");
+    stages.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sender_killed_between_claim_and_answer_never_sends_twice() {
+    let l = Loop::start("").await;
+    users(&l, 10, "UTC").await;
+    // User 3's call hangs: the sender dies waiting for the answer.
+    l.script(&phone(3), json!([{"delay_ms": 60000}])).await;
+    let stages = Stages::start(&l, 0);
+    start_campaign(&l, "crash", json!({"rate_limit_per_second": 100})).await;
+    let mut sender = Proc(l.app.spawn_ese(&["run", "sender"]));
+    wait_until(
+        "user 3's call to reach the provider",
+        Duration::from_secs(30),
+        async || per_recipient(&l.stats().await).contains_key(&phone(3)),
+    )
+    .await;
+    kill9(&mut sender.0);
+    assert_eq!(
+        l.app
+            .count(&format!(
+                "SELECT count(*) FROM messages WHERE recipient_phone = '{}' AND status = 'SENDING'",
+                phone(3)
+            ))
+            .await,
+        1,
+        "claimed before the call"
+    );
+    let _sender = Proc(l.app.spawn_ese(&["run", "sender"]));
+    wait_until("every message sent", Duration::from_secs(60), async || {
+        l.app
+            .count("SELECT count(*) FROM messages WHERE status IN ('SENT', 'DELIVERED')")
+            .await
+            == 10
+    })
+    .await;
+    let sent = per_recipient(&l.stats().await);
+    assert_eq!(sent.len(), 10);
+    assert!(sent.values().all(|n| *n == 1), "at most once: {sent:?}");
+    stages.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_senders_share_the_campaign_rate() {
+    let l = Loop::start("").await;
+    users(&l, 300, "UTC").await;
+    let stages = Stages::start(&l, 2);
+    // Let both senders join the group before any send exists.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    start_campaign(&l, "shared", json!({"rate_limit_per_second": 50})).await;
+    wait_until("300 sends", Duration::from_secs(60), async || {
+        l.stats().await["accepted"].as_i64().unwrap_or(0) == 300
+    })
+    .await;
+    let stats = l.stats().await;
+    let per_second: BTreeMap<i64, u64> = stats["per_second"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.parse().unwrap(), v.as_u64().unwrap()))
+        .collect();
+    let busiest = per_second.values().max().copied().unwrap_or(0);
+    // 50/s in total, each process 25/s with a burst of 1.
+    assert!(
+        busiest <= 52,
+        "a second saw {busiest} sends: {per_second:?}"
+    );
+    let first = *per_second.keys().next().unwrap();
+    let last = *per_second.keys().last().unwrap();
+    assert!(
+        last - first >= 5,
+        "300 sends at 50/s take ~6 s, took {}",
+        last - first
+    );
+    stages.stop().await;
+}
