@@ -69,6 +69,16 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// sender against the provider simulator: rate accuracy at 100/s and
+    /// 1,000/s, then the ceiling with limits off.
+    Sender {
+        /// Seconds at each configured rate.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Sends in the limits-off run.
+        #[arg(long, default_value_t = 50_000)]
+        ceiling_sends: u64,
+    },
     /// fanout stage: a campaign over N users → messages and acknowledged send
     /// records, in a child process (peak RSS reported), against COPY.
     Fanout {
@@ -206,6 +216,13 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                     concurrency,
                 },
         } => crate::bench::webhooks(settings, requests, concurrency).await,
+        Command::Bench {
+            command:
+                BenchCommand::Sender {
+                    seconds,
+                    ceiling_sends,
+                },
+        } => crate::bench::sender(settings, seconds, ceiling_sends).await,
         Command::Bench {
             command: BenchCommand::Fanout { users },
         } => crate::bench::fanout(settings, &users).await,

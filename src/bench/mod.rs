@@ -19,9 +19,11 @@ use crate::stages::Deps;
 use crate::stages::users::UserUpsert;
 
 mod fanout;
+mod sender;
 mod sinks;
 mod webhooks;
 pub use fanout::fanout;
+pub use sender::sender;
 pub use sinks::receipts;
 pub use webhooks::webhooks;
 

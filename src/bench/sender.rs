@@ -1,0 +1,132 @@
+//! `ese bench sender`: the sender against the provider simulator. At a
+//! configured campaign rate the simulator's own per-second counts give the
+//! mean rate and the busiest second; with the limit off, the ceiling in
+//! sends/s. Fan-out and sender run in one child `ese run fanout sender`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use super::{Scratch, rate};
+use crate::config::Settings;
+
+const ACCOUNT: &str = "ACbench00000000000000000000000000";
+const TOKEN: &str = "bench-token";
+
+/// `ese bench sender --seconds S`: 100/s and 1,000/s for S seconds, then limits off.
+pub async fn sender(settings: Settings, seconds: u64, ceiling_sends: u64) -> anyhow::Result<()> {
+    for (limit, n) in [(100, 100 * seconds), (1000, 1000 * seconds), (0, ceiling_sends)] {
+        let scratch = Scratch::new(settings.clone()).await?;
+        let result = run(&scratch, limit, n as i64).await;
+        scratch.cleanup().await?;
+        result?;
+    }
+    Ok(())
+}
+
+async fn run(scratch: &Scratch, limit: i32, n: i64) -> anyhow::Result<()> {
+    let mut settings = scratch.settings.clone();
+    let mut sim_cfg = settings.provider_sim.clone();
+    sim_cfg.callback_statuses = Vec::new(); // sends only: no bridge in this bench
+    sim_cfg.rate_limit = 0;
+    let sim = crate::sim::Simulator::new(sim_cfg, ACCOUNT.into(), TOKEN.into())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::sim::serve_on(sim, listener, stop.clone()));
+    let _stop = stop.drop_guard();
+    settings.provider.base_url = base.clone();
+    settings.sender.burst = 1;
+
+    let pool = crate::db::pool(&settings.database)?;
+    let client = pool.get().await?;
+    client
+        .execute(
+            "INSERT INTO users (phone_number, attributes)
+             SELECT '+1' || (2000000000 + i)::text, jsonb_build_object('plan', 'pro', 'timezone', 'UTC')
+               FROM generate_series(1, $1::bigint) i",
+            &[&n],
+        )
+        .await?;
+    let per_second = if limit == 0 { 1_000_000 } else { limit };
+    let campaign: i64 = client
+        .query_one(
+            "WITH t AS (INSERT INTO templates (name, body) VALUES ('bench', 'Hello from the bench') RETURNING id),
+                  s AS (INSERT INTO segments (name, filter) VALUES
+                          ('bench', '{\"attribute\": \"plan\", \"operator\": \"equals\", \"value\": \"pro\"}') RETURNING id)
+             INSERT INTO campaigns (name, template_id, segment_id, status, rate_limit_per_second)
+             SELECT 'bench', t.id, s.id, 'READY', $1 FROM t, s RETURNING id",
+            &[&per_second],
+        )
+        .await?
+        .get(0);
+
+    let config = std::env::temp_dir().join(format!("{}-sender.toml", scratch.db_name));
+    std::fs::write(&config, toml::to_string(&settings)?)?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg("--config")
+        .arg(&config)
+        .args(["run", "fanout", "sender"])
+        .env("DATABASE_URL", &settings.database.url)
+        .env("KAFKA_BROKERS", &settings.kafka.brokers)
+        .env("TWILIO_ACCOUNT_SID", ACCOUNT)
+        .env("TWILIO_AUTH_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    // Let the sender join its group before the first send exists.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let deps = crate::stages::Deps::new(&settings)?;
+    {
+        let mut c = pool.get().await?;
+        let tx = c.transaction().await?;
+        deps.commands()?.transition(&tx, campaign, "start", "bench").await?;
+        tx.commit().await?;
+    }
+    let http = crate::http::client_builder().build()?;
+    let started = Instant::now();
+    let stats = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stats: serde_json::Value = http.get(format!("{base}/sim/stats")).send().await?.json().await?;
+        if stats["accepted"].as_i64().unwrap_or(0) >= n {
+            break stats;
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the sender process exited ({status})");
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            let _ = child.kill();
+            anyhow::bail!("not done in 10 minutes: {}", stats["accepted"]);
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&config);
+    let seconds: BTreeMap<i64, u64> = serde_json::from_value(stats["per_second"].clone())?;
+    let (first, last) = match (seconds.keys().next(), seconds.keys().last()) {
+        (Some(f), Some(l)) => (*f, *l),
+        _ => anyhow::bail!("the simulator saw no sends"),
+    };
+    // Whole seconds only: the first and last are partial.
+    let interior: Vec<u64> = seconds
+        .iter()
+        .filter(|(s, _)| **s != first && **s != last)
+        .map(|(_, v)| *v)
+        .collect();
+    let mean = interior.iter().sum::<u64>() as f64 / interior.len().max(1) as f64;
+    let busiest = seconds.values().max().copied().unwrap_or(0);
+    let span = (last - first + 1) as u64;
+    if limit == 0 {
+        println!(
+            "sender bench, limits off: {n} sends in {span} s → {:.0} sends/s (mean of whole seconds {mean:.0}, busiest second {busiest}; target ≥ 5,000/s)",
+            rate(n as usize, Duration::from_secs(span))
+        );
+    } else {
+        println!(
+            "sender bench at {limit}/s (burst 1): {n} sends over {span} s; mean of whole seconds {mean:.1}/s ({:+.2}% of the limit; target ±1%), busiest second {busiest} (limit + burst {})",
+            100.0 * (mean - limit as f64) / limit as f64,
+            limit + 1
+        );
+    }
+    Ok(())
+}
