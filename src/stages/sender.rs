@@ -302,12 +302,12 @@ SELECT m.id, m.status, m.recipient_phone, m.channel, m.body, m.retry_count, m.ca
   LEFT JOIN users u ON u.phone_number = m.recipient_phone
  WHERE m.id = ANY($1)";
 
-/// Claims one message right before its call, only while its campaign runs
-/// (a pause lands between two sends, not after the batch).
+/// Claims a few messages right before their calls, only while their campaign
+/// runs (a pause lands within ~100 ms of sends, not after the batch).
 const CLAIM: &str = "
 UPDATE messages m SET status = 'SENDING', claimed_at = now(), updated_at = now(),
                       parked_until = NULL, parked_reason = NULL, send_kind = NULL
- WHERE m.id = $1 AND m.status = 'QUEUED'
+ WHERE m.id = ANY($1) AND m.status = 'QUEUED'
    AND (m.campaign_id IS NULL
         OR EXISTS (SELECT 1 FROM campaigns c WHERE c.id = m.campaign_id AND c.status = 'RUNNING'))
 RETURNING id";
@@ -583,9 +583,20 @@ impl Stage for Sender {
                 work.push((m, s.clone()));
             }
         }
-        let attempts: Vec<(Msg, SendRequest, Option<Outcome>)> = futures::stream::iter(work)
-            .map(|(m, s)| self.call(m, s))
-            .buffer_unordered(self.provider.cfg.concurrency.max(1))
+        // Claims go in chunks of about 100 ms of sends at the slowest
+        // campaign's rate: one commit per chunk instead of per message.
+        let slowest = work.iter().filter_map(|(m, _)| m.rate).min().unwrap_or(i32::MAX);
+        let concurrency = self.provider.cfg.concurrency.max(1);
+        let chunk = ((slowest / 10).max(1) as usize).min(concurrency);
+        let mut chunks = Vec::new();
+        let mut rest = work.into_iter().peekable();
+        while rest.peek().is_some() {
+            chunks.push(rest.by_ref().take(chunk).collect::<Vec<_>>());
+        }
+        let attempts: Vec<(Msg, SendRequest, Option<Outcome>)> = futures::stream::iter(chunks)
+            .map(|c| self.call_chunk(c))
+            .buffer_unordered((concurrency / chunk).max(4))
+            .flat_map(futures::stream::iter)
             .collect()
             .await;
         let mut outcomes = Vec::with_capacity(attempts.len());
@@ -692,26 +703,40 @@ impl Stage for Sender {
 }
 
 impl Sender {
-    /// Paces, claims the row (committed: a crash after this never re-sends),
-    /// then calls the provider. `None`: not claimed (paused, or taken).
-    async fn call(&self, m: Msg, s: SendRequest) -> (Msg, SendRequest, Option<Outcome>) {
-        self.pace(&m).await;
-        match self.claim(m.id).await {
-            Ok(true) => {}
-            Ok(false) => return (m, s, None),
+    /// Claims the chunk's rows (committed: a crash after this never re-sends),
+    /// then paces and calls the provider for each. `None`: not claimed
+    /// (campaign paused, or taken by another sender).
+    async fn call_chunk(
+        &self,
+        chunk: Vec<(Msg, SendRequest)>,
+    ) -> Vec<(Msg, SendRequest, Option<Outcome>)> {
+        let ids: Vec<i64> = chunk.iter().map(|(m, _)| m.id).collect();
+        let claimed = match self.claim(&ids).await {
+            Ok(c) => c,
             Err(e) => {
-                let outcome = Outcome::Transient(None, format!("claim: {e}"));
-                return (m, s, Some(outcome));
+                let why = format!("claim: {e}");
+                return chunk
+                    .into_iter()
+                    .map(|(m, s)| (m, s, Some(Outcome::Transient(None, why.clone()))))
+                    .collect();
             }
-        }
-        let outcome = self.provider.send(&m.channel, &m.phone, &m.body).await;
-        (m, s, Some(outcome))
+        };
+        let calls = chunk.into_iter().map(|(m, s)| async {
+            if !claimed.contains(&m.id) {
+                return (m, s, None);
+            }
+            self.pace(&m).await;
+            let outcome = self.provider.send(&m.channel, &m.phone, &m.body).await;
+            (m, s, Some(outcome))
+        });
+        futures::future::join_all(calls).await
     }
 
-    async fn claim(&self, id: i64) -> anyhow::Result<bool> {
+    async fn claim(&self, ids: &[i64]) -> anyhow::Result<HashSet<i64>> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(CLAIM).await?;
-        Ok(!client.query(&stmt, &[&id]).await?.is_empty())
+        let rows = client.query(&stmt, &[&ids]).await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// Waits for the campaign's and the sender number's limiters.
