@@ -359,6 +359,14 @@ impl Settings {
                 anyhow::bail!("pipelines.{name}: batch-size and concurrency must be at least 1");
             }
         }
+        if self.sender.reconcile_after <= self.provider.timeout + Duration::from_secs(1) {
+            // A call still waiting for its answer would be looked up and sent again.
+            anyhow::bail!(
+                "sender.reconcile-after ({:?}) must exceed provider.timeout ({:?}) by at least 1s",
+                self.sender.reconcile_after,
+                self.provider.timeout
+            );
+        }
         if phonenumber::country::Id::from_str_opt(&self.phone.default_region).is_none() {
             anyhow::bail!(
                 "phone.default-region: {:?} is not an ISO 3166 region code",

@@ -14,7 +14,11 @@ const TOKEN: &str = "bench-token";
 
 /// `ese bench sender --seconds S`: 100/s and 1,000/s for S seconds, then limits off.
 pub async fn sender(settings: Settings, seconds: u64, ceiling_sends: u64) -> anyhow::Result<()> {
-    for (limit, n) in [(100, 100 * seconds), (1000, 1000 * seconds), (0, ceiling_sends)] {
+    for (limit, n) in [
+        (100, 100 * seconds),
+        (1000, 1000 * seconds),
+        (0, ceiling_sends),
+    ] {
         if n == 0 {
             continue;
         }
@@ -82,14 +86,21 @@ async fn run(scratch: &Scratch, limit: i32, n: i64) -> anyhow::Result<()> {
     {
         let mut c = pool.get().await?;
         let tx = c.transaction().await?;
-        deps.commands()?.transition(&tx, campaign, "start", "bench").await?;
+        deps.commands()?
+            .transition(&tx, campaign, "start", "bench")
+            .await?;
         tx.commit().await?;
     }
     let http = crate::http::client_builder().build()?;
     let started = Instant::now();
     let stats = loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let stats: serde_json::Value = http.get(format!("{base}/sim/stats")).send().await?.json().await?;
+        let stats: serde_json::Value = http
+            .get(format!("{base}/sim/stats"))
+            .send()
+            .await?
+            .json()
+            .await?;
         if stats["accepted"].as_i64().unwrap_or(0) >= n {
             break stats;
         }

@@ -584,8 +584,13 @@ impl Stage for Sender {
             }
         }
         // Claims go in chunks of about 100 ms of sends at the slowest
-        // campaign's rate: one commit per chunk instead of per message.
-        let slowest = work.iter().filter_map(|(m, _)| m.rate).min().unwrap_or(i32::MAX);
+        // campaign's rate (one commit per chunk, not per message), two chunks
+        // ahead at most: a pause stops sends within ~200 ms.
+        let slowest = work
+            .iter()
+            .filter_map(|(m, _)| m.rate)
+            .min()
+            .unwrap_or(i32::MAX);
         let concurrency = self.provider.cfg.concurrency.max(1);
         let chunk = ((slowest / 10).max(1) as usize).min(concurrency);
         let mut chunks = Vec::new();
@@ -595,7 +600,7 @@ impl Stage for Sender {
         }
         let attempts: Vec<(Msg, SendRequest, Option<Outcome>)> = futures::stream::iter(chunks)
             .map(|c| self.call_chunk(c))
-            .buffer_unordered((concurrency / chunk).max(4))
+            .buffer_unordered(2)
             .flat_map(futures::stream::iter)
             .collect()
             .await;
@@ -704,8 +709,9 @@ impl Stage for Sender {
 
 impl Sender {
     /// Claims the chunk's rows (committed: a crash after this never re-sends),
-    /// then paces and calls the provider for each. `None`: not claimed
-    /// (campaign paused, or taken by another sender).
+    /// then paces and calls the provider for each, pacing right before the
+    /// call so nothing bunches up behind it. `None`: not claimed (campaign
+    /// paused meanwhile, or taken by another sender).
     async fn call_chunk(
         &self,
         chunk: Vec<(Msg, SendRequest)>,

@@ -627,9 +627,10 @@ impl Loop {
             public-url = "http://127.0.0.1:{bridge_port}"
             [provider]
             base-url = "http://127.0.0.1:{sim_port}"
+            timeout = "1s"
             [sender]
             retry-delays = ["1s", "1s", "1s", "1s"]
-            reconcile-after = "2s"
+            reconcile-after = "3s"
             pump-interval = "200ms"
             [provider-sim]
             seed = 7
