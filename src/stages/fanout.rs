@@ -120,12 +120,15 @@ ON CONFLICT (campaign_id, recipient_phone) DO UPDATE SET campaign_id = EXCLUDED.
 RETURNING id, recipient_phone, body";
 
 const PENDING: &str = "
-UPDATE fanout_progress SET pending_to = $2, pending_offsets = $3, updated_at = now()
+UPDATE fanout_progress SET pending_to = $2, pending_offsets = coalesce(pending_offsets, $3),
+                           updated_at = now()
  WHERE campaign_id = $1";
 
 const PAGE_DONE: &str = "
 UPDATE fanout_progress
-   SET last_user_id = $2, pending_to = NULL, pending_offsets = NULL,
+   SET last_user_id = $2,
+       pending_to = CASE WHEN pending_to = $2 THEN NULL ELSE pending_to END,
+       pending_offsets = CASE WHEN pending_to = $2 THEN NULL ELSE pending_offsets END,
        messages_created = messages_created + $3, sends_produced = sends_produced + $4,
        skipped = skipped + $5, skipped_reasons = $6, updated_at = now()
  WHERE campaign_id = $1";
@@ -133,6 +136,17 @@ UPDATE fanout_progress
 const FINISHED: &str = "
 UPDATE fanout_progress SET finished = true, finished_at = now(), updated_at = now()
  WHERE campaign_id = $1";
+
+/// A page written to Postgres whose send records are still to be produced.
+struct Page {
+    /// Last user id the page covers.
+    end: i64,
+    users: usize,
+    created: i64,
+    skipped: i64,
+    /// (message id, recipient, body) not yet on the send topic.
+    messages: Vec<(i64, String, String)>,
+}
 
 /// What a campaign's pages are built from.
 struct Plan {
@@ -223,7 +237,9 @@ impl Driver {
         })
     }
 
-    /// Fans out one campaign until its audience is exhausted or it leaves RUNNING.
+    /// Fans out one campaign until its audience is exhausted or it leaves
+    /// RUNNING. Page N's send records are produced while page N+1's rows are
+    /// written; page N is marked done before page N+1 is produced.
     async fn campaign(
         &self,
         client: &mut deadpool_postgres::Client,
@@ -234,21 +250,62 @@ impl Driver {
         let started = Instant::now();
         let mut total = 0usize;
         info!(campaign = id, "fan-out running");
+        let progress = client.query_one(PROGRESS, &[&id]).await?;
+        let mut cursor: i64 = progress.get(0);
+        let mut reasons: BTreeMap<String, i64> =
+            serde_json::from_value(progress.get(3)).unwrap_or_default();
+        // A page left pending by a crash is redone whole first.
+        let mut redo: Option<(i64, Vec<(i32, i64)>)> = match progress.get::<_, Option<i64>>(1) {
+            Some(to) => Some((
+                to,
+                progress
+                    .get::<_, Option<serde_json::Value>>(2)
+                    .map(serde_json::from_value)
+                    .transpose()?
+                    .unwrap_or_default(),
+            )),
+            None => None,
+        };
+        let mut in_flight: Option<Page> = None;
         loop {
             let status: Option<String> = client
                 .query_opt("SELECT status FROM campaigns WHERE id = $1", &[&id])
                 .await?
                 .map(|r| r.get(0));
-            if status.as_deref() != Some("RUNNING") {
+            let stop = status.as_deref() != Some("RUNNING") || shutdown.is_cancelled();
+            let next = if stop {
+                None
+            } else {
+                let redoing = redo.take();
+                let overlapping = in_flight.is_some() || redoing.is_some();
+                let prepare =
+                    self.prepare(client, &plan, cursor, redoing, overlapping, &mut reasons);
+                match in_flight.take() {
+                    Some(page) => {
+                        let (produced, prepared) =
+                            tokio::join!(self.produce(&plan, &page), prepare);
+                        self.done(client, id, &page, produced?, &reasons).await?;
+                        prepared?
+                    }
+                    None => prepare.await?,
+                }
+            };
+            if let Some(page) = in_flight.take() {
+                let produced = self.produce(&plan, &page).await?;
+                self.done(client, id, &page, produced, &reasons).await?;
+            }
+            if stop {
                 info!(campaign = id, status = ?status, recipients = total, "fan-out stopped");
                 return Ok(());
             }
-            if shutdown.is_cancelled() {
-                return Ok(());
-            }
-            match self.page(client, &plan).await? {
-                Some(n) => total += n,
+            match next {
+                Some(page) => {
+                    total += page.users;
+                    cursor = page.end;
+                    in_flight = Some(page);
+                }
                 None => {
+                    client.execute(FINISHED, &[&id]).await?;
                     let secs = started.elapsed().as_secs_f64();
                     info!(campaign = id, recipients = total, secs, "fan-out finished");
                     return Ok(());
@@ -257,34 +314,32 @@ impl Driver {
         }
     }
 
-    /// One page; `None` when the audience is exhausted (and the fan-out marked finished).
-    async fn page(
+    /// Writes the next page's messages after `cursor` (or redoes a pending
+    /// page up to `redo.0`) and marks it pending; `None` when the audience is
+    /// exhausted. `overlapping`: an earlier page's sends may still be in
+    /// flight, so the earlier start offsets are kept.
+    async fn prepare(
         &self,
         client: &mut deadpool_postgres::Client,
         plan: &Plan,
-    ) -> anyhow::Result<Option<usize>> {
-        let started = Instant::now();
+        cursor: i64,
+        redo: Option<(i64, Vec<(i32, i64)>)>,
+        overlapping: bool,
+        reasons: &mut BTreeMap<String, i64>,
+    ) -> anyhow::Result<Option<Page>> {
         let id = plan.id;
-        let progress = client.query_one(PROGRESS, &[&id]).await?;
-        let last: i64 = progress.get(0);
-        let pending: Option<i64> = progress.get(1);
-        let mut reasons: BTreeMap<String, i64> =
-            serde_json::from_value(progress.get(3)).unwrap_or_default();
-
+        let upper = redo.as_ref().map(|r| r.0);
         let tx = client.transaction().await?;
-        // A pending page is redone whole: same users, existing rows returned.
-        let limit = if pending.is_some() {
+        let limit = if redo.is_some() {
             i64::MAX
         } else {
             self.page_size
         };
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            vec![&last, &pending, &limit];
+            vec![&cursor, &upper, &limit];
         params.extend(plan.filter.refs());
         let users = tx.query(&plan.page_sql, &params).await?;
-        if users.is_empty() && pending.is_none() {
-            tx.execute(FINISHED, &[&id]).await?;
-            tx.commit().await?;
+        if users.is_empty() && redo.is_none() {
             return Ok(None);
         }
         let (mut ids, mut phones, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
@@ -313,58 +368,75 @@ impl Driver {
                 }
             }
         }
-        let page_end: i64 = match (pending, users.last()) {
+        let end: i64 = match (upper, users.last()) {
             (Some(to), _) => to,
             (None, Some(u)) => u.get(0),
-            (None, None) => last,
+            (None, None) => cursor,
         };
-        let messages = tx
+        let rows = tx
             .query(INSERT, &[&id, &plan.channel, &ids, &phones, &bodies])
             .await?;
-        let already = match pending {
+        let already = match redo {
+            Some((_, offsets)) => {
+                tx.commit().await?;
+                self.already_sent(id, &offsets).await?
+            }
             None => {
-                let offsets = self.reader.end_offsets(&self.sends_topic).await?;
-                let json = serde_json::to_value(&offsets)?;
-                tx.execute(PENDING, &[&id, &page_end, &json]).await?;
+                // Keep the earliest offsets while an earlier page is in flight.
+                let offsets = if overlapping {
+                    None
+                } else {
+                    Some(serde_json::to_value(
+                        self.reader.end_offsets(&self.sends_topic).await?,
+                    )?)
+                };
+                tx.execute(PENDING, &[&id, &end, &offsets]).await?;
                 tx.commit().await?;
                 HashSet::new()
             }
-            Some(_) => {
-                tx.commit().await?;
-                let offsets: Vec<(i32, i64)> = progress
-                    .get::<_, Option<serde_json::Value>>(2)
-                    .map(serde_json::from_value)
-                    .transpose()?
-                    .unwrap_or_default();
-                self.already_sent(id, &offsets).await?
-            }
         };
+        let messages = rows
+            .iter()
+            .map(|m| {
+                (
+                    m.get::<_, i64>(0),
+                    m.get::<_, String>(1),
+                    m.get::<_, String>(2),
+                )
+            })
+            .filter(|m| !already.contains(&m.0))
+            .collect();
+        Ok(Some(Page {
+            end,
+            users: users.len(),
+            created: rows.len() as i64,
+            skipped,
+            messages,
+        }))
+    }
 
-        let mut payloads = Vec::with_capacity(messages.len());
-        for m in &messages {
-            let message_id: i64 = m.get(0);
-            if already.contains(&message_id) {
-                continue;
-            }
-            let recipient: String = m.get(1);
+    /// Produces a page's send records; returns how many were acknowledged.
+    async fn produce(&self, plan: &Plan, page: &Page) -> anyhow::Result<i64> {
+        let started = Instant::now();
+        let mut payloads = Vec::with_capacity(page.messages.len());
+        for (message_id, recipient, body) in &page.messages {
             let send = SendRequest {
-                message_id,
-                campaign_id: Some(id),
+                message_id: *message_id,
+                campaign_id: Some(plan.id),
                 recipient: recipient.clone(),
                 channel: plan.channel.clone(),
-                body: m.get(2),
+                body: body.clone(),
                 attempt: 0,
                 kind: "campaign".to_string(),
                 not_before: None,
             };
-            payloads.push((
-                recipient,
-                self.codec.encode(&self.sends_topic, &send).await?,
-            ));
+            payloads.push(self.codec.encode(&self.sends_topic, &send).await?);
         }
-        let records = payloads
+        let records = page
+            .messages
             .iter()
-            .map(|(k, p)| {
+            .zip(&payloads)
+            .map(|((_, k, _), p)| {
                 FutureRecord::<[u8], [u8]>::to(&self.sends_topic)
                     .key(k.as_bytes())
                     .payload(p.as_slice())
@@ -373,21 +445,37 @@ impl Driver {
         self.producer
             .send_all(records, self.produce_timeout)
             .await
-            .map_err(|e| anyhow::anyhow!("producing sends of campaign {id}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("producing sends of campaign {}: {e}", plan.id))?;
+        histogram!("ese_fanout_produce_seconds").record(started.elapsed().as_secs_f64());
+        Ok(payloads.len() as i64)
+    }
 
-        let created = messages.len() as i64;
-        let produced = payloads.len() as i64;
-        let reasons = serde_json::to_value(&reasons)?;
+    /// Marks a produced page done; clears the pending mark when no later page holds it.
+    async fn done(
+        &self,
+        client: &deadpool_postgres::Client,
+        id: i64,
+        page: &Page,
+        produced: i64,
+        reasons: &BTreeMap<String, i64>,
+    ) -> anyhow::Result<()> {
+        let reasons = serde_json::to_value(reasons)?;
         client
             .execute(
                 PAGE_DONE,
-                &[&id, &page_end, &created, &produced, &skipped, &reasons],
+                &[
+                    &id,
+                    &page.end,
+                    &page.created,
+                    &produced,
+                    &page.skipped,
+                    &reasons,
+                ],
             )
             .await?;
-        counter!("ese_fanout_messages_total").increment(created as u64);
+        counter!("ese_fanout_messages_total").increment(page.created as u64);
         counter!("ese_fanout_sends_total").increment(produced as u64);
-        histogram!("ese_fanout_page_seconds").record(started.elapsed().as_secs_f64());
-        Ok(Some(users.len()))
+        Ok(())
     }
 
     /// Message ids of campaign `id` already on the send topic after `offsets`.
