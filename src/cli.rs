@@ -234,8 +234,8 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             if let Some(l) = listen {
                 cfg.listen = l;
             }
-            let (account, token) = crate::sim::credentials_from_env()?;
-            let sim = crate::sim::Simulator::new(cfg.clone(), account, token)?;
+            let creds = crate::stages::sender::Credentials::from_env()?;
+            let sim = crate::sim::Simulator::new(cfg.clone(), creds.account_sid, creds.auth_token)?;
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
                 .map_err(|e| {

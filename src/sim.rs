@@ -1113,22 +1113,6 @@ pub async fn serve_on(
     result
 }
 
-/// The simulator's credentials: `TWILIO_ACCOUNT_SID` and the first of
-/// `TWILIO_AUTH_TOKEN` (the one it signs callbacks with).
-pub fn credentials_from_env() -> anyhow::Result<(String, String)> {
-    let account = std::env::var("TWILIO_ACCOUNT_SID").unwrap_or_default();
-    let token = crate::bridge::tokens_from_env()
-        .into_iter()
-        .next()
-        .unwrap_or_default();
-    if account.is_empty() || token.is_empty() {
-        anyhow::bail!(
-            "set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN: the simulator authenticates sends and signs callbacks with them"
-        );
-    }
-    Ok((account, token))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Pool, Transaction};
 use metrics::{counter, histogram};
-use rdkafka::producer::FutureRecord;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -418,9 +417,10 @@ impl Driver {
     /// Produces a page's send records; returns how many were acknowledged.
     async fn produce(&self, plan: &Plan, page: &Page) -> anyhow::Result<i64> {
         let started = Instant::now();
-        let mut payloads = Vec::with_capacity(page.messages.len());
-        for (message_id, recipient, body) in &page.messages {
-            let send = SendRequest {
+        let sends: Vec<SendRequest> = page
+            .messages
+            .iter()
+            .map(|(message_id, recipient, body)| SendRequest {
                 message_id: *message_id,
                 campaign_id: Some(plan.id),
                 recipient: recipient.clone(),
@@ -429,25 +429,18 @@ impl Driver {
                 attempt: 0,
                 kind: "campaign".to_string(),
                 not_before: None,
-            };
-            payloads.push(self.codec.encode(&self.sends_topic, &send).await?);
-        }
-        let records = page
-            .messages
-            .iter()
-            .zip(&payloads)
-            .map(|((_, k, _), p)| {
-                FutureRecord::<[u8], [u8]>::to(&self.sends_topic)
-                    .key(k.as_bytes())
-                    .payload(p.as_slice())
             })
             .collect();
-        self.producer
-            .send_all(records, self.produce_timeout)
-            .await
-            .map_err(|e| anyhow::anyhow!("producing sends of campaign {}: {e}", plan.id))?;
+        super::produce_sends(
+            &self.producer,
+            &self.codec,
+            &self.sends_topic,
+            &sends,
+            self.produce_timeout,
+        )
+        .await?;
         histogram!("ese_fanout_produce_seconds").record(started.elapsed().as_secs_f64());
-        Ok(payloads.len() as i64)
+        Ok(sends.len() as i64)
     }
 
     /// Marks a produced page done; clears the pending mark when no later page holds it.

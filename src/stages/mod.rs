@@ -182,6 +182,34 @@ impl Deps {
     }
 }
 
+/// Produces `sends` on `topic`, keyed by recipient, and waits for every
+/// acknowledgement (fan-out pages, held messages put back).
+pub async fn produce_sends(
+    producer: &crate::kafka::Producer,
+    codec: &Codec,
+    topic: &str,
+    sends: &[crate::records::SendRequest],
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let mut payloads = Vec::with_capacity(sends.len());
+    for s in sends {
+        payloads.push(codec.encode(topic, s).await?);
+    }
+    let records = sends
+        .iter()
+        .zip(&payloads)
+        .map(|(s, p)| {
+            rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic)
+                .key(s.recipient.as_bytes())
+                .payload(p.as_slice())
+        })
+        .collect();
+    producer
+        .send_all(records, timeout)
+        .await
+        .map_err(|e| anyhow::anyhow!("producing {} send records on {topic}: {e}", sends.len()))
+}
+
 /// The topic of output `key` of `stage`'s pipeline, or an error naming both.
 fn output(pipeline: &crate::config::Pipeline, stage: &str, key: &str) -> anyhow::Result<String> {
     pipeline

@@ -27,7 +27,6 @@ use deadpool_postgres::{Pool, Transaction};
 use futures::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use metrics::{counter, histogram};
-use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -821,10 +820,9 @@ impl Pump {
             if rows.is_empty() {
                 break;
             }
-            let mut payloads = Vec::with_capacity(rows.len());
-            let mut ids = Vec::with_capacity(rows.len());
-            for r in &rows {
-                let send = SendRequest {
+            let sends: Vec<SendRequest> = rows
+                .iter()
+                .map(|r| SendRequest {
                     message_id: r.get(0),
                     campaign_id: r.get(1),
                     recipient: r.get(2),
@@ -833,23 +831,17 @@ impl Pump {
                     attempt: r.get(5),
                     kind: r.get(6),
                     not_before: None,
-                };
-                ids.push(send.message_id);
-                let payload = self.codec.encode(&self.sends_topic, &send).await?;
-                payloads.push((send.recipient, payload));
-            }
-            let records = payloads
-                .iter()
-                .map(|(k, p)| {
-                    FutureRecord::<[u8], [u8]>::to(&self.sends_topic)
-                        .key(k.as_bytes())
-                        .payload(p.as_slice())
                 })
                 .collect();
-            self.producer
-                .send_all(records, self.produce_timeout)
-                .await
-                .map_err(|e| anyhow::anyhow!("re-queueing held messages: {e}"))?;
+            super::produce_sends(
+                &self.producer,
+                &self.codec,
+                &self.sends_topic,
+                &sends,
+                self.produce_timeout,
+            )
+            .await?;
+            let ids: Vec<i64> = sends.iter().map(|s| s.message_id).collect();
             tx.execute(UNPARK, &[&ids]).await?;
             tx.commit().await?;
             counter!("ese_sender_released_total").increment(ids.len() as u64);
