@@ -202,10 +202,15 @@ pub fn is_transient(e: &KafkaError) -> bool {
 
 /// Reads topics outside any consumer group: end offsets, and the records
 /// between given offsets and the end. Used to find what a crashed fan-out
-/// already produced, and by replay to plan offset resets. Cheap to clone.
+/// already produced, and by replay and status to plan and measure lag.
+///
+/// End offsets are the high watermarks the broker reports in Fetch answers,
+/// not ListOffsets(latest): the embedded broker answers the latter with the
+/// first offset of the newest batch, short of the end. Each call uses its
+/// own consumer, so a watermark is never one cached by an earlier call.
 #[derive(Clone)]
 pub struct TopicReader {
-    consumer: Arc<rdkafka::consumer::BaseConsumer>,
+    config: ClientConfig,
     timeout: Duration,
 }
 
@@ -217,84 +222,132 @@ impl TopicReader {
         c.set("group.id", format!("{}.reader", cfg.client_id))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "20");
         Ok(Self {
-            consumer: Arc::new(
-                c.create()
-                    .map_err(|e| anyhow::anyhow!("cannot create Kafka reader: {e}"))?,
-            ),
+            config: c,
             timeout: Duration::from_secs(10),
         })
     }
 
+    fn consumer(&self) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
+        self.config
+            .create()
+            .map_err(|e| anyhow::anyhow!("cannot create Kafka reader: {e}"))
+    }
+
+    /// The partition ids of `topic`.
+    pub async fn partitions(&self, topic: &str) -> anyhow::Result<Vec<i32>> {
+        let (consumer, topic, timeout) = (self.consumer()?, topic.to_string(), self.timeout);
+        tokio::task::spawn_blocking(move || partitions(&consumer, &topic, timeout)).await?
+    }
+
     /// `(partition, high watermark)` for every partition of `topic`.
     pub async fn end_offsets(&self, topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
-        let (consumer, topic, timeout) = (self.consumer.clone(), topic.to_string(), self.timeout);
-        tokio::task::spawn_blocking(move || end_offsets(&consumer, &topic, timeout)).await?
+        let (consumer, topic, timeout) = (self.consumer()?, topic.to_string(), self.timeout);
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::consumer::Consumer;
+            // Start one record before the (possibly short) listed end, so the
+            // first Fetch answer carries the real watermark.
+            let from = partitions(&consumer, &topic, timeout)?
+                .into_iter()
+                .map(|p| {
+                    let listed = consumer.fetch_watermarks(&topic, p, timeout)?.1;
+                    Ok((p, (listed - 1).max(0)))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            read(&consumer, &topic, &from, timeout * 6, |_| {})
+        })
+        .await?
+    }
+
+    /// Per partition of `topic`: the offset `group` has committed (None if
+    /// none) and the end, so lag = end − committed.
+    pub async fn group_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> anyhow::Result<Vec<PartitionOffsets>> {
+        let ends = self.end_offsets(topic).await?;
+        let mut config = self.config.clone();
+        config.set("group.id", group);
+        let (topic, timeout) = (topic.to_string(), self.timeout);
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::consumer::Consumer;
+            let consumer: rdkafka::consumer::BaseConsumer = config
+                .create()
+                .map_err(|e| anyhow::anyhow!("cannot create Kafka reader: {e}"))?;
+            let mut list = rdkafka::TopicPartitionList::new();
+            for (p, _) in &ends {
+                list.add_partition(&topic, *p);
+            }
+            let committed = consumer.committed_offsets(list, timeout)?;
+            Ok(ends
+                .into_iter()
+                .map(|(partition, end)| {
+                    let committed =
+                        committed.find_partition(&topic, partition).and_then(|e| {
+                            match e.offset() {
+                                rdkafka::Offset::Offset(o) => Some(o),
+                                _ => None,
+                            }
+                        });
+                    PartitionOffsets {
+                        topic: topic.clone(),
+                        partition,
+                        committed,
+                        end,
+                    }
+                })
+                .collect())
+        })
+        .await?
     }
 
     /// The payloads of `topic` from `from` (partition → offset) up to the
-    /// partitions' current ends.
+    /// partitions' ends as they were when the read began.
     pub async fn read_to_end(
         &self,
         topic: &str,
         from: &[(i32, i64)],
     ) -> anyhow::Result<Vec<Vec<u8>>> {
-        use rdkafka::Message;
-        use rdkafka::consumer::Consumer;
-        let (consumer, topic, timeout) = (self.consumer.clone(), topic.to_string(), self.timeout);
+        let (consumer, topic, timeout) = (self.consumer()?, topic.to_string(), self.timeout);
         let from = from.to_vec();
         tokio::task::spawn_blocking(move || {
-            let ends: std::collections::HashMap<i32, i64> =
-                end_offsets(&consumer, &topic, timeout)?
-                    .into_iter()
-                    .collect();
-            let mut list = rdkafka::TopicPartitionList::new();
-            let mut remaining = std::collections::HashMap::new();
-            for (p, offset) in from {
-                let end = ends.get(&p).copied().unwrap_or(offset);
-                if end > offset {
-                    list.add_partition_offset(&topic, p, rdkafka::Offset::Offset(offset))?;
-                    remaining.insert(p, end);
-                }
-            }
             let mut out = Vec::new();
-            if remaining.is_empty() {
-                return Ok(out);
-            }
-            consumer.assign(&list)?;
-            let deadline = std::time::Instant::now() + timeout * 6;
-            while !remaining.is_empty() {
-                if std::time::Instant::now() > deadline {
-                    consumer.unassign()?;
-                    anyhow::bail!("reading {topic}: timed out before reaching the end");
-                }
-                let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
-                    continue;
-                };
-                let msg = msg?;
-                let p = msg.partition();
-                if let Some(&end) = remaining.get(&p) {
-                    if msg.offset() < end {
-                        out.push(msg.payload().unwrap_or_default().to_vec());
-                    }
-                    if msg.offset() + 1 >= end {
-                        remaining.remove(&p);
-                    }
-                }
-            }
-            consumer.unassign()?;
+            read(&consumer, &topic, &from, timeout * 6, |payload| {
+                out.push(payload.to_vec())
+            })?;
             Ok(out)
         })
         .await?
     }
 }
 
-fn end_offsets(
+/// Where a consumer group stands on one partition.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionOffsets {
+    pub topic: String,
+    pub partition: i32,
+    /// The group's committed offset; None when it has committed nothing.
+    pub committed: Option<i64>,
+    /// The partition's high watermark.
+    pub end: i64,
+}
+
+impl PartitionOffsets {
+    /// Records not yet committed (all of them when nothing is committed).
+    pub fn lag(&self) -> i64 {
+        (self.end - self.committed.unwrap_or(0)).max(0)
+    }
+}
+
+fn partitions(
     consumer: &rdkafka::consumer::BaseConsumer,
     topic: &str,
     timeout: Duration,
-) -> anyhow::Result<Vec<(i32, i64)>> {
+) -> anyhow::Result<Vec<i32>> {
     use rdkafka::consumer::Consumer;
     let md = consumer.fetch_metadata(Some(topic), timeout)?;
     let partitions: Vec<i32> = md
@@ -306,8 +359,89 @@ fn end_offsets(
     if partitions.is_empty() {
         anyhow::bail!("topic {topic} has no partitions (does it exist?)");
     }
-    partitions
+    Ok(partitions)
+}
+
+/// Reads `topic` from `from` until each partition reaches the high watermark
+/// of the first Fetch answer for it; hands each payload to `each` and returns
+/// `(partition, end)`.
+fn read(
+    consumer: &rdkafka::consumer::BaseConsumer,
+    topic: &str,
+    from: &[(i32, i64)],
+    within: Duration,
+    mut each: impl FnMut(&[u8]),
+) -> anyhow::Result<Vec<(i32, i64)>> {
+    use rdkafka::Message;
+    use rdkafka::consumer::Consumer;
+    let mut list = rdkafka::TopicPartitionList::new();
+    // partition → (next offset to read, end once known)
+    let mut state = std::collections::BTreeMap::new();
+    for &(p, offset) in from {
+        list.add_partition_offset(topic, p, rdkafka::Offset::Offset(offset))?;
+        state.insert(p, (offset, None::<i64>));
+    }
+    consumer.assign(&list)?;
+    let deadline = std::time::Instant::now() + within;
+    let finished = |state: &std::collections::BTreeMap<i32, (i64, Option<i64>)>| {
+        state
+            .values()
+            .all(|(next, end)| end.is_some_and(|end| *next >= end))
+    };
+    while !finished(&state) {
+        if std::time::Instant::now() > deadline {
+            consumer.unassign()?;
+            anyhow::bail!("reading {topic}: timed out before reaching the end");
+        }
+        let polled = consumer.poll(Duration::from_millis(50)).transpose()?;
+        for (p, (_, end)) in state.iter_mut().filter(|(_, s)| s.1.is_none()) {
+            let high = fetched_high_watermark(consumer, topic, *p)?;
+            if high >= 0 {
+                *end = Some(high);
+            }
+        }
+        if let Some(msg) = polled
+            && let Some((next, end)) = state.get_mut(&msg.partition())
+        {
+            if end.is_none_or(|end| msg.offset() < end) {
+                each(msg.payload().unwrap_or_default());
+            }
+            *next = msg.offset() + 1;
+        }
+    }
+    consumer.unassign()?;
+    Ok(state
         .into_iter()
-        .map(|p| Ok((p, consumer.fetch_watermarks(topic, p, timeout)?.1)))
-        .collect()
+        .map(|(p, (next, end))| (p, end.unwrap_or(next)))
+        .collect())
+}
+
+/// The high watermark of the last Fetch answer for `partition`
+/// (negative before the first). rdkafka does not wrap this librdkafka call.
+fn fetched_high_watermark(
+    consumer: &rdkafka::consumer::BaseConsumer,
+    topic: &str,
+    partition: i32,
+) -> anyhow::Result<i64> {
+    use rdkafka::consumer::Consumer;
+    let name = std::ffi::CString::new(topic)?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client handle lives as long as `consumer`; the call only
+    // reads the partition's offsets into the two locals.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            name.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        anyhow::bail!(
+            "{topic}[{partition}]: {}",
+            rdkafka::types::RDKafkaErrorCode::from(err)
+        );
+    }
+    Ok(high)
 }

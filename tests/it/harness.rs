@@ -417,14 +417,9 @@ impl TestApp {
     pub async fn wait_group_caught_up(&self, stage: &str, suffix: &str, timeout: Duration) {
         let mut p = self.settings.pipeline(stage).expect("pipeline").clone();
         p.group_id.push_str(suffix);
-        let brokers = self.settings.kafka.brokers.clone();
         let deadline = Instant::now() + timeout;
         loop {
-            let (p2, b2) = (p.clone(), brokers.clone());
-            let behind =
-                tokio::task::spawn_blocking(move || group_lag(&b2, &p2.group_id, &p2.inputs))
-                    .await
-                    .expect("lag check");
+            let behind = group_lag(&self.settings, &p.group_id, &p.inputs).await;
             if behind == Some(0) {
                 return;
             }
@@ -759,43 +754,13 @@ impl Drop for RunningApi {
 }
 
 /// Records of `topics` not yet committed by `group` (None if it cannot tell yet).
-pub fn group_lag(brokers: &str, group: &str, topics: &[String]) -> Option<i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .ok()?;
-    let mut tpl = TopicPartitionList::new();
-    let mut high = std::collections::HashMap::new();
-    for topic in topics {
-        let md = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(5))
-            .ok()?;
-        for t in md.topics() {
-            for p in t.partitions() {
-                let (_, hi) = consumer
-                    .fetch_watermarks(topic, p.id(), Duration::from_secs(5))
-                    .ok()?;
-                high.insert((topic.clone(), p.id()), hi);
-                tpl.add_partition(topic, p.id());
-            }
-        }
-    }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(5))
-        .ok()?;
+pub async fn group_lag(settings: &Settings, group: &str, topics: &[String]) -> Option<i64> {
+    let reader = ese::kafka::TopicReader::new(&settings.kafka).ok()?;
     let mut behind = 0;
-    for e in committed.elements() {
-        let hi = high
-            .get(&(e.topic().to_string(), e.partition()))
-            .copied()
-            .unwrap_or(0);
-        let at = match e.offset() {
-            Offset::Offset(o) => o,
-            _ => 0,
-        };
-        behind += (hi - at).max(0);
+    for topic in topics {
+        for p in reader.group_offsets(group, topic).await.ok()? {
+            behind += p.lag();
+        }
     }
     Some(behind)
 }

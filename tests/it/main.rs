@@ -5,6 +5,7 @@ mod bridge;
 mod campaigns;
 mod fixtures;
 mod harness;
+mod kafka;
 mod migrations;
 mod receipts_consent;
 mod sender;

@@ -1,0 +1,46 @@
+//! The Kafka plumbing against the broker: end offsets and reads that replay,
+//! status and fan-out resume rely on.
+
+use std::time::Duration;
+
+use ese::kafka::TopicReader;
+use rdkafka::producer::FutureRecord;
+
+use crate::harness::TestApp;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_offsets_count_every_record_of_every_batch() {
+    let app = TestApp::spawn().await;
+    let topic = app.topic("sends");
+    let reader = TopicReader::new(&app.settings.kafka).unwrap();
+    let before: i64 = reader
+        .end_offsets(&topic)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.1)
+        .sum();
+    assert_eq!(before, 0);
+    for round in 0..3 {
+        let payloads: Vec<(String, String)> = (0..700)
+            .map(|i| (format!("k{i}"), format!("round {round} record {i}")))
+            .collect();
+        let records = payloads
+            .iter()
+            .map(|(k, v)| {
+                FutureRecord::to(&topic)
+                    .key(k.as_bytes())
+                    .payload(v.as_bytes())
+            })
+            .collect();
+        app.producer
+            .send_all(records, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    let ends = reader.end_offsets(&topic).await.unwrap();
+    assert_eq!(ends.iter().map(|p| p.1).sum::<i64>(), 2100, "{ends:?}");
+    let from: Vec<(i32, i64)> = ends.iter().map(|(p, _)| (*p, 0)).collect();
+    let all = reader.read_to_end(&topic, &from).await.unwrap();
+    assert_eq!(all.len(), 2100);
+}
