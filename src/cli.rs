@@ -55,6 +55,43 @@ pub enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
+    /// Process a stage's input again: move its consumer group's offsets
+    /// (the stage must be stopped). Prints the plan first.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["to", "to_offset", "to_time"])))]
+    Replay {
+        /// Stage whose consumer group is moved.
+        stage: String,
+        /// `earliest`: every record still on the input topics.
+        #[arg(long, value_parser = ["earliest"])]
+        to: Option<String>,
+        /// `[TOPIC/]PARTITION:OFFSET[,…]`; partitions not named are left alone.
+        #[arg(long, value_name = "OFFSETS")]
+        to_offset: Option<String>,
+        /// The first record at or after this RFC 3339 time.
+        #[arg(long, value_name = "TIME")]
+        to_time: Option<String>,
+        /// Show the plan, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// After moving, show a progress bar until the (restarted) stage has caught up.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Per stage: consumer group state and members, lag per partition, DLQ
+    /// depth and the newest dead letter's reason.
+    Status {
+        /// Refresh every 2 s until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Dead letters: list them, or put them back on their source topic.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Run the embedded Kafka-API broker alone.
     Broker {
         /// Address to listen on.
@@ -107,6 +144,28 @@ pub enum BenchCommand {
         /// Requests in flight.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Show a stage's dead letters: position, headers, readable body.
+    List {
+        stage: String,
+        /// Only the newest N.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Put a stage's dead letters back on their source topic (after a fix).
+    /// Repeating it is harmless: every sink is idempotent.
+    Replay {
+        stage: String,
+        /// Only those whose reason contains this text (case-insensitive).
+        #[arg(long)]
+        filter: Option<String>,
+        /// Show what would go back, change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -249,6 +308,97 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             engine::cancel_on_signal(shutdown.clone());
             crate::sim::serve_on(sim, listener, shutdown).await
         }
+        Command::Replay {
+            stage,
+            to,
+            to_offset,
+            to_time,
+            dry_run,
+            follow,
+        } => {
+            let target = match (to, to_offset, to_time) {
+                (_, Some(o), _) => crate::ops::Target::parse_offsets(&o)?,
+                (_, _, Some(t)) => crate::ops::Target::parse_time(&t)?,
+                _ => crate::ops::Target::Earliest,
+            };
+            replay(&settings, &stage, &target, dry_run, follow).await
+        }
+        Command::Status { watch, json } => loop {
+            let all = crate::ops::status(&settings).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                if watch {
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!("{}", crate::ops::render_status(&all));
+            }
+            if !watch {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        },
+        Command::Dlq {
+            command: DlqCommand::List { stage, limit },
+        } => {
+            let codec = crate::codec::Codec::new(&settings.schema_registry.url)?;
+            let mut letters = crate::ops::dead_letters(&settings, &stage).await?;
+            if let Some(n) = limit {
+                letters.sort_by_key(|d| rdkafka::Message::timestamp(&d.message).to_millis());
+                letters = letters.split_off(letters.len().saturating_sub(n));
+            }
+            for d in &letters {
+                let m = &d.message;
+                println!(
+                    "{}[{}]@{}",
+                    settings.pipeline(&stage)?.dlq,
+                    rdkafka::Message::partition(m),
+                    rdkafka::Message::offset(m)
+                );
+                for (k, v) in d.headers() {
+                    println!("  {k}: {v}");
+                }
+                println!("  body: {}", d.readable_body(&codec).await);
+            }
+            println!("{} dead letter(s)", letters.len());
+            Ok(())
+        }
+        Command::Dlq {
+            command:
+                DlqCommand::Replay {
+                    stage,
+                    filter,
+                    dry_run,
+                },
+        } => {
+            let letters = crate::ops::dead_letters(&settings, &stage).await?;
+            let chosen: Vec<_> = letters
+                .into_iter()
+                .filter(|d| match &filter {
+                    None => true,
+                    Some(f) => d
+                        .reason()
+                        .unwrap_or_default()
+                        .to_lowercase()
+                        .contains(&f.to_lowercase()),
+                })
+                .collect();
+            for d in &chosen {
+                println!(
+                    "{} {}[{}]@{}: {}",
+                    if dry_run { "would replay" } else { "replaying" },
+                    d.header("ese.source.topic").unwrap_or_default(),
+                    d.header("ese.source.partition").unwrap_or_default(),
+                    d.header("ese.source.offset").unwrap_or_default(),
+                    d.reason().unwrap_or_default()
+                );
+            }
+            if !dry_run {
+                let n = crate::ops::replay_dead_letters(&settings, &stage, &chosen).await?;
+                println!("{n} dead letter(s) back on their source topics");
+            }
+            Ok(())
+        }
         Command::Broker { listen, storage } => {
             // tansu resolves sqlite paths against the working directory; from
             // "/" an absolute `sqlite:///var/lib/ese/broker.db` means what it says.
@@ -268,6 +418,46 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             drop(broker);
             Ok(())
         }
+    }
+}
+
+async fn replay(
+    settings: &Settings,
+    stage: &str,
+    target: &crate::ops::Target,
+    dry_run: bool,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let plan = crate::ops::replay_plan(settings, stage, target).await?;
+    print!("{}", plan.render());
+    if dry_run {
+        println!("dry run: nothing changed");
+        return Ok(());
+    }
+    crate::ops::apply_replay(settings, &plan).await?;
+    println!(
+        "consumer group {} moved; start the stage to process again",
+        plan.group
+    );
+    if !follow {
+        return Ok(());
+    }
+    let total = plan.again().max(0) as u64;
+    let bar = indicatif::ProgressBar::new(total).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} records ({per_sec}, eta {eta})",
+        )?
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("{stage} catching up"));
+    loop {
+        let left = crate::ops::remaining(settings, &plan).await?;
+        bar.set_position(total.saturating_sub(left as u64));
+        if left == 0 {
+            bar.finish_with_message(format!("{stage} caught up"));
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }
 
@@ -351,5 +541,15 @@ pub fn redact(url: &str) -> String {
             u.to_string()
         }
         _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+
+    #[test]
+    fn every_command_and_argument_is_well_formed() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

@@ -189,6 +189,33 @@ impl Codec {
         }
     }
 
+    /// Any record this codec can read, as JSON with its type name, for
+    /// people (dead-letter listings); None when no known schema reads it.
+    pub async fn describe(&self, bytes: &[u8]) -> Option<(String, serde_json::Value)> {
+        let value = match &self.registry {
+            None => {
+                if bytes.len() < 10 || bytes[..2] != [0xC3, 0x01] {
+                    return None;
+                }
+                let fp = u64::from_le_bytes(bytes[2..10].try_into().ok()?);
+                self.known.iter().find_map(|(kind, known)| {
+                    let mut body = &bytes[10..];
+                    let value = known.readers.get(&fp)?.read_value(&mut body).ok()?;
+                    Some((format!("{kind:?}"), value))
+                })?
+            }
+            Some(reg) => {
+                let decoded = reg.1.decode(Some(bytes)).await.ok()?;
+                let name = match &decoded.name {
+                    Some(n) => n.name().to_string(),
+                    None => "record".to_string(),
+                };
+                (name, decoded.value)
+            }
+        };
+        Some((value.0, serde_json::Value::try_from(value.1).ok()?))
+    }
+
     /// Decodes a `kind` record written with any known version of its schema.
     pub async fn decode<R: Record>(&self, bytes: &[u8]) -> Result<R, CodecError> {
         if bytes.is_empty() {

@@ -262,6 +262,49 @@ impl TopicReader {
         .await?
     }
 
+    /// `(partition, log start offset)` for every partition of `topic`.
+    pub async fn start_offsets(&self, topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
+        let (consumer, topic, timeout) = (self.consumer()?, topic.to_string(), self.timeout);
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::consumer::Consumer;
+            partitions(&consumer, &topic, timeout)?
+                .into_iter()
+                .map(|p| Ok((p, consumer.fetch_watermarks(&topic, p, timeout)?.0.max(0))))
+                .collect()
+        })
+        .await?
+    }
+
+    /// Per partition of `topic`, the first offset whose record is at or after
+    /// `at_ms` (ms since the epoch); None where every record is older.
+    pub async fn offsets_for_time(
+        &self,
+        topic: &str,
+        at_ms: i64,
+    ) -> anyhow::Result<Vec<(i32, Option<i64>)>> {
+        let (consumer, topic, timeout) = (self.consumer()?, topic.to_string(), self.timeout);
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::consumer::Consumer;
+            let mut list = rdkafka::TopicPartitionList::new();
+            for p in partitions(&consumer, &topic, timeout)? {
+                list.add_partition_offset(&topic, p, rdkafka::Offset::Offset(at_ms))?;
+            }
+            let found = consumer.offsets_for_times(list, timeout)?;
+            Ok(found
+                .elements()
+                .iter()
+                .map(|e| {
+                    let offset = match e.offset() {
+                        rdkafka::Offset::Offset(o) if o >= 0 => Some(o),
+                        _ => None,
+                    };
+                    (e.partition(), offset)
+                })
+                .collect())
+        })
+        .await?
+    }
+
     /// Per partition of `topic`: the offset `group` has committed (None if
     /// none) and the end, so lag = end − committed.
     pub async fn group_offsets(
@@ -315,9 +358,28 @@ impl TopicReader {
         let (consumer, topic, timeout) = (self.consumer()?, topic.to_string(), self.timeout);
         let from = from.to_vec();
         tokio::task::spawn_blocking(move || {
+            use rdkafka::Message;
             let mut out = Vec::new();
-            read(&consumer, &topic, &from, timeout * 6, |payload| {
-                out.push(payload.to_vec())
+            read(&consumer, &topic, &from, timeout * 6, |m| {
+                out.push(m.payload().unwrap_or_default().to_vec())
+            })?;
+            Ok(out)
+        })
+        .await?
+    }
+
+    /// Like [`TopicReader::read_to_end`], whole records (key, headers, timestamp).
+    pub async fn read_messages(
+        &self,
+        topic: &str,
+        from: &[(i32, i64)],
+    ) -> anyhow::Result<Vec<rdkafka::message::OwnedMessage>> {
+        let (consumer, topic, timeout) = (self.consumer()?, topic.to_string(), self.timeout);
+        let from = from.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            read(&consumer, &topic, &from, timeout * 6, |m| {
+                out.push(m.detach())
             })?;
             Ok(out)
         })
@@ -370,7 +432,7 @@ fn read(
     topic: &str,
     from: &[(i32, i64)],
     within: Duration,
-    mut each: impl FnMut(&[u8]),
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
 ) -> anyhow::Result<Vec<(i32, i64)>> {
     use rdkafka::Message;
     use rdkafka::consumer::Consumer;
@@ -404,7 +466,7 @@ fn read(
             && let Some((next, end)) = state.get_mut(&msg.partition())
         {
             if end.is_none_or(|end| msg.offset() < end) {
-                each(msg.payload().unwrap_or_default());
+                each(&msg);
             }
             *next = msg.offset() + 1;
         }

@@ -33,6 +33,7 @@ pub mod engine;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod ops;
 pub mod phone;
 pub mod records;
 pub mod reports;

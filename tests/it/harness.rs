@@ -308,6 +308,27 @@ impl TestApp {
             .expect("spawn ese")
     }
 
+    /// Runs `ese ARGS…` to completion; returns (exit success, stdout, stderr).
+    pub async fn run_ese(&self, args: &[&str]) -> (bool, String, String) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ese"));
+        cmd.arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .env("DATABASE_URL", &self.settings.database.url)
+            .env("KAFKA_BROKERS", &self.settings.kafka.brokers)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .expect("join")
+            .expect("run ese");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Produces one record and waits for the broker's acknowledgement.
     pub async fn produce(&self, topic: &str, key: &[u8], payload: &[u8]) {
         self.producer
@@ -549,6 +570,18 @@ fn merge(into: &mut toml::Table, extra: toml::Table) {
 pub fn kill9(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// SIGTERM (a graceful stop: drain, commit, leave the group) and wait for the exit.
+pub async fn terminate(mut child: Child) {
+    let pid = child.id().to_string();
+    tokio::task::spawn_blocking(move || {
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let status = child.wait().expect("wait for ese");
+        assert!(status.success(), "ese exited with {status} after SIGTERM");
+    })
+    .await
+    .expect("join");
 }
 
 /// The bridge running in the test process.

@@ -44,3 +44,36 @@ async fn end_offsets_count_every_record_of_every_batch() {
     let all = reader.read_to_end(&topic, &from).await.unwrap();
     assert_eq!(all.len(), 2100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_can_start_inside_a_batch() {
+    let app = TestApp::spawn().await;
+    let topic = app.topic("dlq.users");
+    let reader = TopicReader::new(&app.settings.kafka).unwrap();
+    // One batch: reading its last record starts inside it.
+    let payloads: Vec<String> = (0..5).map(|i| format!("record {i}")).collect();
+    let records = payloads
+        .iter()
+        .map(|p| {
+            FutureRecord::to(&topic)
+                .key(b"same key".as_slice())
+                .payload(p.as_bytes())
+        })
+        .collect();
+    app.producer
+        .send_all(records, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let ends = reader.end_offsets(&topic).await.unwrap();
+    assert_eq!(ends.iter().map(|p| p.1).sum::<i64>(), 5, "{ends:?}");
+    let starts = reader.start_offsets(&topic).await.unwrap();
+    let all = reader.read_messages(&topic, &starts).await.unwrap();
+    assert_eq!(all.len(), 5, "{starts:?}");
+    let last: Vec<(i32, i64)> = ends
+        .iter()
+        .filter(|e| e.1 > 0)
+        .map(|(p, e)| (*p, e - 1))
+        .collect();
+    let newest = reader.read_messages(&topic, &last).await.unwrap();
+    assert_eq!(newest.len(), last.len(), "{last:?}");
+}

@@ -7,6 +7,7 @@ mod fixtures;
 mod harness;
 mod kafka;
 mod migrations;
+mod ops;
 mod receipts_consent;
 mod sender;
 mod users;

@@ -43,7 +43,7 @@ fn status(sid: &str, status: &str, error: Option<&str>, at: i64) -> WebhookRaw {
     raw("status", &p, at)
 }
 
-fn inbound(from: &str, body: &str, at: i64) -> WebhookRaw {
+pub(crate) fn inbound(from: &str, body: &str, at: i64) -> WebhookRaw {
     let sid = format!("SM{}", uuid::Uuid::new_v4().simple());
     raw(
         "inbound",
@@ -57,7 +57,7 @@ fn inbound(from: &str, body: &str, at: i64) -> WebhookRaw {
     )
 }
 
-async fn publish(app: &TestApp, records: &[&WebhookRaw]) {
+pub(crate) async fn publish(app: &TestApp, records: &[&WebhookRaw]) {
     for r in records {
         let (topic, key) = match r.kind.as_str() {
             "status" => (

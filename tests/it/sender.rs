@@ -12,7 +12,7 @@ use crate::harness::{Loop, RunningStage, kill9};
 
 /// Creates template, segment (everyone with `plan = pro`) and a campaign with
 /// `options`, readies and starts it; returns its id.
-async fn start_campaign(l: &Loop, name: &str, options: Value) -> i64 {
+pub(crate) async fn start_campaign(l: &Loop, name: &str, options: Value) -> i64 {
     let api = &l.api;
     let t = api
         .expect(
