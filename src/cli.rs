@@ -38,9 +38,15 @@ pub enum Command {
     },
     /// The webhook bridge (provider callbacks → Kafka), `/healthz`, `/readyz`, `/metrics`.
     Serve,
-    /// Everything in one process: migrations, topics, every stage, and the
-    /// embedded broker when no brokers are configured.
-    Up,
+    /// Everything in one process: migrations, topics, the bridge with the
+    /// admin API, every stage and the scheduler, and the embedded broker when
+    /// no brokers are configured.
+    Up {
+        /// Also run the provider simulator (`provider-sim.listen`) and send to
+        /// it, unless `provider.base-url` is set to something else explicitly.
+        #[arg(long)]
+        with_provider_sim: bool,
+    },
     /// Throughput benchmarks with their ceilings measured in the same run
     /// (fresh database and topics; embedded broker unless KAFKA_BROKERS is set).
     Bench {
@@ -247,7 +253,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             let _ = metrics.await;
             result
         }
-        Command::Up => up(settings).await,
+        Command::Up { with_provider_sim } => up(settings, with_provider_sim).await,
         Command::Serve => {
             let shutdown = CancellationToken::new();
             engine::cancel_on_signal(shutdown.clone());
@@ -293,20 +299,13 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             if let Some(l) = listen {
                 cfg.listen = l;
             }
-            let creds = crate::stages::sender::Credentials::from_env()?;
-            let sim = crate::sim::Simulator::new(cfg.clone(), creds.account_sid, creds.auth_token)?;
-            let listener = tokio::net::TcpListener::bind(cfg.listen)
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!("provider-sim.listen {}: cannot bind: {e}", cfg.listen)
-                })?;
-            println!(
-                "ese provider-sim: http://{}/2010-04-01/Accounts/{{AccountSid}}/Messages.json, stats at /sim/stats",
-                cfg.listen
-            );
             let shutdown = CancellationToken::new();
             engine::cancel_on_signal(shutdown.clone());
-            crate::sim::serve_on(sim, listener, shutdown).await
+            let (addr, task) = crate::sim::start(cfg, shutdown).await?;
+            println!(
+                "ese provider-sim: http://{addr}/2010-04-01/Accounts/{{AccountSid}}/Messages.json, stats at /sim/stats"
+            );
+            task.await?
         }
         Command::Replay {
             stage,
@@ -461,7 +460,7 @@ async fn replay(
     }
 }
 
-async fn up(mut settings: Settings) -> anyhow::Result<()> {
+async fn up(mut settings: Settings, with_provider_sim: bool) -> anyhow::Result<()> {
     let _broker = if settings.kafka.brokers.trim().is_empty() {
         let b = crate::broker::start(&settings.broker.listen, &settings.broker.storage).await?;
         settings.kafka.brokers = b.bootstrap.clone();
@@ -474,6 +473,16 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
     crate::kafka::create_topics(&settings.kafka, &topics).await?;
     let shutdown = CancellationToken::new();
     engine::cancel_on_signal(shutdown.clone());
+    let sim = if with_provider_sim {
+        let (addr, task) =
+            crate::sim::start(settings.provider_sim.clone(), shutdown.clone()).await?;
+        if settings.provider.base_url == crate::config::TWILIO_API {
+            settings.provider.base_url = format!("http://{addr}");
+        }
+        Some((addr, task))
+    } else {
+        None
+    };
     let deps = Deps::new(&settings)?;
     let metrics = tokio::spawn(crate::metrics::serve(
         settings.metrics.listen,
@@ -521,6 +530,13 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
         }
     );
     println!("  metrics    http://{}/metrics", settings.metrics.listen);
+    match &sim {
+        Some((addr, _)) => println!(
+            "  provider   {} (simulator on http://{addr}, stats at /sim/stats)",
+            settings.provider.base_url
+        ),
+        None => println!("  provider   {}", settings.provider.base_url),
+    }
     println!("  stages     {}", stages::ALL.join(", "));
     println!("  topics     {}", topics.len());
     let names: Vec<String> = stages::ALL.iter().map(|s| s.to_string()).collect();

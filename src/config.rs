@@ -100,6 +100,9 @@ pub struct RegistryConfig {
 pub struct MetricsConfig {
     /// Where `/metrics` listens for `ese run`; `ese up` also serves it on the bridge. Default `127.0.0.1:9464`.
     pub listen: SocketAddr,
+    /// How often the business gauges and DLQ depths are refreshed. Default 15s.
+    #[serde(with = "humantime_serde")]
+    pub business_interval: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -300,8 +303,11 @@ fn default_concurrency() -> usize {
     1
 }
 
-/// `ESE__BRIDGE__PUBLIC_URL` → `bridge.public-url`.
-fn env_key(key: &str) -> String {
+/// The real provider's API, `provider.base-url`'s default.
+pub const TWILIO_API: &str = "https://api.twilio.com";
+
+/// `ESE__BRIDGE__PUBLIC_URL` (prefix stripped, lower-cased: `bridge__public_url`) → `bridge.public-url`.
+pub fn env_key(key: &str) -> String {
     key.split("__")
         .map(|part| part.replace('_', "-"))
         .collect::<Vec<_>>()

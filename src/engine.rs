@@ -73,6 +73,12 @@ pub async fn run_stages(
         deps.pool.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(crate::metrics::watch_business(
+        deps.settings.clone(),
+        deps.pool.clone(),
+        deps.settings.metrics.business_interval,
+        shutdown.clone(),
+    ));
     let mut set = JoinSet::new();
     for n in names {
         let (n, deps, token) = (n.clone(), deps.clone(), shutdown.clone());

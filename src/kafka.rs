@@ -275,6 +275,18 @@ impl TopicReader {
         .await?
     }
 
+    /// Records on `topic` (end minus log start, over every partition).
+    pub async fn depth(&self, topic: &str) -> anyhow::Result<i64> {
+        let starts: std::collections::BTreeMap<i32, i64> =
+            self.start_offsets(topic).await?.into_iter().collect();
+        Ok(self
+            .end_offsets(topic)
+            .await?
+            .iter()
+            .map(|(p, end)| (end - starts.get(p).copied().unwrap_or(0)).max(0))
+            .sum())
+    }
+
     /// Per partition of `topic`, the first offset whose record is at or after
     /// `at_ms` (ms since the epoch); None where every record is older.
     pub async fn offsets_for_time(

@@ -39,10 +39,323 @@ pub fn handle() -> PrometheusHandle {
             let handle = recorder.handle();
             // Fails only if another recorder was installed first, in which case
             // this handle renders nothing but the process still runs.
-            let _ = metrics::set_global_recorder(recorder);
+            if metrics::set_global_recorder(recorder).is_ok() {
+                register_catalogue();
+            }
             handle
         })
         .clone()
+}
+
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric the engine exports, with its help text. Each is registered
+/// (at zero) when the recorder is installed, so `/metrics` names all of them
+/// from the start: dashboards and alerts see 0, not "no data".
+const CATALOGUE: &[(&str, Kind, &str)] = &[
+    (
+        "ese_admin_unauthorized_total",
+        Kind::Counter,
+        "Admin API calls refused for a missing or wrong token.",
+    ),
+    (
+        "ese_bridge_in_flight_requests",
+        Kind::Gauge,
+        "Webhook requests being handled.",
+    ),
+    (
+        "ese_bridge_produce_duration_seconds",
+        Kind::Histogram,
+        "Webhook record produce latency until the broker acknowledged, by route.",
+    ),
+    (
+        "ese_bridge_requests_total",
+        Kind::Counter,
+        "Webhook requests by route and status code.",
+    ),
+    (
+        "ese_bridge_signature_failures_total",
+        Kind::Counter,
+        "Webhooks refused for their X-Twilio-Signature, by reason.",
+    ),
+    (
+        "ese_db_pool_connections",
+        Kind::Gauge,
+        "Postgres pool connections by state (in_use, idle, max).",
+    ),
+    (
+        "ese_fanout_commands_total",
+        Kind::Counter,
+        "Campaign commands seen by the fanout stage.",
+    ),
+    (
+        "ese_fanout_errors_total",
+        Kind::Counter,
+        "Fan-out passes interrupted by an error (resumed).",
+    ),
+    (
+        "ese_fanout_messages_total",
+        Kind::Counter,
+        "Message rows written by fan-out.",
+    ),
+    (
+        "ese_fanout_produce_seconds",
+        Kind::Histogram,
+        "Time to produce and acknowledge one fan-out page of sends.",
+    ),
+    (
+        "ese_fanout_sends_total",
+        Kind::Counter,
+        "Send records produced by fan-out.",
+    ),
+    (
+        "ese_fanout_skipped_total",
+        Kind::Counter,
+        "Recipients skipped by fan-out, by reason.",
+    ),
+    (
+        "ese_kafka_consume_errors_total",
+        Kind::Counter,
+        "Consumer errors by stage.",
+    ),
+    (
+        "ese_kafka_consumer_lag_records",
+        Kind::Gauge,
+        "Consumer lag by stage, topic and partition.",
+    ),
+    (
+        "ese_kafka_producer_recreated_total",
+        Kind::Counter,
+        "Producers replaced after a fatal error.",
+    ),
+    (
+        "ese_pipeline_end_to_end_seconds",
+        Kind::Histogram,
+        "Webhook received by the bridge to row committed, by stage.",
+    ),
+    (
+        "ese_receipts_callbacks_total",
+        Kind::Counter,
+        "Status callbacks joined, by provider status.",
+    ),
+    (
+        "ese_receipts_parked",
+        Kind::Gauge,
+        "Status callbacks waiting for their message's provider SID.",
+    ),
+    (
+        "ese_receipts_sent_to_delivered_seconds",
+        Kind::Histogram,
+        "Time from sent to delivered.",
+    ),
+    (
+        "ese_receipts_transitions_total",
+        Kind::Counter,
+        "Message status changes by new status.",
+    ),
+    (
+        "ese_receipts_unmatched",
+        Kind::Gauge,
+        "Parked callbacks older than receipts.unmatched-after.",
+    ),
+    (
+        "ese_scheduler_commands_total",
+        Kind::Counter,
+        "Campaigns started or completed by the scheduler.",
+    ),
+    (
+        "ese_scheduler_errors_total",
+        Kind::Counter,
+        "Scheduler ticks that failed.",
+    ),
+    (
+        "ese_sender_held_total",
+        Kind::Counter,
+        "Sends held back (paused, quiet hours, not due), by reason.",
+    ),
+    (
+        "ese_sender_provider_seconds",
+        Kind::Histogram,
+        "Provider API call latency.",
+    ),
+    (
+        "ese_sender_pump_errors_total",
+        Kind::Counter,
+        "Sender pump passes that failed.",
+    ),
+    (
+        "ese_sender_rate_limit_wait_seconds",
+        Kind::Histogram,
+        "Time sends waited for the rate limiters.",
+    ),
+    (
+        "ese_sender_reconciled_total",
+        Kind::Counter,
+        "Claimed-but-unanswered sends reconciled, by outcome.",
+    ),
+    (
+        "ese_sender_released_total",
+        Kind::Counter,
+        "Held sends released when due.",
+    ),
+    (
+        "ese_sender_sends_total",
+        Kind::Counter,
+        "Send attempts by outcome (sent, transient, permanent, unknown, skipped).",
+    ),
+    (
+        "ese_sim_callbacks_total",
+        Kind::Counter,
+        "Provider simulator: status callbacks posted, by outcome.",
+    ),
+    (
+        "ese_sim_requests_total",
+        Kind::Counter,
+        "Provider simulator: API requests by outcome.",
+    ),
+    (
+        "ese_stage_batch_duration_seconds",
+        Kind::Histogram,
+        "Batch processing time by stage.",
+    ),
+    (
+        "ese_stage_batch_size_records",
+        Kind::Histogram,
+        "Records per batch by stage.",
+    ),
+    (
+        "ese_stage_records_consumed_total",
+        Kind::Counter,
+        "Records consumed by stage.",
+    ),
+    (
+        "ese_stage_records_dead_lettered_total",
+        Kind::Counter,
+        "Records sent to the stage's dead-letter topic.",
+    ),
+    (
+        "ese_stage_records_failed_total",
+        Kind::Counter,
+        "Record failures by stage and kind (poison, transient).",
+    ),
+    (
+        "ese_stage_records_out_total",
+        Kind::Counter,
+        "Records produced by stage.",
+    ),
+    (
+        "ese_stage_records_processed_total",
+        Kind::Counter,
+        "Records processed and committed by stage.",
+    ),
+    (
+        "ese_stage_retries_total",
+        Kind::Counter,
+        "Batch retries after transient errors, by stage.",
+    ),
+    (
+        "ese_business_active_campaigns",
+        Kind::Gauge,
+        "Campaigns RUNNING now.",
+    ),
+    (
+        "ese_business_opted_in_users",
+        Kind::Gauge,
+        "Users whose consent is OPT_IN.",
+    ),
+    (
+        "ese_business_delivered_today",
+        Kind::Gauge,
+        "Messages delivered since midnight UTC.",
+    ),
+    (
+        "ese_business_inbound_last_hour",
+        Kind::Gauge,
+        "Inbound messages received in the last hour.",
+    ),
+    (
+        "ese_business_running_rate_limit_per_second",
+        Kind::Gauge,
+        "Sum of the rate limits of RUNNING campaigns.",
+    ),
+    (
+        "ese_dlq_records",
+        Kind::Gauge,
+        "Records on each stage's dead-letter topic.",
+    ),
+];
+
+fn register_catalogue() {
+    for (name, kind, help) in CATALOGUE {
+        let name = *name;
+        match kind {
+            Kind::Counter => {
+                metrics::describe_counter!(name, *help);
+                metrics::counter!(name).increment(0);
+            }
+            Kind::Gauge => {
+                metrics::describe_gauge!(name, *help);
+                metrics::gauge!(name).increment(0.0);
+            }
+            Kind::Histogram => {
+                metrics::describe_histogram!(name, *help);
+                let _ = metrics::histogram!(name);
+            }
+        }
+    }
+}
+
+/// The business figures of the real-time dashboard, one row.
+const BUSINESS: &str = "
+SELECT (SELECT count(*) FROM campaigns WHERE status = 'RUNNING'),
+       (SELECT count(*) FROM users WHERE consent_state = 'OPT_IN'),
+       (SELECT count(*) FROM messages
+         WHERE delivered_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
+       (SELECT count(*) FROM inbound_events WHERE received_at > now() - interval '1 hour'),
+       (SELECT coalesce(sum(rate_limit_per_second), 0)::bigint FROM campaigns WHERE status = 'RUNNING')";
+
+/// Refreshes the business gauges from Postgres and each stage's DLQ depth
+/// from Kafka every `every`, until `shutdown`.
+pub async fn watch_business(
+    settings: crate::config::Settings,
+    pool: Pool,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = refresh_business(&settings, &pool).await {
+            tracing::debug!(error = %e, "business gauges not refreshed");
+        }
+    }
+}
+
+async fn refresh_business(settings: &crate::config::Settings, pool: &Pool) -> anyhow::Result<()> {
+    let row = pool.get().await?.query_one(BUSINESS, &[]).await?;
+    let names = [
+        "ese_business_active_campaigns",
+        "ese_business_opted_in_users",
+        "ese_business_delivered_today",
+        "ese_business_inbound_last_hour",
+        "ese_business_running_rate_limit_per_second",
+    ];
+    for (i, name) in names.into_iter().enumerate() {
+        metrics::gauge!(name).set(row.get::<_, i64>(i) as f64);
+    }
+    let reader = crate::kafka::TopicReader::new(&settings.kafka)?;
+    for (stage, p) in &settings.pipelines {
+        let depth = reader.depth(&p.dlq).await?;
+        metrics::gauge!("ese_dlq_records", "stage" => stage.clone()).set(depth as f64);
+    }
+    Ok(())
 }
 
 /// The router serving `/metrics` (for a process without the bridge) and `/healthz`.

@@ -398,16 +398,14 @@ pub async fn dlq_depth_and_newest(
     reader: &TopicReader,
     dlq: &str,
 ) -> anyhow::Result<(i64, Option<DeadLetter>)> {
-    let ends = reader.end_offsets(dlq).await?;
+    let depth = reader.depth(dlq).await?;
     let starts: BTreeMap<i32, i64> = reader.start_offsets(dlq).await?.into_iter().collect();
-    let depth = ends
-        .iter()
-        .map(|(p, end)| (end - starts.get(p).copied().unwrap_or(0)).max(0))
-        .sum();
-    let last: Vec<(i32, i64)> = ends
-        .iter()
+    let last: Vec<(i32, i64)> = reader
+        .end_offsets(dlq)
+        .await?
+        .into_iter()
         .filter(|(p, end)| *end > starts.get(p).copied().unwrap_or(0))
-        .map(|(p, end)| (*p, end - 1))
+        .map(|(p, end)| (p, end - 1))
         .collect();
     let newest = if last.is_empty() {
         None

@@ -1097,6 +1097,24 @@ pub async fn serve(sim: Arc<Simulator>, shutdown: CancellationToken) -> anyhow::
 }
 
 /// Serves on a bound listener until `shutdown`, then stops pending callbacks.
+/// Binds `cfg.listen` and serves the simulator (credentials from the
+/// environment) in a task until `shutdown`; returns the bound address.
+pub async fn start(
+    cfg: SimConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    let creds = crate::stages::sender::Credentials::from_env()?;
+    let sim = Simulator::new(cfg.clone(), creds.account_sid, creds.auth_token)?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("provider-sim.listen {}: cannot bind: {e}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    Ok((addr, tokio::spawn(serve_on(sim, listener, shutdown))))
+}
+
 pub async fn serve_on(
     sim: Arc<Simulator>,
     listener: tokio::net::TcpListener,

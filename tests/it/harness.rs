@@ -308,6 +308,27 @@ impl TestApp {
             .expect("spawn ese")
     }
 
+    /// Starts `ese ARGS…` with extra environment and its stdout piped.
+    pub fn spawn_ese_piped(&self, args: &[&str], env: &[(&str, String)]) -> Child {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ese"));
+        cmd.arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .env("DATABASE_URL", &self.settings.database.url)
+            .env("KAFKA_BROKERS", &self.settings.kafka.brokers)
+            .env("RUST_LOG", "warn")
+            .env("TWILIO_ACCOUNT_SID", SIM_ACCOUNT)
+            .env("TWILIO_AUTH_TOKEN", crate::fixtures::TOKEN)
+            .env("ESE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("spawn ese")
+    }
+
     /// Runs `ese ARGS…` to completion; returns (exit success, stdout, stderr).
     pub async fn run_ese(&self, args: &[&str]) -> (bool, String, String) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ese"));
@@ -570,6 +591,38 @@ fn merge(into: &mut toml::Table, extra: toml::Table) {
 pub fn kill9(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A child `ese` killed when the test ends, however it ends.
+pub struct Proc(Option<Child>);
+
+impl Proc {
+    pub fn new(child: Child) -> Proc {
+        Proc(Some(child))
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("running")
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(c) = &mut self.0 {
+            kill9(c);
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub async fn terminate(mut self) {
+        if let Some(c) = self.0.take() {
+            terminate(c).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
 }
 
 /// SIGTERM (a graceful stop: drain, commit, leave the group) and wait for the exit.

@@ -3,6 +3,7 @@
 
 mod bridge;
 mod campaigns;
+mod deploy;
 mod fixtures;
 mod harness;
 mod kafka;

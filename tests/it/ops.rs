@@ -8,9 +8,7 @@ use ese::ops::{self, Target};
 use ese::records::UserUpsert;
 use serde_json::json;
 
-use std::process::Child;
-
-use crate::harness::{Loop, RunningStage, TestApp, terminate};
+use crate::harness::{Loop, Proc, RunningStage, TestApp};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -35,7 +33,7 @@ async fn produce_upserts(app: &TestApp, upserts: &[UserUpsert]) {
 
 /// Every pipeline stage: in this process, except the sender (a child
 /// process, where the provider credentials are in its environment).
-fn start_all(app: &TestApp) -> (Vec<RunningStage>, Child) {
+fn start_all(app: &TestApp) -> (Vec<RunningStage>, Proc) {
     let stages = app
         .settings
         .pipelines
@@ -43,14 +41,14 @@ fn start_all(app: &TestApp) -> (Vec<RunningStage>, Child) {
         .filter(|s| *s != "sender")
         .map(|s| app.start_stage(s))
         .collect();
-    (stages, app.spawn_ese(&["run", "sender"]))
+    (stages, Proc::new(app.spawn_ese(&["run", "sender"])))
 }
 
-async fn stop_all((stages, sender): (Vec<RunningStage>, Child)) {
+async fn stop_all((stages, sender): (Vec<RunningStage>, Proc)) {
     for s in stages {
         s.stop().await;
     }
-    terminate(sender).await;
+    sender.terminate().await;
 }
 
 async fn wait_all_caught_up(app: &TestApp) {

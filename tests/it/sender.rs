@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Loop, RunningStage, kill9};
+use crate::harness::{Loop, Proc, RunningStage, kill9};
 
 /// Creates template, segment (everyone with `plan = pro`) and a campaign with
 /// `options`, readies and starts it; returns its id.
@@ -60,15 +60,6 @@ fn phone(i: i64) -> String {
 }
 
 struct Stages(Vec<RunningStage>, Vec<Child>);
-
-/// A child `ese` killed when the test ends, however it ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        kill9(&mut self.0);
-    }
-}
 
 impl Drop for Stages {
     fn drop(&mut self) {
@@ -197,7 +188,7 @@ async fn opt_out_after_fanout_is_never_messaged_and_pause_holds_everything() {
     .await
     .unwrap();
 
-    let _sender = Proc(l.app.spawn_ese(&["run", "sender"]));
+    let _sender = Proc::new(l.app.spawn_ese(&["run", "sender"]));
     wait_until("a few sends", Duration::from_secs(30), async || {
         l.stats().await["accepted"].as_i64().unwrap_or(0) >= 3
     })
@@ -379,14 +370,14 @@ async fn sender_killed_between_claim_and_answer_never_sends_twice() {
     l.script(&phone(3), json!([{"delay_ms": 60000}])).await;
     let stages = Stages::start(&l, 0);
     start_campaign(&l, "crash", json!({"rate_limit_per_second": 100})).await;
-    let mut sender = Proc(l.app.spawn_ese(&["run", "sender"]));
+    let mut sender = Proc::new(l.app.spawn_ese(&["run", "sender"]));
     wait_until(
         "user 3's call to reach the provider",
         Duration::from_secs(30),
         async || per_recipient(&l.stats().await).contains_key(&phone(3)),
     )
     .await;
-    kill9(&mut sender.0);
+    sender.kill9();
     assert_eq!(
         l.app
             .count(&format!(
@@ -397,7 +388,7 @@ async fn sender_killed_between_claim_and_answer_never_sends_twice() {
         1,
         "claimed before the call"
     );
-    let _sender = Proc(l.app.spawn_ese(&["run", "sender"]));
+    let _sender = Proc::new(l.app.spawn_ese(&["run", "sender"]));
     wait_until("every message sent", Duration::from_secs(60), async || {
         l.app
             .count("SELECT count(*) FROM messages WHERE status IN ('SENT', 'DELIVERED')")
