@@ -98,6 +98,17 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// The whole loop on a running `ese up --with-provider-sim` (same config
+    /// and ESE_ADMIN_TOKEN): seeds users, creates a template, a segment and a
+    /// campaign, starts it and shows its messages reaching DELIVERED.
+    Demo {
+        /// Recipients.
+        #[arg(long, default_value_t = 25)]
+        users: u32,
+        /// Give up after this long.
+        #[arg(long, default_value = "120s", value_parser = humantime_serde::re::humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Run the embedded Kafka-API broker alone.
     Broker {
         /// Address to listen on.
@@ -307,6 +318,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             );
             task.await?
         }
+        Command::Demo { users, timeout } => crate::demo::run(&settings, users, timeout).await,
         Command::Replay {
             stage,
             to,

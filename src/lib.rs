@@ -29,6 +29,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod engine;
 pub mod http;
 pub mod kafka;

@@ -91,15 +91,18 @@ async fn up_runs_everything_and_dashboards_name_only_exported_metrics() {
     let app = TestApp::spawn().await;
     app.seed_users(3, "'{}'::jsonb").await;
     let (bridge, metrics, sim) = (free_port(), free_port(), free_port());
-    let mut child = Proc::new(app.spawn_ese_piped(
-        &["up", "--with-provider-sim"],
-        &[
-            ("ESE__BRIDGE__LISTEN", format!("127.0.0.1:{bridge}")),
-            ("ESE__METRICS__LISTEN", format!("127.0.0.1:{metrics}")),
-            ("ESE__PROVIDER_SIM__LISTEN", format!("127.0.0.1:{sim}")),
-            ("ESE__METRICS__BUSINESS_INTERVAL", "200ms".to_string()),
-        ],
-    ));
+    let env = [
+        ("ESE__BRIDGE__LISTEN", format!("127.0.0.1:{bridge}")),
+        (
+            "ESE__BRIDGE__PUBLIC_URL",
+            format!("http://127.0.0.1:{bridge}"),
+        ),
+        ("ESE__METRICS__LISTEN", format!("127.0.0.1:{metrics}")),
+        ("ESE__PROVIDER_SIM__LISTEN", format!("127.0.0.1:{sim}")),
+        ("ESE__METRICS__BUSINESS_INTERVAL", "200ms".to_string()),
+        ("ESE_ADMIN_TOKEN", crate::harness::ADMIN_TOKEN.to_string()),
+    ];
+    let mut child = Proc::new(app.spawn_ese_piped(&["up", "--with-provider-sim"], &env));
     // The banner says what listens where.
     let stdout = child.child().stdout.take().unwrap();
     let banner = tokio::task::spawn_blocking(move || {
@@ -172,6 +175,27 @@ async fn up_runs_everything_and_dashboards_name_only_exported_metrics() {
         "not exported by the engine:\n{}",
         missing.join("\n")
     );
+
+    // `ese demo` runs the loop on it: users → campaign → simulator → DELIVERED.
+    let (ok, out, err) = app
+        .run_ese_with(&["demo", "--users", "12", "--timeout", "90s"], &env)
+        .await;
+    assert!(ok, "demo failed:\n{out}\n{err}");
+    assert!(out.contains("DELIVERED"), "{out}");
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM messages WHERE status IN ('DELIVERED', 'READ', 'UNDELIVERED', 'FAILED')"
+        )
+        .await,
+        12
+    );
+    let stats: serde_json::Value = serde_json::from_str(
+        &get(&format!("http://127.0.0.1:{sim}/sim/stats"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stats["accepted"], 12, "the simulator got each message once");
     child.terminate().await;
 }
 

@@ -331,7 +331,19 @@ impl TestApp {
 
     /// Runs `ese ARGS…` to completion; returns (exit success, stdout, stderr).
     pub async fn run_ese(&self, args: &[&str]) -> (bool, String, String) {
+        self.run_ese_with(args, &[]).await
+    }
+
+    /// Like [`TestApp::run_ese`] with extra environment.
+    pub async fn run_ese_with(
+        &self,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> (bool, String, String) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ese"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         cmd.arg("--config")
             .arg(&self.config_path)
             .args(args)
