@@ -465,7 +465,8 @@ async fn replay(
         let left = crate::ops::remaining(settings, &plan).await?;
         bar.set_position(total.saturating_sub(left as u64));
         if left == 0 {
-            bar.finish_with_message(format!("{stage} caught up"));
+            bar.finish_and_clear();
+            println!("{stage} caught up: {total} records processed again");
             return Ok(());
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;

@@ -355,6 +355,39 @@ async fn replay_cli_shows_the_plan_and_moves_only_what_it_names() {
     app.wait_caught_up("users", WAIT).await;
     users.stop().await;
 
+    // --follow: the plan applied, then progress until the restarted stage caught up.
+    let mut follow =
+        Proc::new(app.spawn_ese_piped(&["replay", "users", "--to", "earliest", "--follow"], &[]));
+    let reader = ese::kafka::TopicReader::new(&app.settings.kafka).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let offsets = reader
+            .group_offsets(&plan.group, &app.topic("users.upserts"))
+            .await
+            .unwrap();
+        if offsets.iter().map(|p| p.lag()).sum::<i64>() == 30 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replay never moved the group"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let users = app.start_stage("users");
+    let mut stdout = follow.child().stdout.take().unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("30 records will be processed again"), "{out}");
+    assert!(out.contains("users caught up"), "{out}");
+    assert!(follow.child().wait().unwrap().success());
+    users.stop().await;
+
     // A time after every record: nothing to process again, the group at the end.
     let future = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
     let (ok, out, err) = app
