@@ -6,6 +6,7 @@ mod campaigns;
 mod deploy;
 mod fixtures;
 mod harness;
+mod hostile;
 mod kafka;
 mod migrations;
 mod ops;
