@@ -123,6 +123,21 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// The engine as one process: signed status webhooks at a rate through
+    /// bridge → normalize → receipts (latency, lag, CPU, RSS), then a campaign
+    /// through fan-out → sender → simulator → callbacks → DELIVERED, with the
+    /// broker and COPY ceilings.
+    E2e {
+        /// Webhooks per second.
+        #[arg(long, default_value_t = 5000)]
+        rate: u32,
+        /// Seconds of webhook load.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Recipients of the campaign run.
+        #[arg(long, default_value_t = 100_000)]
+        campaign_users: i64,
+    },
     /// sender against the provider simulator: rate accuracy at 100/s and
     /// 1,000/s, then the ceiling with limits off.
     Sender {
@@ -282,6 +297,14 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             );
             crate::bridge::serve(settings.bridge.listen, router, shutdown).await
         }
+        Command::Bench {
+            command:
+                BenchCommand::E2e {
+                    rate,
+                    seconds,
+                    campaign_users,
+                },
+        } => crate::bench::e2e(settings, rate, seconds, campaign_users).await,
         Command::Bench {
             command: BenchCommand::Users { records },
         } => crate::bench::users(settings, records).await,

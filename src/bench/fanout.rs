@@ -171,7 +171,7 @@ async fn run(scratch: &Scratch, n: i64) -> anyhow::Result<()> {
 }
 
 /// `VmHWM` (peak resident set) of process `pid`, in KiB.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
+pub(super) fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()

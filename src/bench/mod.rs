@@ -18,10 +18,12 @@ use crate::config::Settings;
 use crate::stages::Deps;
 use crate::stages::users::UserUpsert;
 
+mod e2e;
 mod fanout;
 mod sender;
 mod sinks;
 mod webhooks;
+pub use e2e::e2e;
 pub use fanout::fanout;
 pub use sender::sender;
 pub use sinks::receipts;

@@ -23,26 +23,26 @@ use crate::config::Settings;
 use crate::records::{Param, WebhookRaw};
 use crate::stages::Deps;
 
-const PATH: &str = "/webhooks/twilio/status";
-const TOKEN: &str = "bench-auth-token";
+pub(super) const PATH: &str = "/webhooks/twilio/status";
+pub(super) const TOKEN: &str = "bench-auth-token";
 
 /// Latencies and outcome of one load run.
-struct Run {
-    elapsed: Duration,
-    latencies: Vec<Duration>,
-    ok: usize,
-    failed: usize,
+pub(super) struct Run {
+    pub(super) elapsed: Duration,
+    pub(super) latencies: Vec<Duration>,
+    pub(super) ok: usize,
+    pub(super) failed: usize,
 }
 
 impl Run {
-    fn pct(&self, p: f64) -> Duration {
+    pub(super) fn pct(&self, p: f64) -> Duration {
         if self.latencies.is_empty() {
             return Duration::ZERO;
         }
         let i = ((self.latencies.len() - 1) as f64 * p).round() as usize;
         self.latencies[i]
     }
-    fn print(&self, what: &str) {
+    pub(super) fn print(&self, what: &str) {
         println!(
             "  {what:<28} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.2} ms  ({} ok, {} failed)",
             rate(self.ok, self.elapsed),
@@ -61,7 +61,7 @@ impl Run {
 }
 
 /// A realistic signed status callback for message `i`.
-fn callback(public_url: &str, i: usize) -> (String, String) {
+pub(super) fn callback(public_url: &str, i: usize) -> (String, String) {
     let sid = format!("SM{i:032x}");
     let status = ["queued", "sent", "delivered"][i % 3];
     let params: Vec<(String, String)> = [
@@ -86,7 +86,7 @@ fn callback(public_url: &str, i: usize) -> (String, String) {
 
 /// Sends `bodies` to `url` with `concurrency` workers; with `per_second`,
 /// request i is due at start + i / per_second (open loop).
-async fn drive(
+pub(super) async fn drive(
     url: &str,
     bodies: Arc<Vec<(String, String)>>,
     concurrency: usize,

@@ -1,0 +1,430 @@
+//! `ese bench e2e`: the engine as one child process (`ese up
+//! --with-provider-sim`) on a scratch database and topics. First signed status
+//! webhooks at a target rate through bridge → normalize → receipts →
+//! Postgres, with lag, CPU and memory sampled every second; then a campaign
+//! through fan-out → sender → simulator → signed callbacks → receipts until
+//! every message is final. The ceilings beneath (bare produce and consume on
+//! the same broker, COPY of the same rows) are measured in the same run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::FutureRecord;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
+
+use super::webhooks::{PATH, TOKEN, callback, drive};
+use super::{Scratch, bench_phone, consume_ceiling, rate};
+use crate::config::Settings;
+use crate::kafka::TopicReader;
+
+const ADMIN: &str = "bench-admin-token";
+
+/// `ese bench e2e --rate R --seconds S --campaign-users N`.
+pub async fn e2e(
+    settings: Settings,
+    per_second: u32,
+    seconds: u64,
+    users: i64,
+) -> anyhow::Result<()> {
+    // Valid numbers (the callbacks go through phone normalization): +1415 2000001….
+    anyhow::ensure!(
+        (1..8_000_000).contains(&users),
+        "--campaign-users must be between 1 and 7,999,999"
+    );
+    let scratch = Scratch::new(settings).await?;
+    let result = run(&scratch, per_second.max(1), seconds.max(1), users).await;
+    scratch.cleanup().await?;
+    result
+}
+
+fn free_addr() -> anyhow::Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// CPU seconds (user + system) of process `pid`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the ")" that closes the command name: utime is the 12th, stime the 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Kills the engine on every exit path.
+struct Engine(std::process::Child);
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// Quantile `q` from a Prometheus histogram's cumulative buckets (upper bound, count).
+fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let want = total * q;
+    let mut prev = (0.0, 0.0);
+    for &(le, n) in buckets {
+        if n >= want {
+            if !le.is_finite() {
+                return prev.0;
+            }
+            let span = (n - prev.1).max(1e-9);
+            return prev.0 + (le - prev.0) * (want - prev.1) / span;
+        }
+        prev = (le, n);
+    }
+    prev.0
+}
+
+/// The `ese_pipeline_end_to_end_seconds` buckets of `stage` on a metrics page.
+fn e2e_buckets(page: &str, stage: &str) -> Vec<(f64, f64)> {
+    let prefix = "ese_pipeline_end_to_end_seconds_bucket{";
+    let mut out: Vec<(f64, f64)> = page
+        .lines()
+        .filter(|l| l.starts_with(prefix) && l.contains(&format!("stage=\"{stage}\"")))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let n = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le, n))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
+async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> anyhow::Result<()> {
+    let mut settings = scratch.settings.clone();
+    let (bridge, metrics, sim) = (free_addr()?, free_addr()?, free_addr()?);
+    settings.bridge.listen = bridge;
+    settings.bridge.public_url = format!("http://{bridge}");
+    settings.bridge.max_in_flight = 4096;
+    settings.metrics.listen = metrics;
+    settings.provider_sim.listen = sim;
+    settings.provider_sim.rate_limit = 0;
+    settings.provider.base_url = format!("http://{sim}");
+    settings.sender.global_rate_limit = 0;
+    let n = (per_second as u64 * seconds) as usize;
+    println!(
+        "e2e bench: {n} status webhooks at {per_second}/s, then a {users}-user campaign; broker {}, postgres db {}",
+        settings.kafka.brokers, scratch.db_name
+    );
+    let pool = crate::db::pool(&settings.database)?;
+    let client = pool.get().await?;
+
+    // The messages the callbacks belong to; their COPY is the Postgres ceiling.
+    let campaign: i64 = client
+        .query_one(
+            "WITH t AS (INSERT INTO templates (name, body) VALUES ('e2e', 'Hello') RETURNING id),
+                  s AS (INSERT INTO segments (name, filter) VALUES ('e2e', '{}') RETURNING id)
+             INSERT INTO campaigns (name, template_id, segment_id, status)
+             SELECT 'e2e webhooks', t.id, s.id, 'RUNNING' FROM t, s RETURNING id",
+            &[],
+        )
+        .await?
+        .get(0);
+    let started = Instant::now();
+    let sink = client
+        .copy_in("COPY messages (campaign_id, recipient_phone, body, provider_sid, status, sent_at) FROM STDIN BINARY")
+        .await?;
+    let writer = BinaryCopyInWriter::new(
+        sink,
+        &[
+            Type::INT8,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TIMESTAMPTZ,
+        ],
+    );
+    futures::pin_mut!(writer);
+    let sent_at = chrono::Utc::now() - chrono::Duration::minutes(1);
+    for i in 0..n {
+        let (phone, sid) = (bench_phone(i), format!("SM{i:032x}"));
+        writer
+            .as_mut()
+            .write(&[&campaign, &phone, &"Hello", &sid, &"SENT", &sent_at])
+            .await?;
+    }
+    writer.finish().await?;
+    let copy = rate(n, started.elapsed());
+
+    // Ceilings on the broker: bare produce and consume of same-size records.
+    let bodies: Arc<Vec<(String, String)>> = Arc::new(
+        (0..n)
+            .map(|i| callback(&settings.bridge.public_url, i))
+            .collect(),
+    );
+    let ceiling_topic = format!("{}.ceiling", settings.bridge.status_topic);
+    crate::kafka::create_topics(&settings.kafka, std::slice::from_ref(&ceiling_topic)).await?;
+    let producer = crate::kafka::Producer::new(&settings.kafka)?;
+    let started = Instant::now();
+    for chunk in bodies.chunks(5000) {
+        let records = chunk
+            .iter()
+            .map(|(body, _)| {
+                FutureRecord::<[u8], [u8]>::to(&ceiling_topic).payload(body.as_bytes())
+            })
+            .collect();
+        producer
+            .send_all(records, Duration::from_secs(30))
+            .await
+            .map_err(|e| anyhow::anyhow!("produce ceiling: {e}"))?;
+    }
+    let produce = rate(n, started.elapsed());
+    let consume = rate(n, consume_ceiling(&settings, &ceiling_topic, n).await?);
+    println!("  ceiling: bare produce {produce:>10.0} rec/s");
+    println!("  ceiling: bare consume {consume:>10.0} rec/s");
+    println!("  ceiling: COPY         {copy:>10.0} rows/s");
+
+    // The engine.
+    let config = std::env::temp_dir().join(format!("{}-e2e.toml", scratch.db_name));
+    std::fs::write(&config, toml::to_string(&settings)?)?;
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .arg("--config")
+        .arg(&config)
+        .args(["up", "--with-provider-sim"])
+        .env("DATABASE_URL", &settings.database.url)
+        .env("KAFKA_BROKERS", &settings.kafka.brokers)
+        .env("TWILIO_ACCOUNT_SID", "ACbench")
+        .env("TWILIO_AUTH_TOKEN", TOKEN)
+        .env("ESE_ADMIN_TOKEN", ADMIN)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let engine = Engine(child);
+    let pid = engine.0.id();
+    let http = crate::http::client_builder().build()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http
+        .get(format!("http://{bridge}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(Instant::now() < deadline, "the engine did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Lag, CPU and RSS every second while the webhooks flow.
+    let reader = TopicReader::new(&settings.kafka)?;
+    let groups: Vec<(String, Vec<String>)> = ["normalize", "receipts"]
+        .iter()
+        .map(|s| {
+            let p = settings.pipeline(s)?;
+            Ok((p.group_id.clone(), p.inputs.clone()))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let lag = {
+        let (reader, groups) = (reader.clone(), groups.clone());
+        move || {
+            let (reader, groups) = (reader.clone(), groups.clone());
+            async move {
+                let mut behind = 0;
+                for (g, topics) in &groups {
+                    for t in topics {
+                        behind += reader
+                            .group_offsets(g, t)
+                            .await?
+                            .iter()
+                            .map(|p| p.lag())
+                            .sum::<i64>();
+                    }
+                }
+                anyhow::Ok(behind)
+            }
+        }
+    };
+    let cpu0 = cpu_seconds(pid);
+    let t0 = Instant::now();
+    let load = tokio::spawn({
+        let bodies = bodies.clone();
+        let url = format!("http://{bridge}{PATH}");
+        async move { drive(&url, bodies, 512, Some(per_second as f64)).await }
+    });
+    let mut samples = Vec::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let behind = lag().await.unwrap_or(-1);
+        let rss = super::fanout::peak_rss_kib(pid).unwrap_or(0);
+        samples.push((t0.elapsed().as_secs(), behind, rss));
+        if load.is_finished() && behind == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(seconds + 180),
+            "the pipeline did not catch up ({behind} behind)"
+        );
+    }
+    let caught_up = t0.elapsed();
+    let cpu = cpu_seconds(pid) - cpu0;
+    let load = load.await??;
+    load.print("webhooks accepted (HTTP)");
+    let page = http
+        .get(format!("http://{metrics}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let applied = client
+        .query_one(
+            "SELECT count(*) FROM messages WHERE campaign_id = $1 AND status <> 'SENT'",
+            &[&campaign],
+        )
+        .await?
+        .get::<_, i64>(0);
+    let audit = client
+        .query_one(
+            "SELECT count(*),
+                    coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM created_at - received_at)), 0),
+                    coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM created_at - received_at)), 0),
+                    coalesce(max(extract(epoch FROM created_at - received_at))::float8, 0)
+               FROM delivery_receipts",
+            &[],
+        )
+        .await?;
+    let stored: i64 = audit.get(0);
+    let secs = caught_up.as_secs_f64();
+    println!(
+        "  normalize              {:>10.0} rec/s over the run ({stored} receipts; {:.0}% of COPY, {:.0}% of bare consume)",
+        stored as f64 / secs,
+        100.0 * stored as f64 / secs / copy,
+        100.0 * stored as f64 / secs / consume
+    );
+    println!(
+        "  receipts               {:>10.0} rec/s over the run ({applied} messages moved on)",
+        n as f64 / secs
+    );
+    println!(
+        "  latency accepted → audit row (normalize)  p50 {:>6.0} ms  p99 {:>6.0} ms  max {:>6.0} ms",
+        audit.get::<_, f64>(1) * 1e3,
+        audit.get::<_, f64>(2) * 1e3,
+        audit.get::<_, f64>(3) * 1e3
+    );
+    let b = e2e_buckets(&page, "receipts");
+    let total = b.last().map_or(0.0, |x| x.1);
+    let worst = b
+        .iter()
+        .find(|x| x.0.is_finite() && x.1 >= total)
+        .map_or(f64::INFINITY, |x| x.0);
+    println!(
+        "  latency accepted → message row (receipts) p50 {:>6.0} ms  p99 {:>6.0} ms  max ≤ {:>5.0} ms (histogram)",
+        quantile(&b, 0.5) * 1e3,
+        quantile(&b, 0.99) * 1e3,
+        worst * 1e3
+    );
+    let third = (samples.len() / 3).max(1);
+    let first: f64 = samples.iter().take(third).map(|s| s.1 as f64).sum::<f64>() / third as f64;
+    let last: f64 = samples
+        .iter()
+        .rev()
+        .skip(1)
+        .take(third)
+        .map(|s| s.1 as f64)
+        .sum::<f64>()
+        / third as f64;
+    let lags: Vec<String> = samples.iter().map(|s| s.1.to_string()).collect();
+    println!(
+        "  lag per second (normalize + receipts): {}",
+        lags.join(" ")
+    );
+    println!(
+        "  lag {} (first third avg {first:.0}, last third avg {last:.0}); caught up {secs:.1} s after the first request",
+        if last > first * 2.0 + 100.0 {
+            "GREW"
+        } else {
+            "did not grow"
+        }
+    );
+    println!(
+        "  engine CPU {:.0}% of one core over the run, peak RSS {} MiB",
+        100.0 * cpu / secs,
+        samples.last().map_or(0, |s| s.2) / 1024
+    );
+
+    // A campaign at rate limit off: start → every message final.
+    client
+        .execute(
+            "INSERT INTO users (phone_number, attributes)
+             SELECT '+1415' || (2000000 + i)::text, jsonb_build_object('first_name', 'User' || i, 'plan', 'e2e')
+               FROM generate_series(1, $1::bigint) i",
+            &[&users],
+        )
+        .await?;
+    let id: i64 = client
+        .query_one(
+            "WITH t AS (INSERT INTO templates (name, body) VALUES ('e2e campaign', 'Hi {first_name}') RETURNING id),
+                  s AS (INSERT INTO segments (name, filter) VALUES ('e2e campaign',
+                          '{\"attribute\": \"plan\", \"operator\": \"equals\", \"value\": \"e2e\"}') RETURNING id)
+             INSERT INTO campaigns (name, template_id, segment_id, status, rate_limit_per_second)
+             SELECT 'e2e campaign', t.id, s.id, 'READY', 1000000 FROM t, s RETURNING id",
+            &[],
+        )
+        .await?
+        .get(0);
+    let cpu0 = cpu_seconds(pid);
+    let t0 = Instant::now();
+    let r = http
+        .post(format!("http://{bridge}/api/v1/campaigns/{id}/start"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "start campaign: {}", r.status());
+    let mut last_print = Instant::now();
+    loop {
+        let row = client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status IN ('DELIVERED', 'READ', 'UNDELIVERED', 'FAILED')),
+                        count(*) FILTER (WHERE status <> 'QUEUED')
+                   FROM messages WHERE campaign_id = $1",
+                &[&id],
+            )
+            .await?;
+        let (done, sent): (i64, i64) = (row.get(0), row.get(1));
+        if done >= users {
+            break;
+        }
+        if last_print.elapsed() > Duration::from_secs(5) {
+            println!(
+                "    {:>5.0} s: {sent} sent, {done} final",
+                t0.elapsed().as_secs_f64()
+            );
+            last_print = Instant::now();
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(600),
+            "campaign not final after 10 min ({done}/{users})"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let took = t0.elapsed();
+    println!(
+        "  campaign of {users}: start → all final {:>6.1} s ({:.0} recipients/s), engine CPU {:.0}%, peak RSS {} MiB",
+        took.as_secs_f64(),
+        users as f64 / took.as_secs_f64(),
+        100.0 * (cpu_seconds(pid) - cpu0) / took.as_secs_f64(),
+        super::fanout::peak_rss_kib(pid).unwrap_or(0) / 1024
+    );
+    drop(engine);
+    let _ = std::fs::remove_file(&config);
+    Ok(())
+}
