@@ -290,26 +290,9 @@ impl TestApp {
         out
     }
 
-    /// Starts `ese ARGS…` as a child process against this test's settings.
-    pub fn spawn_ese(&self, args: &[&str]) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_ese"))
-            .arg("--config")
-            .arg(&self.config_path)
-            .args(args)
-            .env("DATABASE_URL", &self.settings.database.url)
-            .env("KAFKA_BROKERS", &self.settings.kafka.brokers)
-            .env("RUST_LOG", "warn")
-            .env("TWILIO_ACCOUNT_SID", SIM_ACCOUNT)
-            .env("TWILIO_AUTH_TOKEN", crate::fixtures::TOKEN)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn ese")
-    }
-
-    /// Starts `ese ARGS…` with extra environment and its stdout piped.
-    pub fn spawn_ese_piped(&self, args: &[&str], env: &[(&str, String)]) -> Child {
+    /// `ese ARGS…` against this test's settings, database, broker and
+    /// credentials, with extra environment.
+    fn ese(&self, args: &[&str], env: &[(&str, String)]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ese"));
         cmd.arg("--config")
             .arg(&self.config_path)
@@ -321,12 +304,27 @@ impl TestApp {
             .env("TWILIO_AUTH_TOKEN", crate::fixtures::TOKEN)
             .env("ESE_ADMIN_TOKEN", ADMIN_TOKEN)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.spawn().expect("spawn ese")
+        cmd
+    }
+
+    /// Starts `ese ARGS…` as a child process against this test's settings.
+    pub fn spawn_ese(&self, args: &[&str]) -> Child {
+        self.ese(args, &[])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn ese")
+    }
+
+    /// Starts `ese ARGS…` with extra environment and its stdout piped.
+    pub fn spawn_ese_piped(&self, args: &[&str], env: &[(&str, String)]) -> Child {
+        self.ese(args, env)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn ese")
     }
 
     /// Runs `ese ARGS…` to completion; returns (exit success, stdout, stderr).
@@ -335,22 +333,9 @@ impl TestApp {
     }
 
     /// Like [`TestApp::run_ese`] with extra environment.
-    pub async fn run_ese_with(
-        &self,
-        args: &[&str],
-        env: &[(&str, String)],
-    ) -> (bool, String, String) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ese"));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.arg("--config")
-            .arg(&self.config_path)
-            .args(args)
-            .env("DATABASE_URL", &self.settings.database.url)
-            .env("KAFKA_BROKERS", &self.settings.kafka.brokers)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null());
+    pub async fn run_ese_with(&self, args: &[&str], env: &[(&str, String)]) -> (bool, String, String) {
+        let mut cmd = self.ese(args, env);
+        cmd.stderr(Stdio::piped());
         let out = tokio::task::spawn_blocking(move || cmd.output())
             .await
             .expect("join")
@@ -711,6 +696,12 @@ pub struct Loop {
 }
 
 impl Loop {
+    /// Simulator config: 10% of messages end UNDELIVERED with 30006.
+    pub const SOME_UNDELIVERED: &str = r#"
+        [provider-sim]
+        failures = [{ code = 30006, status = "undelivered", rate = 0.1 }]
+        "#;
+
     /// `extra` config on top of short retry delays and quick simulator callbacks.
     pub async fn start(extra: &str) -> Loop {
         let (bridge_port, sim_port) = (free_port(), free_port());

@@ -59,13 +59,7 @@ async fn wait_all_caught_up(app: &TestApp) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replaying_every_stage_from_earliest_leaves_every_table_as_it_was() {
-    let l = Loop::start(
-        r#"
-        [provider-sim]
-        failures = [{ code = 30006, status = "undelivered", rate = 0.1 }]
-        "#,
-    )
-    .await;
+    let l = Loop::start(Loop::SOME_UNDELIVERED).await;
     let app = &l.app;
     app.seed_users(
         40,

@@ -106,13 +106,7 @@ fn per_recipient(stats: &Value) -> BTreeMap<String, u64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn campaign_of_500_runs_end_to_end_matching_the_simulator() {
-    let l = Loop::start(
-        r#"
-        [provider-sim]
-        failures = [{ code = 30006, status = "undelivered", rate = 0.1 }]
-        "#,
-    )
-    .await;
+    let l = Loop::start(Loop::SOME_UNDELIVERED).await;
     users(&l, 500, "UTC").await;
     let stages = Stages::start(&l, 1);
     let id = start_campaign(&l, "five hundred", json!({"rate_limit_per_second": 1000})).await;
