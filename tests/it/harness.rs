@@ -333,7 +333,11 @@ impl TestApp {
     }
 
     /// Like [`TestApp::run_ese`] with extra environment.
-    pub async fn run_ese_with(&self, args: &[&str], env: &[(&str, String)]) -> (bool, String, String) {
+    pub async fn run_ese_with(
+        &self,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> (bool, String, String) {
         let mut cmd = self.ese(args, env);
         cmd.stderr(Stdio::piped());
         let out = tokio::task::spawn_blocking(move || cmd.output())

@@ -135,7 +135,7 @@ proptest! {
         within_budget("verify", || {
             let _ = signature::verify(std::slice::from_ref(&token), &url, &params, provided.as_deref());
             let good = signature::sign(&token, &url, &params);
-            prop_assert!(signature::verify(&[token.clone()], &url, &params, Some(&good)).is_ok());
+            prop_assert!(signature::verify(std::slice::from_ref(&token), &url, &params, Some(&good)).is_ok());
             Ok(())
         })?;
     }
