@@ -256,3 +256,70 @@ async fn two_instances_in_one_group_share_the_work() {
     b.stop().await;
     assert_merged(&app, n).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_frozen_longer_than_the_session_timeout_then_resumed_loses_nothing() {
+    // A broker of its own, in a child process, so it can be frozen.
+    let port = crate::harness::free_port();
+    let broker = crate::harness::Proc::new(
+        std::process::Command::new(env!("CARGO_BIN_EXE_ese"))
+            .args(["broker", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--storage", "memory://frozen/"])
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn broker"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "broker did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut broker = broker;
+    let pid = broker.child().id().to_string();
+    let extra: toml::Table = toml::from_str(&format!(
+        // A small fetch queue, so the stage needs the broker all along.
+        "[kafka]\nbrokers = \"127.0.0.1:{port}\"\n[pipelines.users]\nbatch-size = 50\n\
+         [pipelines.users.consumer-options]\n\"queued.min.messages\" = \"20\""
+    ))
+    .unwrap();
+    let app = TestApp::spawn_with(extra).await;
+    let n = 6_000;
+    let records = two_events_each(&app, n).await;
+    app.produce_all(&app.topic("users.upserts"), records).await;
+    let stage = app.start_stage("users");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while app.count("SELECT count(*) FROM users").await < 500 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stage made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Frozen for longer than the 6 s session timeout, then resumed.
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let during = app
+        .count("SELECT count(*) FROM users WHERE attributes ? 'n'")
+        .await;
+    signal("-CONT");
+    assert!(during < n as i64, "frozen before the end ({during})");
+    app.wait_for_count(
+        "SELECT count(*) FROM users WHERE attributes ? 'n'",
+        n as i64,
+        Duration::from_secs(180),
+    )
+    .await;
+    app.wait_caught_up("users", Duration::from_secs(120)).await;
+    stage.stop().await;
+    assert_merged(&app, n).await;
+    broker.kill9();
+}
