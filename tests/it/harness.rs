@@ -757,6 +757,19 @@ impl Loop {
         }
     }
 
+    /// Runs a scheduler tick and checks campaign `id` became COMPLETED.
+    pub async fn assert_completes(&self, id: i64) {
+        let commands = self.app.deps().commands().expect("commands producer");
+        ese::campaigns::scheduler::tick(&self.app.pool, &commands)
+            .await
+            .expect("scheduler tick");
+        let c = self
+            .api
+            .expect(200, "GET", &format!("/api/v1/campaigns/{id}"), None)
+            .await;
+        assert_eq!(c["status"], "COMPLETED");
+    }
+
     /// `GET /sim/stats`.
     pub async fn stats(&self) -> serde_json::Value {
         self.bridge

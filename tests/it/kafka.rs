@@ -8,6 +8,22 @@ use rdkafka::producer::FutureRecord;
 
 use crate::harness::TestApp;
 
+/// Produces `(key, payload)` records in one go (one batch per partition).
+async fn produce_batch(app: &TestApp, topic: &str, records: &[(String, String)]) {
+    let records = records
+        .iter()
+        .map(|(k, v)| {
+            FutureRecord::to(topic)
+                .key(k.as_bytes())
+                .payload(v.as_bytes())
+        })
+        .collect();
+    app.producer
+        .send_all(records, Duration::from_secs(10))
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn end_offsets_count_every_record_of_every_batch() {
     let app = TestApp::spawn().await;
@@ -25,18 +41,7 @@ async fn end_offsets_count_every_record_of_every_batch() {
         let payloads: Vec<(String, String)> = (0..700)
             .map(|i| (format!("k{i}"), format!("round {round} record {i}")))
             .collect();
-        let records = payloads
-            .iter()
-            .map(|(k, v)| {
-                FutureRecord::to(&topic)
-                    .key(k.as_bytes())
-                    .payload(v.as_bytes())
-            })
-            .collect();
-        app.producer
-            .send_all(records, Duration::from_secs(10))
-            .await
-            .unwrap();
+        produce_batch(&app, &topic, &payloads).await;
     }
     let ends = reader.end_offsets(&topic).await.unwrap();
     assert_eq!(ends.iter().map(|p| p.1).sum::<i64>(), 2100, "{ends:?}");
@@ -51,19 +56,10 @@ async fn a_read_can_start_inside_a_batch() {
     let topic = app.topic("dlq.users");
     let reader = TopicReader::new(&app.settings.kafka).unwrap();
     // One batch: reading its last record starts inside it.
-    let payloads: Vec<String> = (0..5).map(|i| format!("record {i}")).collect();
-    let records = payloads
-        .iter()
-        .map(|p| {
-            FutureRecord::to(&topic)
-                .key(b"same key".as_slice())
-                .payload(p.as_bytes())
-        })
+    let payloads: Vec<(String, String)> = (0..5)
+        .map(|i| ("same key".to_string(), format!("record {i}")))
         .collect();
-    app.producer
-        .send_all(records, Duration::from_secs(10))
-        .await
-        .unwrap();
+    produce_batch(&app, &topic, &payloads).await;
     let ends = reader.end_offsets(&topic).await.unwrap();
     assert_eq!(ends.iter().map(|p| p.1).sum::<i64>(), 5, "{ends:?}");
     let starts = reader.start_offsets(&topic).await.unwrap();

@@ -110,15 +110,7 @@ async fn replaying_every_stage_from_earliest_leaves_every_table_as_it_was() {
         WAIT,
     )
     .await;
-    let commands = app.deps().commands().unwrap();
-    ese::campaigns::scheduler::tick(&app.pool, &commands)
-        .await
-        .unwrap();
-    let c = l
-        .api
-        .expect(200, "GET", &format!("/api/v1/campaigns/{id}"), None)
-        .await;
-    assert_eq!(c["status"], "COMPLETED");
+    l.assert_completes(id).await;
     wait_all_caught_up(app).await;
 
     // While the stages run, replay refuses and names the members.

@@ -147,15 +147,7 @@ async fn campaign_of_500_runs_end_to_end_matching_the_simulator() {
         500
     );
     // The scheduler marks it COMPLETED.
-    let commands = l.app.deps().commands().unwrap();
-    ese::campaigns::scheduler::tick(&l.app.pool, &commands)
-        .await
-        .unwrap();
-    let c = l
-        .api
-        .expect(200, "GET", &format!("/api/v1/campaigns/{id}"), None)
-        .await;
-    assert_eq!(c["status"], "COMPLETED");
+    l.assert_completes(id).await;
     stages.stop().await;
 }
 
