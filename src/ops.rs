@@ -398,14 +398,14 @@ pub async fn dlq_depth_and_newest(
     reader: &TopicReader,
     dlq: &str,
 ) -> anyhow::Result<(i64, Option<DeadLetter>)> {
-    let depth = reader.depth(dlq).await?;
     let starts: BTreeMap<i32, i64> = reader.start_offsets(dlq).await?.into_iter().collect();
-    let last: Vec<(i32, i64)> = reader
-        .end_offsets(dlq)
-        .await?
-        .into_iter()
-        .filter(|(p, end)| *end > starts.get(p).copied().unwrap_or(0))
-        .map(|(p, end)| (p, end - 1))
+    let ends = reader.end_offsets(dlq).await?;
+    let start = |p: &i32| starts.get(p).copied().unwrap_or(0);
+    let depth = ends.iter().map(|(p, end)| (end - start(p)).max(0)).sum();
+    let last: Vec<(i32, i64)> = ends
+        .iter()
+        .filter(|(p, end)| *end > start(p))
+        .map(|(p, end)| (*p, end - 1))
         .collect();
     let newest = if last.is_empty() {
         None

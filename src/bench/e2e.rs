@@ -196,21 +196,16 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
     println!("  ceiling: COPY         {copy:>10.0} rows/s");
 
     // The engine.
-    let config = std::env::temp_dir().join(format!("{}-e2e.toml", scratch.db_name));
-    std::fs::write(&config, toml::to_string(&settings)?)?;
-    let child = std::process::Command::new(std::env::current_exe()?)
-        .arg("--config")
-        .arg(&config)
-        .args(["up", "--with-provider-sim"])
-        .env("DATABASE_URL", &settings.database.url)
-        .env("KAFKA_BROKERS", &settings.kafka.brokers)
-        .env("TWILIO_ACCOUNT_SID", "ACbench")
-        .env("TWILIO_AUTH_TOKEN", TOKEN)
-        .env("ESE_ADMIN_TOKEN", ADMIN)
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
+    let (child, config) = super::spawn_ese(
+        &settings,
+        &format!("{}-e2e", scratch.db_name),
+        &["up", "--with-provider-sim"],
+        &[
+            ("TWILIO_ACCOUNT_SID", "ACbench"),
+            ("TWILIO_AUTH_TOKEN", TOKEN),
+            ("ESE_ADMIN_TOKEN", ADMIN),
+        ],
+    )?;
     let engine = Engine(child);
     let pid = engine.0.id();
     let http = crate::http::client_builder().build()?;

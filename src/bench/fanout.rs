@@ -96,18 +96,8 @@ async fn run(scratch: &Scratch, n: i64) -> anyhow::Result<()> {
     );
 
     // The fan-out in its own process.
-    let config = std::env::temp_dir().join(format!("{}.toml", scratch.db_name));
-    std::fs::write(&config, toml::to_string(settings)?)?;
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .arg("--config")
-        .arg(&config)
-        .args(["run", "fanout"])
-        .env("DATABASE_URL", &settings.database.url)
-        .env("KAFKA_BROKERS", &settings.kafka.brokers)
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
+    let (mut child, config) =
+        super::spawn_ese(settings, &scratch.db_name, &["run", "fanout"], &[])?;
     let deps = crate::stages::Deps {
         settings: settings.clone(),
         pool: pool.clone(),

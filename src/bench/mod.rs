@@ -97,6 +97,30 @@ impl Scratch {
     }
 }
 
+/// Starts this binary as `ese ARGS…` on `settings` (written to a temp config
+/// file named after `name`, returned for removal), stdout discarded.
+pub(crate) fn spawn_ese(
+    settings: &Settings,
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<(std::process::Child, std::path::PathBuf)> {
+    let config = std::env::temp_dir().join(format!("{name}.toml"));
+    std::fs::write(&config, toml::to_string(settings)?)?;
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .arg("--config")
+        .arg(&config)
+        .args(args)
+        .env("DATABASE_URL", &settings.database.url)
+        .env("KAFKA_BROKERS", &settings.kafka.brokers)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    Ok((child, config))
+}
+
 fn bench_phone(i: usize) -> String {
     format!("+1415{:03}{:04}", 200 + (i / 10_000) % 800, i % 10_000)
 }

@@ -66,20 +66,15 @@ async fn run(scratch: &Scratch, limit: i32, n: i64) -> anyhow::Result<()> {
         .await?
         .get(0);
 
-    let config = std::env::temp_dir().join(format!("{}-sender.toml", scratch.db_name));
-    std::fs::write(&config, toml::to_string(&settings)?)?;
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .arg("--config")
-        .arg(&config)
-        .args(["run", "fanout", "sender"])
-        .env("DATABASE_URL", &settings.database.url)
-        .env("KAFKA_BROKERS", &settings.kafka.brokers)
-        .env("TWILIO_ACCOUNT_SID", ACCOUNT)
-        .env("TWILIO_AUTH_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
+    let (mut child, config) = super::spawn_ese(
+        &settings,
+        &format!("{}-sender", scratch.db_name),
+        &["run", "fanout", "sender"],
+        &[
+            ("TWILIO_ACCOUNT_SID", ACCOUNT),
+            ("TWILIO_AUTH_TOKEN", TOKEN),
+        ],
+    )?;
     // Let the sender join its group before the first send exists.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let deps = crate::stages::Deps::new(&settings)?;

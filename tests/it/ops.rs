@@ -165,15 +165,8 @@ async fn replaying_every_stage_from_earliest_leaves_every_table_as_it_was() {
         assert!(applied, "{stage}: group never emptied");
         again.insert(stage.clone(), plan.again());
     }
-    for stage in [
-        "users",
-        "normalize",
-        "consent",
-        "receipts",
-        "fanout",
-        "sender",
-    ] {
-        assert!(again[stage] > 0, "{stage} has records to replay: {again:?}");
+    for (stage, n) in &again {
+        assert!(*n > 0, "{stage} has records to replay: {again:?}");
     }
     let status = ops::status(&app.settings).await.unwrap();
     for s in &status {
