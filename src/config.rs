@@ -219,8 +219,9 @@ pub struct ProviderConfig {
 pub struct SenderConfig {
     /// Messages per second per sender number across all sender processes; 0 = off. Default 0.
     pub global_rate_limit: u32,
-    /// Sends a limiter may let through at once above the steady rate (absorbs
-    /// timer lateness so the mean rate holds). Default 5.
+    /// Sends the limiters may let through at once above the steady rate,
+    /// split across sender processes like the rate; absorbs timer lateness so
+    /// the mean rate holds. Default 20.
     pub burst: u32,
     /// Delay before retry 1, 2, 3…; each has its retry topic (`pipelines.sender.outputs.retry-N`).
     pub retry_delays: Vec<humantime_serde::Serde<Duration>>,

@@ -124,6 +124,8 @@ async fn run(scratch: &Scratch, limit: i32, n: i64) -> anyhow::Result<()> {
     let mean = interior.iter().sum::<u64>() as f64 / interior.len().max(1) as f64;
     let busiest = seconds.values().max().copied().unwrap_or(0);
     let span = (last - first + 1) as u64;
+    let counts: Vec<String> = seconds.values().map(u64::to_string).collect();
+    println!("  sends per second: {}", counts.join(" "));
     if limit == 0 {
         println!(
             "sender bench, limits off: {n} sends in {span} s → {:.0} sends/s (mean of whole seconds {mean:.0}, busiest second {busiest}; target ≥ 5,000/s)",

@@ -239,9 +239,13 @@ impl Limits {
         info!(share, "sender rate share");
     }
 
-    fn make(&self, per_second: f64) -> Limiter {
+    /// A limiter for this process's share: `per_second` is already scaled; the
+    /// burst is scaled the same way, so the group as a whole never goes over
+    /// the limit plus the configured burst in any second.
+    fn make(&self, per_second: f64, share: f64) -> Limiter {
         let period = Duration::from_secs_f64(1.0 / per_second.max(1e-3));
-        let burst = NonZeroU32::new(self.burst).unwrap_or(NonZeroU32::MIN);
+        let burst = (self.burst as f64 * share).round() as u32;
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
         let quota = Quota::with_period(period)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(burst);
@@ -254,7 +258,7 @@ impl Limits {
         match slot {
             Some((r, l)) if (*r - want).abs() < 1e-9 => l.clone(),
             _ => {
-                let l = self.make(want);
+                let l = self.make(want, share);
                 *slot = Some((want, l.clone()));
                 l
             }
