@@ -298,6 +298,12 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
         )
         .await?;
     let stored: i64 = audit.get(0);
+    if stored < load.ok as i64 {
+        println!(
+            "  LOST: {} webhooks answered 2xx have no audit row after the consumers caught up",
+            load.ok as i64 - stored
+        );
+    }
     let secs = caught_up.as_secs_f64();
     println!(
         "  normalize              {:>10.0} rec/s over the run ({stored} receipts; {:.0}% of COPY, {:.0}% of bare consume)",

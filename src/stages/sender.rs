@@ -738,7 +738,34 @@ impl Sender {
             let outcome = self.provider.send(&m.channel, &m.phone, &m.body).await;
             (m, s, Some(outcome))
         });
-        futures::future::join_all(calls).await
+        let results = futures::future::join_all(calls).await;
+        let sent: Vec<(i64, &str)> = results
+            .iter()
+            .filter_map(|(m, _, o)| match o {
+                Some(Outcome::Sent(sid)) => Some((m.id, sid.as_str())),
+                _ => None,
+            })
+            .collect();
+        if !sent.is_empty()
+            && let Err(e) = self.mark_sent(&sent).await
+        {
+            warn!(error = %e, "recording sends now failed; the batch records them");
+        }
+        results
+    }
+
+    /// Records sends the provider accepted and links the status callbacks
+    /// that beat them, committed at once rather than with the batch: a
+    /// callback stored between the batch's link and its commit would find no
+    /// message and stay parked. Committed first, then linked, so every
+    /// callback is linked either here or by the receipts stage.
+    async fn mark_sent(&self, sent: &[(i64, &str)]) -> anyhow::Result<()> {
+        let client = self.pool.get().await?;
+        let ids: Vec<i64> = sent.iter().map(|s| s.0).collect();
+        let sids: Vec<&str> = sent.iter().map(|s| s.1).collect();
+        client.execute(SENT, &[&ids, &sids]).await?;
+        client.query_one(APPLY_RECEIPTS, &[&sids]).await?;
+        Ok(())
     }
 
     async fn claim(&self, ids: &[i64]) -> anyhow::Result<HashSet<i64>> {

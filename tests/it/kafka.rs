@@ -73,3 +73,74 @@ async fn a_read_can_start_inside_a_batch() {
     let newest = reader.read_messages(&topic, &last).await.unwrap();
     assert_eq!(newest.len(), last.len(), "{last:?}");
 }
+
+/// Several producers write the same partitions while a consumer reads them
+/// live: every record the broker acknowledged is consumed (a fetch racing a
+/// produce must never skip a batch that is not written yet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_consumer_sees_every_acknowledged_record_of_concurrent_producers() {
+    use futures::StreamExt;
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+
+    let app = TestApp::spawn().await;
+    let topic = app.topic("webhooks.status.raw");
+    let (producers, each) = (4, 5_000);
+    let consumer: StreamConsumer =
+        ese::kafka::consumer_config(&app.settings.kafka, &format!("{}.live", app.prefix))
+            .unwrap()
+            .create()
+            .unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let reading = tokio::spawn(async move {
+        let mut seen = std::collections::HashSet::new();
+        let mut stream = consumer.stream();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        while seen.len() < producers * each {
+            match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(Some(Ok(m))) => {
+                    seen.insert(
+                        String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+                    );
+                }
+                Ok(Some(Err(e))) => panic!("consume: {e}"),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        seen
+    });
+    let writers = (0..producers).map(|p| {
+        let producer = ese::kafka::Producer::new(&app.settings.kafka).unwrap();
+        let topic = topic.clone();
+        async move {
+            for chunk in (0..each).collect::<Vec<_>>().chunks(50) {
+                let payloads: Vec<String> = chunk.iter().map(|i| format!("p{p}-{i}")).collect();
+                let records = payloads
+                    .iter()
+                    .map(|v| {
+                        FutureRecord::to(&topic)
+                            .key(v.as_bytes())
+                            .payload(v.as_bytes())
+                    })
+                    .collect();
+                producer
+                    .send_all(records, Duration::from_secs(30))
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    futures::future::join_all(writers).await;
+    let seen = reading.await.unwrap();
+    let missing: Vec<String> = (0..producers)
+        .flat_map(|p| (0..each).map(move |i| format!("p{p}-{i}")))
+        .filter(|v| !seen.contains(v))
+        .take(10)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged records never consumed, e.g. {missing:?}",
+        producers * each - seen.len(),
+        producers * each
+    );
+}

@@ -11,5 +11,6 @@ mod kafka;
 mod migrations;
 mod ops;
 mod receipts_consent;
+mod reliability;
 mod sender;
 mod users;

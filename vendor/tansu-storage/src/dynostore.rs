@@ -1040,8 +1040,20 @@ impl Storage for DynoStore {
         // resume in the middle of a batch), not the first batch after it.
         let first = offsets.range(..=offset).next_back().copied().unwrap_or(offset);
 
+        // ese patch: return only batches contiguous from `offset`. A produce
+        // advances the high watermark before it writes its batch, so a fetch
+        // could see a later batch written while an earlier one was not yet:
+        // the consumer then jumped past the missing records for good.
+        let mut expected: Option<i64> = None;
+
         for offset in offsets.split_off(&first) {
             debug!(?offset);
+
+            match expected {
+                Some(next) if offset != next => break,
+                None if offset != first => break,
+                _ => {}
+            }
 
             let location = Path::from(format!(
                 "clusters/{}/topics/{}/partitions/{:0>10}/records/{:0>20}.batch",
@@ -1064,6 +1076,7 @@ impl Storage for DynoStore {
                 .map_err(|_| Error::Api(ErrorCode::UnknownServerError))
                 .and_then(|encoded| self.decode(encoded))?;
             batch.base_offset = offset;
+            expected = Some(offset + i64::from(batch.last_offset_delta) + 1);
             batches.push(batch);
 
             if size > bytes {

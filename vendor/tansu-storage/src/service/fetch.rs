@@ -350,12 +350,15 @@ impl FetchService {
                     ?min_bytes
                 );
 
-                sleep(if remaining.as_millis() >= 250 {
-                    remaining / 2
-                } else {
-                    remaining
-                })
-                .await;
+                // ese patch: answer as soon as min_bytes are there (this slept
+                // after finding data too, up to half of max_wait, so every
+                // fetch took >= 250 ms under librdkafka's default 500 ms), and
+                // look again every 20 ms while waiting rather than at halving
+                // intervals (data arriving mid-wait waited up to 250 ms).
+                if bytes >= min_bytes.max(1) || remaining.is_zero() {
+                    break;
+                }
+                sleep(remaining.min(Duration::from_millis(20))).await;
 
                 iteration += 1;
             }
