@@ -601,7 +601,7 @@ impl Stage for Sender {
         while rest.peek().is_some() {
             chunks.push(rest.by_ref().take(chunk).collect::<Vec<_>>());
         }
-        let attempts: Vec<(Msg, SendRequest, Option<Outcome>)> = futures::stream::iter(chunks)
+        let attempts: Vec<(Msg, SendRequest, Option<Outcome>, bool)> = futures::stream::iter(chunks)
             .map(|c| self.call_chunk(c))
             .buffer_unordered(2)
             .flat_map(futures::stream::iter)
@@ -609,9 +609,9 @@ impl Stage for Sender {
             .await;
         let mut outcomes = Vec::with_capacity(attempts.len());
         let mut unclaimed = Vec::new();
-        for (m, s, outcome) in attempts {
+        for (m, s, outcome, recorded) in attempts {
             match outcome {
-                Some(o) => outcomes.push((m, s, o)),
+                Some(o) => outcomes.push((m, s, o, recorded)),
                 None => unclaimed.push((m.id, s.kind)),
             }
         }
@@ -625,7 +625,7 @@ impl Stage for Sender {
         }
         let (mut sent, mut requeue) = (Vec::new(), Vec::new());
         let mut opt_outs = Vec::new();
-        for (m, s, outcome) in outcomes {
+        for (m, s, outcome, recorded) in outcomes {
             let label = match &outcome {
                 Outcome::Sent(_) => "sent",
                 Outcome::Transient(..) => "transient",
@@ -634,6 +634,8 @@ impl Stage for Sender {
             };
             counter!("ese_sender_sends_total", "outcome" => label).increment(1);
             match outcome {
+                // Recorded at once by `call_chunk` unless that failed.
+                Outcome::Sent(_) if recorded => {}
                 Outcome::Sent(sid) => sent.push((m.id, sid)),
                 Outcome::Transient(code, why) if (m.retries as u32) < self.cfg.max_retries => {
                     let n = m.retries as usize + 1;
@@ -718,7 +720,7 @@ impl Sender {
     async fn call_chunk(
         &self,
         chunk: Vec<(Msg, SendRequest)>,
-    ) -> Vec<(Msg, SendRequest, Option<Outcome>)> {
+    ) -> Vec<(Msg, SendRequest, Option<Outcome>, bool)> {
         let ids: Vec<i64> = chunk.iter().map(|(m, _)| m.id).collect();
         let claimed = match self.claim(&ids).await {
             Ok(c) => c,
@@ -726,7 +728,7 @@ impl Sender {
                 let why = format!("claim: {e}");
                 return chunk
                     .into_iter()
-                    .map(|(m, s)| (m, s, Some(Outcome::Transient(None, why.clone()))))
+                    .map(|(m, s)| (m, s, Some(Outcome::Transient(None, why.clone())), false))
                     .collect();
             }
         };
@@ -746,12 +748,17 @@ impl Sender {
                 _ => None,
             })
             .collect();
-        if !sent.is_empty()
-            && let Err(e) = self.mark_sent(&sent).await
-        {
-            warn!(error = %e, "recording sends now failed; the batch records them");
-        }
+        let recorded = match self.mark_sent(&sent).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "recording sends now failed; the batch records them");
+                false
+            }
+        };
         results
+            .into_iter()
+            .map(|(m, s, o)| (m, s, o, recorded))
+            .collect()
     }
 
     /// Records sends the provider accepted and links the status callbacks
@@ -760,6 +767,9 @@ impl Sender {
     /// message and stay parked. Committed first, then linked, so every
     /// callback is linked either here or by the receipts stage.
     async fn mark_sent(&self, sent: &[(i64, &str)]) -> anyhow::Result<()> {
+        if sent.is_empty() {
+            return Ok(());
+        }
         let client = self.pool.get().await?;
         let ids: Vec<i64> = sent.iter().map(|s| s.0).collect();
         let sids: Vec<&str> = sent.iter().map(|s| s.1).collect();
