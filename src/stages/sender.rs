@@ -601,12 +601,13 @@ impl Stage for Sender {
         while rest.peek().is_some() {
             chunks.push(rest.by_ref().take(chunk).collect::<Vec<_>>());
         }
-        let attempts: Vec<(Msg, SendRequest, Option<Outcome>, bool)> = futures::stream::iter(chunks)
-            .map(|c| self.call_chunk(c))
-            .buffer_unordered(2)
-            .flat_map(futures::stream::iter)
-            .collect()
-            .await;
+        let attempts: Vec<(Msg, SendRequest, Option<Outcome>, bool)> =
+            futures::stream::iter(chunks)
+                .map(|c| self.call_chunk(c))
+                .buffer_unordered(2)
+                .flat_map(futures::stream::iter)
+                .collect()
+                .await;
         let mut outcomes = Vec::with_capacity(attempts.len());
         let mut unclaimed = Vec::new();
         for (m, s, outcome, recorded) in attempts {
