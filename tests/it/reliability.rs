@@ -209,3 +209,191 @@ async fn stage_processes_killed_at_random_under_load_lose_nothing() {
     l.assert_completes(campaign).await;
     drop((a, b));
 }
+
+/// A PostgreSQL server of the test's own (initdb into a temp dir, a free
+/// port), so restarting it disturbs no other test. Stopped and removed on drop.
+struct PrivatePostgres {
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    const BIN: &str = "/usr/lib/postgresql/15/bin";
+
+    /// Runs a server binary as the `postgres` user when we are root (initdb refuses root).
+    fn run(&self, tool: &str, args: &[&str]) {
+        let bin = format!("{}/{tool}", Self::BIN);
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout.starts_with(b"0"))
+            .unwrap_or(false);
+        let mut cmd = if root {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--", &bin]);
+            c
+        } else {
+            std::process::Command::new(&bin)
+        };
+        let out = cmd.args(args).output().expect("run a PostgreSQL tool");
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn start() -> PrivatePostgres {
+        let dir = std::env::temp_dir().join(format!("ese-pg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let _ = std::process::Command::new("chown")
+            .args(["postgres", &dir.to_string_lossy()])
+            .status();
+        let pg = PrivatePostgres {
+            dir,
+            port: crate::harness::free_port(),
+        };
+        let data = pg.data();
+        pg.run("initdb", &["-D", &data, "-A", "trust", "-U", "postgres"]);
+        pg.ctl(&["start"]);
+        pg
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").to_string_lossy().into_owned()
+    }
+
+    /// `pg_ctl ARGS…` on this server (waits for the action to finish).
+    fn ctl(&self, args: &[&str]) {
+        let (data, dir) = (self.data(), self.dir.to_string_lossy().into_owned());
+        let opts = format!(
+            "-p {} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port
+        );
+        let log = format!("{dir}/log");
+        let mut all = vec![
+            "-D",
+            data.as_str(),
+            "-o",
+            opts.as_str(),
+            "-l",
+            log.as_str(),
+            "-w",
+        ];
+        all.extend_from_slice(args);
+        self.run("pg_ctl", &all);
+    }
+
+    fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.data();
+        let bin = format!("{}/pg_ctl", Self::BIN);
+        let _ = std::process::Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                &bin,
+                "-D",
+                &data,
+                "-m",
+                "immediate",
+                "stop",
+            ])
+            .output();
+        let _ = std::process::Command::new(&bin)
+            .args(["-D", &data, "-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Status callbacks keep arriving while PostgreSQL restarts (fast shutdown),
+/// then crashes (immediate stop) and stays down two seconds: the normalize
+/// process retries, and every callback answered 2xx ends up stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_under_load_nothing_lost() {
+    let app = crate::harness::TestApp::spawn().await;
+    let pg = PrivatePostgres::start();
+    let admin = crate::harness::connect(&pg.url("postgres")).await;
+    admin.batch_execute("CREATE DATABASE ese").await.unwrap();
+    let url = pg.url("ese");
+    ese::db::migrate(&url).await.unwrap();
+    let bridge = app.start_bridge().await;
+    let mut normalize =
+        Proc::new(app.spawn_ese_piped(&["run", "normalize"], &[("DATABASE_URL", url.clone())]));
+
+    let path = "/webhooks/twilio/status";
+    let signed_url = format!("{}{path}", app.settings.bridge.public_url);
+    let post = async {
+        let mut accepted = 0;
+        for i in 0..1_200 {
+            let params: Vec<(String, String)> = [
+                ("MessageSid", format!("SM{i:032}")),
+                ("MessageStatus", "delivered".to_string()),
+                ("To", "+14155552671".to_string()),
+                ("From", "+15005550006".to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            let signature =
+                ese::bridge::signature::sign(crate::fixtures::TOKEN, &signed_url, &params);
+            let body = url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(&params)
+                .finish();
+            if bridge
+                .post_form(path, body, Some(&signature))
+                .await
+                .status()
+                .is_success()
+            {
+                accepted += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        accepted
+    };
+    let outage = async {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        tokio::task::block_in_place(|| pg.ctl(&["-m", "fast", "restart"]));
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        tokio::task::block_in_place(|| pg.ctl(&["-m", "immediate", "stop"]));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::task::block_in_place(|| pg.ctl(&["start"]));
+    };
+    let (accepted, ()) = tokio::join!(post, outage);
+    assert_eq!(
+        accepted, 1_200,
+        "the bridge does not need PostgreSQL to accept"
+    );
+
+    let db = crate::harness::connect(&url).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (rows, unique) = loop {
+        let r = db
+            .query_one(
+                "SELECT count(*), count(DISTINCT event_id) FROM delivery_receipts",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (rows, unique): (i64, i64) = (r.get(0), r.get(1));
+        if rows >= accepted || Instant::now() > deadline {
+            break (rows, unique);
+        }
+        assert!(
+            normalize.child().try_wait().unwrap().is_none(),
+            "normalize exited instead of waiting for PostgreSQL"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(rows, accepted, "every callback answered 2xx stored");
+    assert_eq!(unique, rows, "none stored twice");
+    normalize.terminate().await;
+}
