@@ -257,14 +257,12 @@ async fn two_instances_in_one_group_share_the_work() {
     assert_merged(&app, n).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_frozen_longer_than_the_session_timeout_then_resumed_loses_nothing() {
-    // A broker of its own, in a child process, so it can be frozen.
-    let port = crate::harness::free_port();
+/// `ese broker` as a child process on `port`, once it accepts connections.
+fn spawn_broker(port: u16, storage: &str) -> crate::harness::Proc {
     let broker = crate::harness::Proc::new(
         std::process::Command::new(env!("CARGO_BIN_EXE_ese"))
             .args(["broker", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--storage", "memory://frozen/"])
+            .args(["--storage", storage])
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -276,6 +274,14 @@ async fn broker_frozen_longer_than_the_session_timeout_then_resumed_loses_nothin
         assert!(std::time::Instant::now() < deadline, "broker did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
+    broker
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_frozen_longer_than_the_session_timeout_then_resumed_loses_nothing() {
+    // A broker of its own, in a child process, so it can be frozen.
+    let port = crate::harness::free_port();
+    let broker = spawn_broker(port, "memory://frozen/");
     let mut broker = broker;
     let pid = broker.child().id().to_string();
     let extra: toml::Table = toml::from_str(&format!(
@@ -322,4 +328,51 @@ async fn broker_frozen_longer_than_the_session_timeout_then_resumed_loses_nothin
     stage.stop().await;
     assert_merged(&app, n).await;
     broker.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_killed_and_restarted_on_durable_storage_loses_nothing() {
+    let port = crate::harness::free_port();
+    let file =
+        std::env::temp_dir().join(format!("ese-broker-{}.db", uuid::Uuid::new_v4().simple()));
+    let storage = format!("sqlite://{}", file.display());
+    let mut broker = spawn_broker(port, &storage);
+    let extra: toml::Table = toml::from_str(&format!(
+        "[kafka]\nbrokers = \"127.0.0.1:{port}\"\n[pipelines.users]\nbatch-size = 50\n\
+         [pipelines.users.consumer-options]\n\"queued.min.messages\" = \"20\""
+    ))
+    .unwrap();
+    let app = TestApp::spawn_with(extra).await;
+    let n = 3_000;
+    let records = two_events_each(&app, n).await;
+    app.produce_all(&app.topic("users.upserts"), records).await;
+    let mut stage = app.spawn_ese(&["run", "users"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while app.count("SELECT count(*) FROM users").await < 300 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stage made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // kill -9 mid-stream, down for two seconds, back on the same storage.
+    broker.kill9();
+    let during = app
+        .count("SELECT count(*) FROM users WHERE attributes ? 'n'")
+        .await;
+    assert!(during < n as i64, "killed before the end ({during})");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut broker = spawn_broker(port, &storage);
+    app.wait_for_count(
+        "SELECT count(*) FROM users WHERE attributes ? 'n'",
+        n as i64,
+        Duration::from_secs(180),
+    )
+    .await;
+    kill9(&mut stage);
+    assert_merged(&app, n).await;
+    broker.kill9();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+    }
 }
