@@ -218,11 +218,20 @@ struct PrivatePostgres {
 }
 
 impl PrivatePostgres {
-    const BIN: &str = "/usr/lib/postgresql/15/bin";
+    /// The newest installed server's binaries (Debian's layout).
+    fn bin() -> String {
+        let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        versions.sort_unstable();
+        let v = versions.last().expect("a PostgreSQL version installed");
+        format!("/usr/lib/postgresql/{v}/bin")
+    }
 
     /// Runs a server binary as the `postgres` user when we are root (initdb refuses root).
     fn run(&self, tool: &str, args: &[&str]) {
-        let bin = format!("{}/{tool}", Self::BIN);
+        let bin = format!("{}/{tool}", Self::bin());
         let root = std::process::Command::new("id")
             .arg("-u")
             .output()
@@ -292,7 +301,7 @@ impl PrivatePostgres {
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
         let data = self.data();
-        let bin = format!("{}/pg_ctl", Self::BIN);
+        let bin = format!("{}/pg_ctl", Self::bin());
         let _ = std::process::Command::new("runuser")
             .args([
                 "-u",
