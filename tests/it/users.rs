@@ -77,12 +77,7 @@ async fn ten_thousand_upserts_become_ten_thousand_merged_rows() {
     let records = two_events_each(&app, n).await;
     app.produce_all(&app.topic("users.upserts"), records).await;
     let stage = app.start_stage("users");
-    app.wait_for_count(
-        "SELECT count(*) FROM users WHERE attributes ? 'n'",
-        n as i64,
-        Duration::from_secs(120),
-    )
-    .await;
+    wait_second_events(&app, n).await;
     stage.stop().await;
     assert_merged(&app, n).await;
 }
@@ -181,31 +176,13 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
 
     let mut child = app.spawn_ese(&["run", "users"]);
     // Kill it once it is visibly mid-stream.
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let done = app.count("SELECT count(*) FROM users").await;
-        if done >= 500 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "stage made no progress"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_rows(&app, 500).await;
     kill9(&mut child);
-    let at_kill = app
-        .count("SELECT count(*) FROM users WHERE attributes ? 'n'")
-        .await;
+    let at_kill = app.count(SECOND_SEEN).await;
     assert!(at_kill < n as i64, "killed before the end ({at_kill})");
 
     let mut child = app.spawn_ese(&["run", "users"]);
-    app.wait_for_count(
-        "SELECT count(*) FROM users WHERE attributes ? 'n'",
-        n as i64,
-        Duration::from_secs(180),
-    )
-    .await;
+    wait_second_events(&app, n).await;
     kill9(&mut child);
     assert_merged(&app, n).await;
 }
@@ -228,12 +205,7 @@ async fn postgres_connections_lost_repeatedly_nothing_lost() {
         killed += app.kill_db_connections().await;
     }
     assert!(killed > 0, "connections were terminated");
-    app.wait_for_count(
-        "SELECT count(*) FROM users WHERE attributes ? 'n'",
-        n as i64,
-        Duration::from_secs(180),
-    )
-    .await;
+    wait_second_events(&app, n).await;
     stage.stop().await;
     assert_merged(&app, n).await;
 }
@@ -246,12 +218,7 @@ async fn two_instances_in_one_group_share_the_work() {
     let a = app.start_stage("users");
     let b = app.start_stage("users");
     app.produce_all(&app.topic("users.upserts"), records).await;
-    app.wait_for_count(
-        "SELECT count(*) FROM users WHERE attributes ? 'n'",
-        n as i64,
-        Duration::from_secs(180),
-    )
-    .await;
+    wait_second_events(&app, n).await;
     a.stop().await;
     b.stop().await;
     assert_merged(&app, n).await;
@@ -277,32 +244,52 @@ fn spawn_broker(port: u16, storage: &str) -> crate::harness::Proc {
     broker
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_frozen_longer_than_the_session_timeout_then_resumed_loses_nothing() {
-    // A broker of its own, in a child process, so it can be frozen.
-    let port = crate::harness::free_port();
-    let broker = spawn_broker(port, "memory://frozen/");
-    let mut broker = broker;
-    let pid = broker.child().id().to_string();
+/// A test app on the broker at `port` with `n` users' two upserts each
+/// already on the topic; a small fetch queue, so the stage needs the broker
+/// all along.
+async fn app_on_broker(port: u16, n: usize) -> TestApp {
     let extra: toml::Table = toml::from_str(&format!(
-        // A small fetch queue, so the stage needs the broker all along.
         "[kafka]\nbrokers = \"127.0.0.1:{port}\"\n[pipelines.users]\nbatch-size = 50\n\
          [pipelines.users.consumer-options]\n\"queued.min.messages\" = \"20\""
     ))
     .unwrap();
     let app = TestApp::spawn_with(extra).await;
-    let n = 6_000;
     let records = two_events_each(&app, n).await;
     app.produce_all(&app.topic("users.upserts"), records).await;
-    let stage = app.start_stage("users");
+    app
+}
+
+/// Users whose second event (the one adding `n`) is stored.
+const SECOND_SEEN: &str = "SELECT count(*) FROM users WHERE attributes ? 'n'";
+
+/// Waits until every one of `n` users has its second event stored.
+async fn wait_second_events(app: &TestApp, n: usize) {
+    app.wait_for_count(SECOND_SEEN, n as i64, Duration::from_secs(180))
+        .await;
+}
+
+/// Waits until the stage has visibly started (`rows` users stored).
+async fn wait_rows(app: &TestApp, rows: i64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while app.count("SELECT count(*) FROM users").await < 500 {
+    while app.count("SELECT count(*) FROM users").await < rows {
         assert!(
             std::time::Instant::now() < deadline,
             "stage made no progress"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_frozen_longer_than_the_session_timeout_then_resumed_loses_nothing() {
+    // A broker of its own, in a child process, so it can be frozen.
+    let port = crate::harness::free_port();
+    let mut broker = spawn_broker(port, "memory://frozen/");
+    let pid = broker.child().id().to_string();
+    let n = 6_000;
+    let app = app_on_broker(port, n).await;
+    let stage = app.start_stage("users");
+    wait_rows(&app, 500).await;
     // Frozen for longer than the 6 s session timeout, then resumed.
     let signal = |sig: &str| {
         let status = std::process::Command::new("kill")
@@ -313,17 +300,10 @@ async fn broker_frozen_longer_than_the_session_timeout_then_resumed_loses_nothin
     };
     signal("-STOP");
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let during = app
-        .count("SELECT count(*) FROM users WHERE attributes ? 'n'")
-        .await;
+    let during = app.count(SECOND_SEEN).await;
     signal("-CONT");
     assert!(during < n as i64, "frozen before the end ({during})");
-    app.wait_for_count(
-        "SELECT count(*) FROM users WHERE attributes ? 'n'",
-        n as i64,
-        Duration::from_secs(180),
-    )
-    .await;
+    wait_second_events(&app, n).await;
     app.wait_caught_up("users", Duration::from_secs(120)).await;
     stage.stop().await;
     assert_merged(&app, n).await;
@@ -337,38 +317,17 @@ async fn broker_killed_and_restarted_on_durable_storage_loses_nothing() {
         std::env::temp_dir().join(format!("ese-broker-{}.db", uuid::Uuid::new_v4().simple()));
     let storage = format!("sqlite://{}", file.display());
     let mut broker = spawn_broker(port, &storage);
-    let extra: toml::Table = toml::from_str(&format!(
-        "[kafka]\nbrokers = \"127.0.0.1:{port}\"\n[pipelines.users]\nbatch-size = 50\n\
-         [pipelines.users.consumer-options]\n\"queued.min.messages\" = \"20\""
-    ))
-    .unwrap();
-    let app = TestApp::spawn_with(extra).await;
     let n = 3_000;
-    let records = two_events_each(&app, n).await;
-    app.produce_all(&app.topic("users.upserts"), records).await;
+    let app = app_on_broker(port, n).await;
     let mut stage = app.spawn_ese(&["run", "users"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while app.count("SELECT count(*) FROM users").await < 300 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "stage made no progress"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_rows(&app, 300).await;
     // kill -9 mid-stream, down for two seconds, back on the same storage.
     broker.kill9();
-    let during = app
-        .count("SELECT count(*) FROM users WHERE attributes ? 'n'")
-        .await;
+    let during = app.count(SECOND_SEEN).await;
     assert!(during < n as i64, "killed before the end ({during})");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut broker = spawn_broker(port, &storage);
-    app.wait_for_count(
-        "SELECT count(*) FROM users WHERE attributes ? 'n'",
-        n as i64,
-        Duration::from_secs(180),
-    )
-    .await;
+    wait_second_events(&app, n).await;
     kill9(&mut stage);
     assert_merged(&app, n).await;
     broker.kill9();
