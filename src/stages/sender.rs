@@ -10,7 +10,8 @@
 //! The rest is claimed (QUEUED → SENDING, committed) before the call, then
 //! paced by the campaign's and the sender number's governor limiters — each
 //! process takes its share of partitions of `sends` as its share of every
-//! limit, so the limits hold across the group. The answer: SENT with the SID
+//! limit, so the limits hold across the group. The answer: SENT with the SID,
+//! committed right after each chunk of calls
 //! (and receipts parked for that SID applied); transient errors → QUEUED
 //! again with a retry record on the next delay topic, FAILED after the last;
 //! permanent → FAILED with the code (21610 also opts the user out). No answer
@@ -601,18 +602,17 @@ impl Stage for Sender {
         while rest.peek().is_some() {
             chunks.push(rest.by_ref().take(chunk).collect::<Vec<_>>());
         }
-        let attempts: Vec<(Msg, SendRequest, Option<Outcome>, bool)> =
-            futures::stream::iter(chunks)
-                .map(|c| self.call_chunk(c))
-                .buffer_unordered(2)
-                .flat_map(futures::stream::iter)
-                .collect()
-                .await;
+        let attempts: Vec<(Msg, SendRequest, Option<Outcome>)> = futures::stream::iter(chunks)
+            .map(|c| self.call_chunk(c))
+            .buffer_unordered(2)
+            .flat_map(futures::stream::iter)
+            .collect()
+            .await;
         let mut outcomes = Vec::with_capacity(attempts.len());
         let mut unclaimed = Vec::new();
-        for (m, s, outcome, recorded) in attempts {
+        for (m, s, outcome) in attempts {
             match outcome {
-                Some(o) => outcomes.push((m, s, o, recorded)),
+                Some(o) => outcomes.push((m, s, o)),
                 None => unclaimed.push((m.id, s.kind)),
             }
         }
@@ -624,9 +624,9 @@ impl Stage for Sender {
             let ks: Vec<&str> = unclaimed.iter().map(|u| u.1.as_str()).collect();
             tx.execute(PARK, &[&ids, &ts, &rs, &ks]).await?;
         }
-        let (mut sent, mut requeue) = (Vec::new(), Vec::new());
+        let mut requeue = Vec::new();
         let mut opt_outs = Vec::new();
-        for (m, s, outcome, recorded) in outcomes {
+        for (m, s, outcome) in outcomes {
             let label = match &outcome {
                 Outcome::Sent(_) => "sent",
                 Outcome::Transient(..) => "transient",
@@ -635,9 +635,8 @@ impl Stage for Sender {
             };
             counter!("ese_sender_sends_total", "outcome" => label).increment(1);
             match outcome {
-                // Recorded at once by `call_chunk` unless that failed.
-                Outcome::Sent(_) if recorded => {}
-                Outcome::Sent(sid) => sent.push((m.id, sid)),
+                // Recorded by `call_chunk` right after the call.
+                Outcome::Sent(_) => {}
                 Outcome::Transient(code, why) if (m.retries as u32) < self.cfg.max_retries => {
                     let n = m.retries as usize + 1;
                     let Some(topic) = self.retry_topics.get(n - 1) else {
@@ -678,12 +677,6 @@ impl Stage for Sender {
                 }
             }
         }
-        if !sent.is_empty() {
-            let ids: Vec<i64> = sent.iter().map(|s| s.0).collect();
-            let sids: Vec<&str> = sent.iter().map(|s| s.1.as_str()).collect();
-            tx.execute(SENT, &[&ids, &sids]).await?;
-            tx.query_one(APPLY_RECEIPTS, &[&sids]).await?;
-        }
         if !requeue.is_empty() {
             let ids: Vec<i64> = requeue.iter().map(|r| r.0).collect();
             let codes: Vec<Option<i32>> = requeue.iter().map(|r| r.1).collect();
@@ -721,7 +714,7 @@ impl Sender {
     async fn call_chunk(
         &self,
         chunk: Vec<(Msg, SendRequest)>,
-    ) -> Vec<(Msg, SendRequest, Option<Outcome>, bool)> {
+    ) -> Vec<(Msg, SendRequest, Option<Outcome>)> {
         let ids: Vec<i64> = chunk.iter().map(|(m, _)| m.id).collect();
         let claimed = match self.claim(&ids).await {
             Ok(c) => c,
@@ -729,7 +722,7 @@ impl Sender {
                 let why = format!("claim: {e}");
                 return chunk
                     .into_iter()
-                    .map(|(m, s)| (m, s, Some(Outcome::Transient(None, why.clone())), false))
+                    .map(|(m, s)| (m, s, Some(Outcome::Transient(None, why.clone()))))
                     .collect();
             }
         };
@@ -749,24 +742,18 @@ impl Sender {
                 _ => None,
             })
             .collect();
-        let recorded = match self.mark_sent(&sent).await {
-            Ok(()) => true,
-            Err(e) => {
-                warn!(error = %e, "recording sends now failed; the batch records them");
-                false
-            }
-        };
+        if let Err(e) = self.mark_sent(&sent).await {
+            // Left SENDING: the pump's reconciliation finds them at the provider.
+            warn!(error = %e, sends = sent.len(), "recording sends failed; left for reconciliation");
+        }
         results
-            .into_iter()
-            .map(|(m, s, o)| (m, s, o, recorded))
-            .collect()
     }
 
     /// Records sends the provider accepted and links the status callbacks
-    /// that beat them, committed at once rather than with the batch: a
-    /// callback stored between the batch's link and its commit would find no
-    /// message and stay parked. Committed first, then linked, so every
-    /// callback is linked either here or by the receipts stage.
+    /// that beat them, outside the batch transaction: a callback stored
+    /// between an in-transaction link and its commit would find no message
+    /// and stay parked. Committed first, then linked, so every callback is
+    /// linked either here or by the receipts stage.
     async fn mark_sent(&self, sent: &[(i64, &str)]) -> anyhow::Result<()> {
         if sent.is_empty() {
             return Ok(());
