@@ -223,6 +223,11 @@ const CATALOGUE: &[(&str, Kind, &str)] = &[
         "Batch processing time by stage.",
     ),
     (
+        "ese_stage_phase_seconds",
+        Kind::Histogram,
+        "Time per batch by stage and phase (gather: waiting for records; decode, begin, process, commit, produce).",
+    ),
+    (
         "ese_stage_batch_size_records",
         Kind::Histogram,
         "Records per batch by stage.",

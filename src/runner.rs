@@ -6,7 +6,9 @@
 //!
 //! - Kafka: a `StreamConsumer` with `enable.auto.offset.store=false`; records
 //!   go to one of `concurrency` workers by partition, so order within a
-//!   partition holds and no gap tracking is needed.
+//!   partition holds and no gap tracking is needed. Records handed to workers
+//!   and not yet done are bounded in total (`4 × batch-size × concurrency`),
+//!   not per worker: a busy worker never holds up records for an idle one.
 //! - Batches: a worker gathers up to `batch-size` records (or waits
 //!   `max-wait`), opens a transaction, runs the stage, commits, produces the
 //!   outputs and dead letters and waits for the broker's acknowledgements, and
@@ -38,7 +40,7 @@ use rdkafka::consumer::{
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::statistics::Statistics;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -356,7 +358,7 @@ pub async fn run<S: Stage>(
     info!(stage = name, group = %pipeline.group_id, inputs = ?pipeline.inputs, "stage started");
 
     let workers_n = pipeline.concurrency.max(1);
-    let queue = pipeline.batch_size.max(1) * 2;
+    let in_flight = Arc::new(Semaphore::new(pipeline.batch_size.max(1) * 4 * workers_n));
     let shared = Arc::new(Shared {
         stage,
         pipeline,
@@ -370,10 +372,10 @@ pub async fn run<S: Stage>(
     let mut senders = Vec::with_capacity(workers_n);
     let mut workers = JoinSet::new();
     for _ in 0..workers_n {
-        let (tx, rx) = mpsc::channel::<Dispatched>(queue);
+        let (tx, rx) = mpsc::unbounded_channel::<Dispatched>();
         senders.push(tx);
-        let shared = shared.clone();
-        workers.spawn(async move { worker(shared, rx).await });
+        let (shared, in_flight) = (shared.clone(), in_flight.clone());
+        workers.spawn(async move { worker(shared, rx, in_flight).await });
     }
 
     let mut fatal: Option<anyhow::Error> = None;
@@ -397,22 +399,29 @@ pub async fn run<S: Stage>(
             }
         };
         counter!("ese_stage_records_consumed_total", "stage" => name).increment(1);
+
         let epoch = owned
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&(record.topic.clone(), record.partition))
             .copied()
             .unwrap_or(0);
-        let idx = record.partition.unsigned_abs() as usize % workers_n;
-        let send = senders[idx].send(Dispatched { record, epoch });
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break 'fetch,
-            r = send => if r.is_err() {
-                // The worker is gone; its end is collected above.
-                continue;
+            Some(done) = workers.join_next() => {
+                fatal = Some(worker_end(name, done));
+                break 'fetch;
             }
+            permit = in_flight.acquire() => match permit {
+                // The worker returns the permit once the record's batch is done.
+                Ok(p) => p.forget(),
+                Err(_) => break 'fetch,
+            },
         }
+        let idx = record.partition.unsigned_abs() as usize % workers_n;
+        // A send fails only when the worker is gone; its end is collected above.
+        let _ = senders[idx].send(Dispatched { record, epoch });
     }
 
     // Stop fetching, let workers finish what they have.
@@ -452,10 +461,12 @@ fn worker_end(
 
 async fn worker<S: Stage>(
     shared: Arc<Shared<S>>,
-    mut rx: mpsc::Receiver<Dispatched>,
+    mut rx: mpsc::UnboundedReceiver<Dispatched>,
+    in_flight: Arc<Semaphore>,
 ) -> anyhow::Result<()> {
     let batch_size = shared.pipeline.batch_size.max(1);
     loop {
+        let tw = Instant::now();
         let Some(first) = rx.recv().await else {
             return Ok(());
         };
@@ -474,7 +485,11 @@ async fn worker<S: Stage>(
                 }
             }
         }
-        shared.handle_batch(batch).await?;
+        let n = batch.len();
+        Phases::new(shared.name()).done("gather", tw);
+        let done = shared.handle_batch(batch).await;
+        in_flight.add_permits(n);
+        done?;
     }
 }
 
@@ -553,6 +568,7 @@ impl<S: Stage> Shared<S> {
         let started = Instant::now();
         let name = self.name();
         let mut batch = Batch::new();
+        let phase = Phases::new(name);
         for d in dispatched {
             let decoded = match self.stage.decode(&d.record).await {
                 // A transient decode error (registry unreachable) must not drop
@@ -575,6 +591,7 @@ impl<S: Stage> Shared<S> {
                 Err(e) => anyhow::bail!("stage {name}: decoding {}: {e}", d.record.coordinates()),
             }
         }
+        phase.done("decode", started);
         histogram!("ese_stage_batch_size_records", "stage" => name).record(batch.len() as f64);
 
         let batch = match self.apply_retrying(batch).await? {
@@ -721,12 +738,16 @@ impl<S: Stage> Shared<S> {
             .iter()
             .map(|(r, reason, _)| (r, reason.as_str()))
             .collect();
+        let phase = Phases::new(self.name());
+        let t = Instant::now();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        let t = phase.done("begin", t);
         let mut out = Collector::default();
         if !batch.items.is_empty() {
             self.stage.process(&tx, &batch.items, &mut out).await?;
         }
+        let t = phase.done("process", t);
         for (idx, reason) in &out.dead {
             if let Some(item) = batch.items.get(*idx) {
                 dead.push((&item.record, reason.as_str()));
@@ -736,7 +757,9 @@ impl<S: Stage> Shared<S> {
         // source's effects committed. A crash before the acknowledgements
         // replays the batch, which changes nothing and emits the outputs again.
         tx.commit().await?;
+        let t = phase.done("commit", t);
         self.produce(&out.outputs, &dead).await?;
+        phase.done("produce", t);
         let name = self.name();
         for (r, reason) in &dead {
             counter!("ese_stage_records_dead_lettered_total", "stage" => name).increment(1);
@@ -827,6 +850,23 @@ impl<S: Stage> Shared<S> {
                 warn!(stage = self.name(), topic, partition, offset, error = %e, "offset not stored");
             }
         }
+    }
+}
+
+/// Records how long each phase of a batch took (`ese_stage_phase_seconds`).
+struct Phases(&'static str);
+
+impl Phases {
+    fn new(stage: &'static str) -> Self {
+        Self(stage)
+    }
+
+    /// Records the time since `since` for `phase`; returns now.
+    fn done(&self, phase: &'static str, since: Instant) -> Instant {
+        let now = Instant::now();
+        histogram!("ese_stage_phase_seconds", "stage" => self.0, "phase" => phase)
+            .record((now - since).as_secs_f64());
+        now
     }
 }
 

@@ -2,7 +2,7 @@
 //! bare ceilings a stage stands on, and print the ratio. Run them from a
 //! release build (`cargo run --release -- bench users`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -266,6 +266,44 @@ async fn users_in(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ese_stage_phase_seconds` of `stage` from a rendered metrics page: phase →
+/// (sum of seconds, count).
+fn phase_totals(page: &str, stage: &str) -> HashMap<String, (f64, f64)> {
+    let mut totals: HashMap<String, (f64, f64)> = HashMap::new();
+    let stage_label = format!("stage=\"{stage}\"");
+    for line in page.lines() {
+        let (is_sum, rest) = if let Some(r) = line.strip_prefix("ese_stage_phase_seconds_sum{") {
+            (true, r)
+        } else if let Some(r) = line.strip_prefix("ese_stage_phase_seconds_count{") {
+            (false, r)
+        } else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        if !labels.split(',').any(|l| l == stage_label) {
+            continue;
+        }
+        let Some(phase) = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("phase=\"")?.strip_suffix('"'))
+        else {
+            continue;
+        };
+        let Ok(v) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let slot = totals.entry(phase.to_string()).or_default();
+        if is_sum {
+            slot.0 = v;
+        } else {
+            slot.1 = v;
+        }
+    }
+    totals
+}
+
 /// Runs `stage` from its topic until it has committed `target` records (the
 /// runner's `ese_stage_records_processed_total`, read in-process every 20 ms:
 /// polling a `count(*)` would scan the growing table and slow the stage it
@@ -286,6 +324,7 @@ pub(crate) async fn time_stage(
             .unwrap_or(0.0) as i64
     };
     let before = processed();
+    let phases_before = phase_totals(&handle.render(), stage);
     let token = CancellationToken::new();
     let (d, t, name) = (deps.clone(), token.clone(), stage.to_string());
     let started = Instant::now();
@@ -303,6 +342,18 @@ pub(crate) async fn time_stage(
     let took = started.elapsed();
     token.cancel();
     task.await??;
+    let phases = phase_totals(&handle.render(), stage);
+    let batches = phases.get("process").map_or(0.0, |p| p.1)
+        - phases_before.get("process").map_or(0.0, |p| p.1);
+    let mut line = format!("  {stage} batches: {batches:.0}, mean ms per batch:");
+    for name in ["gather", "decode", "begin", "process", "commit", "produce"] {
+        let (sum, count) = phases.get(name).copied().unwrap_or_default();
+        let (sum0, count0) = phases_before.get(name).copied().unwrap_or_default();
+        if count > count0 {
+            line += &format!(" {name} {:.1}", 1e3 * (sum - sum0) / (count - count0));
+        }
+    }
+    println!("{line}");
     let rows: i64 = deps.pool.get().await?.query_one(done, &[]).await?.get(0);
     anyhow::ensure!(
         rows >= target,

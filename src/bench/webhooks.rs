@@ -291,6 +291,14 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
 
     // normalize: raw topic → delivery_receipts, against COPY of the same rows.
     let accepted = (full.ok + paced.ok) as i64;
+    let consume = rate(
+        accepted as usize,
+        super::consume_ceiling(&settings, &settings.bridge.status_topic, accepted as usize).await?,
+    );
+    println!(
+        "  {:<28} {consume:>9.0} rec/s",
+        "ceiling: consume raw topic"
+    );
     let client = pool.get().await?;
     let started = Instant::now();
     let sink = client
