@@ -31,6 +31,16 @@ SELECT m.status, count(*),
  WHERE m.campaign_id = $1 AND m.status NOT IN ('DELIVERED', 'READ', 'UNDELIVERED', 'FAILED')
  GROUP BY 1 ORDER BY 1";
 
+/// Up to five unfinished messages with the statuses of their stored callbacks
+/// (in the order received, `+` linked, `?` parked unlinked).
+const STALLED_DETAIL: &str = "
+SELECT m.provider_sid, m.status,
+       (SELECT string_agg(d.status || CASE WHEN d.message_id IS NULL THEN '?' ELSE '+' END, ',' ORDER BY d.received_at)
+          FROM delivery_receipts d WHERE d.message_sid = m.provider_sid)
+  FROM messages m
+ WHERE m.campaign_id = $1 AND m.status NOT IN ('DELIVERED', 'READ', 'UNDELIVERED', 'FAILED')
+ ORDER BY m.id LIMIT 5";
+
 /// `ese bench e2e --rate R --seconds S --campaign-users N`.
 pub async fn e2e(
     settings: Settings,
@@ -425,6 +435,16 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
                     (r.get(0), r.get(1), r.get(2), r.get(3));
                 println!(
                     "    unfinished: {n} {status} ({linked} with linked receipts, {parked} with receipts parked unlinked)"
+                );
+            }
+            // And, for a few of them, which callbacks reached the audit trail.
+            for r in client.query(STALLED_DETAIL, &[&id]).await? {
+                let (sid, status, receipts): (Option<String>, String, Option<String>) =
+                    (r.get(0), r.get(1), r.get(2));
+                println!(
+                    "    {} {status}: receipts {}",
+                    sid.as_deref().unwrap_or("(no sid)"),
+                    receipts.as_deref().unwrap_or("none")
                 );
             }
             anyhow::bail!("campaign stalled at {done}/{users} final for 60 s");
