@@ -127,7 +127,7 @@ impl Codec {
                 } else {
                     builder.reader_schema(current).build()
                 }
-                    .map_err(|e| anyhow::anyhow!("schema for {kind:?} does not resolve: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("schema for {kind:?} does not resolve: {e}"))?;
                 readers.insert(fp, reader);
             }
             let writer = GenericDatumWriter::builder(current)
