@@ -301,6 +301,13 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
         .await?
         .text()
         .await?;
+    for stage in ["normalize", "receipts"] {
+        let none = Default::default();
+        println!(
+            "{}",
+            super::phase_line(stage, &none, &super::phase_totals(&page, stage))
+        );
+    }
     let applied = client
         .query_one(
             "SELECT count(*) FROM messages WHERE campaign_id = $1 AND status <> 'SENT'",

@@ -268,7 +268,7 @@ async fn users_in(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
 
 /// `ese_stage_phase_seconds` of `stage` from a rendered metrics page: phase →
 /// (sum of seconds, count).
-fn phase_totals(page: &str, stage: &str) -> HashMap<String, (f64, f64)> {
+pub(crate) fn phase_totals(page: &str, stage: &str) -> HashMap<String, (f64, f64)> {
     let mut totals: HashMap<String, (f64, f64)> = HashMap::new();
     let stage_label = format!("stage=\"{stage}\"");
     for line in page.lines() {
@@ -302,6 +302,26 @@ fn phase_totals(page: &str, stage: &str) -> HashMap<String, (f64, f64)> {
         }
     }
     totals
+}
+
+/// `<stage> batches: N, mean ms per batch: gather … produce …` between two
+/// [`phase_totals`] readings.
+pub(crate) fn phase_line(
+    stage: &str,
+    before: &HashMap<String, (f64, f64)>,
+    after: &HashMap<String, (f64, f64)>,
+) -> String {
+    let count =
+        |m: &HashMap<String, (f64, f64)>, name: &str| m.get(name).copied().unwrap_or_default();
+    let batches = count(after, "process").1 - count(before, "process").1;
+    let mut line = format!("  {stage} batches: {batches:.0}, mean ms per batch:");
+    for name in ["gather", "decode", "begin", "process", "commit", "produce"] {
+        let ((sum, n), (sum0, n0)) = (count(after, name), count(before, name));
+        if n > n0 {
+            line += &format!(" {name} {:.1}", 1e3 * (sum - sum0) / (n - n0));
+        }
+    }
+    line
 }
 
 /// Runs `stage` from its topic until it has committed `target` records (the
@@ -343,17 +363,7 @@ pub(crate) async fn time_stage(
     token.cancel();
     task.await??;
     let phases = phase_totals(&handle.render(), stage);
-    let batches = phases.get("process").map_or(0.0, |p| p.1)
-        - phases_before.get("process").map_or(0.0, |p| p.1);
-    let mut line = format!("  {stage} batches: {batches:.0}, mean ms per batch:");
-    for name in ["gather", "decode", "begin", "process", "commit", "produce"] {
-        let (sum, count) = phases.get(name).copied().unwrap_or_default();
-        let (sum0, count0) = phases_before.get(name).copied().unwrap_or_default();
-        if count > count0 {
-            line += &format!(" {name} {:.1}", 1e3 * (sum - sum0) / (count - count0));
-        }
-    }
-    println!("{line}");
+    println!("{}", phase_line(stage, &phases_before, &phases));
     let rows: i64 = deps.pool.get().await?.query_one(done, &[]).await?.get(0);
     anyhow::ensure!(
         rows >= target,
