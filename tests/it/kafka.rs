@@ -137,9 +137,30 @@ async fn live_consumer_sees_every_acknowledged_record_of_concurrent_producers() 
         .filter(|v| !seen.contains(v))
         .take(10)
         .collect();
+    // On failure, say whether the missed records are stored (a fetch skipped
+    // them) or not (the produce lost them): read the topic again from the start.
+    let mut stored = std::collections::HashMap::new();
+    if !missing.is_empty() {
+        let again: StreamConsumer =
+            ese::kafka::consumer_config(&app.settings.kafka, &format!("{}.again", app.prefix))
+                .unwrap()
+                .create()
+                .unwrap();
+        again.subscribe(&[&topic]).unwrap();
+        let mut stream = again.stream();
+        while let Ok(Some(Ok(m))) =
+            tokio::time::timeout(Duration::from_secs(10), stream.next()).await
+        {
+            let v = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+            if missing.contains(&v) {
+                stored.insert(v, (m.partition(), m.offset()));
+            }
+        }
+    }
     assert!(
         missing.is_empty(),
-        "{} of {} acknowledged records never consumed, e.g. {missing:?}",
+        "{} of {} acknowledged records never consumed, e.g. {missing:?}; \
+         stored (partition, offset) when read again: {stored:?}",
         producers * each - seen.len(),
         producers * each
     );

@@ -502,212 +502,9 @@ impl DynoStore {
     }
 }
 
-#[async_trait]
-impl Storage for DynoStore {
-    async fn register_broker(&self, _broker_registration: BrokerRegistrationRequest) -> Result<()> {
-        Ok(())
-    }
-
-    async fn incremental_alter_resource(
-        &self,
-        resource: AlterConfigsResource,
-    ) -> Result<AlterConfigsResourceResponse> {
-        let _ = resource;
-
-        match ConfigResource::from(resource.resource_type) {
-            ConfigResource::Group => Ok(AlterConfigsResourceResponse::default()
-                .error_code(ErrorCode::None.into())
-                .error_message(Some("".into()))
-                .resource_type(resource.resource_type)
-                .resource_name(resource.resource_name)),
-            ConfigResource::ClientMetric => Ok(AlterConfigsResourceResponse::default()
-                .error_code(ErrorCode::None.into())
-                .error_message(Some("".into()))
-                .resource_type(resource.resource_type)
-                .resource_name(resource.resource_name)),
-            ConfigResource::BrokerLogger => Ok(AlterConfigsResourceResponse::default()
-                .error_code(ErrorCode::None.into())
-                .error_message(Some("".into()))
-                .resource_type(resource.resource_type)
-                .resource_name(resource.resource_name)),
-            ConfigResource::Broker => Ok(AlterConfigsResourceResponse::default()
-                .error_code(ErrorCode::None.into())
-                .error_message(Some("".into()))
-                .resource_type(resource.resource_type)
-                .resource_name(resource.resource_name)),
-            ConfigResource::Topic => self
-                .meta
-                .with_mut(&self.object_store, |meta| {
-                    meta.alter_topic(
-                        resource.resource_name.as_str(),
-                        resource.configs.as_deref().unwrap_or_default(),
-                    )
-                })
-                .await
-                .map(|()| {
-                    AlterConfigsResourceResponse::default()
-                        .error_code(ErrorCode::None.into())
-                        .error_message(Some("".into()))
-                        .resource_type(resource.resource_type)
-                        .resource_name(resource.resource_name)
-                }),
-            ConfigResource::Unknown => Ok(AlterConfigsResourceResponse::default()
-                .error_code(ErrorCode::None.into())
-                .error_message(Some("".into()))
-                .resource_type(resource.resource_type)
-                .resource_name(resource.resource_name)),
-        }
-    }
-
-    #[instrument(skip_all, fields(topic = %topic.name))]
-    async fn create_topic(&self, topic: CreatableTopic, _validate_only: bool) -> Result<Uuid> {
-        match self
-            .meta
-            .with_mut(&self.object_store, |meta| {
-                if meta.topics.contains_key(topic.name.as_str()) {
-                    return Err(Error::Api(ErrorCode::TopicAlreadyExists));
-                }
-
-                let id = Uuid::now_v7();
-                debug!(%id);
-
-                let td = TopicMetadata {
-                    id,
-                    topic: topic.clone(),
-                };
-
-                assert_eq!(None, meta.topics.insert(topic.name.clone(), td));
-                Ok(id)
-            })
-            .await
-        {
-            Ok(id) => {
-                for partition in 0..topic.num_partitions {
-                    let topition = Topition::new(topic.name.as_str(), partition);
-
-                    let watermark = self.watermarks.lock().map(|mut locked| {
-                        locked
-                            .entry(topition.to_owned())
-                            .or_insert(OptiCon::<Watermark>::new(self.cluster.as_str(), &topition))
-                            .to_owned()
-                    })?;
-
-                    watermark
-                        .with_mut(&self.object_store, |watermark| {
-                            _ = watermark.high.take();
-                            _ = watermark.low.take();
-
-                            Ok(())
-                        })
-                        .await?;
-                }
-
-                Ok(id)
-            }
-
-            error @ Err(_) => error,
-        }
-    }
-
-    async fn delete_records(
-        &self,
-        _topics: &[DeleteRecordsTopic],
-    ) -> Result<Vec<DeleteRecordsTopicResult>> {
-        todo!()
-    }
-
-    async fn delete_topic(&self, topic: &TopicId) -> Result<ErrorCode> {
-        if let Some(metadata) = self.topic_metadata(topic).await? {
-            self.meta
-                .with_mut(&self.object_store, |meta| {
-                    _ = meta.topics.remove(metadata.topic.name.as_str());
-                    Ok(())
-                })
-                .await?;
-
-            let prefix = Path::from(format!(
-                "clusters/{}/topics/{}/",
-                self.cluster, metadata.topic.name,
-            ));
-
-            let locations = self
-                .object_store
-                .list(Some(&prefix))
-                .map_ok(|m| m.location)
-                .boxed();
-
-            _ = self
-                .object_store
-                .delete_stream(locations)
-                .try_collect::<Vec<Path>>()
-                .await?;
-
-            let prefix = Path::from(format!("clusters/{}/groups/consumers/", self.cluster));
-
-            let topic_name = metadata.topic.name.clone();
-            let prefix_clone = prefix.clone();
-            let locations = self
-                .object_store
-                .list(Some(&prefix))
-                .filter_map(move |m| {
-                    let prefix = prefix_clone.clone();
-                    let topic_name = topic_name.clone();
-                    async move {
-                        m.map_or(None, |m| {
-                            debug!(?m.location);
-
-                            m.location.prefix_match(&prefix).and_then(|mut i| {
-                                // skip over the consumer group name
-                                _ = i.next();
-
-                                let sub = Path::from_iter(i);
-                                debug!(?sub);
-
-                                if sub.prefix_matches(&Path::from(format!(
-                                    "offsets/{}/partitions/",
-                                    topic_name
-                                ))) {
-                                    Some(Ok(m.location.clone()))
-                                } else {
-                                    None
-                                }
-                            })
-                        })
-                    }
-                })
-                .boxed();
-
-            _ = self
-                .object_store
-                .delete_stream(locations)
-                .try_collect::<Vec<Path>>()
-                .await?;
-            Ok(ErrorCode::None)
-        } else {
-            Ok(ErrorCode::UnknownTopicOrPartition)
-        }
-    }
-
-    async fn brokers(&self) -> Result<Vec<DescribeClusterBroker>> {
-        let broker_id = self.node;
-        let host = self
-            .advertised_listener
-            .host_str()
-            .unwrap_or("0.0.0.0")
-            .into();
-        let port = self.advertised_listener.port().unwrap_or(9092).into();
-        let rack = None;
-
-        Ok(vec![
-            DescribeClusterBroker::default()
-                .broker_id(broker_id)
-                .host(host)
-                .port(port)
-                .rack(rack),
-        ])
-    }
-
-    async fn produce(
+impl DynoStore {
+    /// The produce itself; see `produce` (ese patch).
+    async fn produce_to_end(
         &self,
         transaction_id: Option<&str>,
         topition: &Topition,
@@ -982,6 +779,235 @@ impl Storage for DynoStore {
             Ok(offset)
         }
     }
+}
+
+#[async_trait]
+impl Storage for DynoStore {
+    async fn register_broker(&self, _broker_registration: BrokerRegistrationRequest) -> Result<()> {
+        Ok(())
+    }
+
+    async fn incremental_alter_resource(
+        &self,
+        resource: AlterConfigsResource,
+    ) -> Result<AlterConfigsResourceResponse> {
+        let _ = resource;
+
+        match ConfigResource::from(resource.resource_type) {
+            ConfigResource::Group => Ok(AlterConfigsResourceResponse::default()
+                .error_code(ErrorCode::None.into())
+                .error_message(Some("".into()))
+                .resource_type(resource.resource_type)
+                .resource_name(resource.resource_name)),
+            ConfigResource::ClientMetric => Ok(AlterConfigsResourceResponse::default()
+                .error_code(ErrorCode::None.into())
+                .error_message(Some("".into()))
+                .resource_type(resource.resource_type)
+                .resource_name(resource.resource_name)),
+            ConfigResource::BrokerLogger => Ok(AlterConfigsResourceResponse::default()
+                .error_code(ErrorCode::None.into())
+                .error_message(Some("".into()))
+                .resource_type(resource.resource_type)
+                .resource_name(resource.resource_name)),
+            ConfigResource::Broker => Ok(AlterConfigsResourceResponse::default()
+                .error_code(ErrorCode::None.into())
+                .error_message(Some("".into()))
+                .resource_type(resource.resource_type)
+                .resource_name(resource.resource_name)),
+            ConfigResource::Topic => self
+                .meta
+                .with_mut(&self.object_store, |meta| {
+                    meta.alter_topic(
+                        resource.resource_name.as_str(),
+                        resource.configs.as_deref().unwrap_or_default(),
+                    )
+                })
+                .await
+                .map(|()| {
+                    AlterConfigsResourceResponse::default()
+                        .error_code(ErrorCode::None.into())
+                        .error_message(Some("".into()))
+                        .resource_type(resource.resource_type)
+                        .resource_name(resource.resource_name)
+                }),
+            ConfigResource::Unknown => Ok(AlterConfigsResourceResponse::default()
+                .error_code(ErrorCode::None.into())
+                .error_message(Some("".into()))
+                .resource_type(resource.resource_type)
+                .resource_name(resource.resource_name)),
+        }
+    }
+
+    #[instrument(skip_all, fields(topic = %topic.name))]
+    async fn create_topic(&self, topic: CreatableTopic, _validate_only: bool) -> Result<Uuid> {
+        match self
+            .meta
+            .with_mut(&self.object_store, |meta| {
+                if meta.topics.contains_key(topic.name.as_str()) {
+                    return Err(Error::Api(ErrorCode::TopicAlreadyExists));
+                }
+
+                let id = Uuid::now_v7();
+                debug!(%id);
+
+                let td = TopicMetadata {
+                    id,
+                    topic: topic.clone(),
+                };
+
+                assert_eq!(None, meta.topics.insert(topic.name.clone(), td));
+                Ok(id)
+            })
+            .await
+        {
+            Ok(id) => {
+                for partition in 0..topic.num_partitions {
+                    let topition = Topition::new(topic.name.as_str(), partition);
+
+                    let watermark = self.watermarks.lock().map(|mut locked| {
+                        locked
+                            .entry(topition.to_owned())
+                            .or_insert(OptiCon::<Watermark>::new(self.cluster.as_str(), &topition))
+                            .to_owned()
+                    })?;
+
+                    watermark
+                        .with_mut(&self.object_store, |watermark| {
+                            _ = watermark.high.take();
+                            _ = watermark.low.take();
+
+                            Ok(())
+                        })
+                        .await?;
+                }
+
+                Ok(id)
+            }
+
+            error @ Err(_) => error,
+        }
+    }
+
+    async fn delete_records(
+        &self,
+        _topics: &[DeleteRecordsTopic],
+    ) -> Result<Vec<DeleteRecordsTopicResult>> {
+        todo!()
+    }
+
+    async fn delete_topic(&self, topic: &TopicId) -> Result<ErrorCode> {
+        if let Some(metadata) = self.topic_metadata(topic).await? {
+            self.meta
+                .with_mut(&self.object_store, |meta| {
+                    _ = meta.topics.remove(metadata.topic.name.as_str());
+                    Ok(())
+                })
+                .await?;
+
+            let prefix = Path::from(format!(
+                "clusters/{}/topics/{}/",
+                self.cluster, metadata.topic.name,
+            ));
+
+            let locations = self
+                .object_store
+                .list(Some(&prefix))
+                .map_ok(|m| m.location)
+                .boxed();
+
+            _ = self
+                .object_store
+                .delete_stream(locations)
+                .try_collect::<Vec<Path>>()
+                .await?;
+
+            let prefix = Path::from(format!("clusters/{}/groups/consumers/", self.cluster));
+
+            let topic_name = metadata.topic.name.clone();
+            let prefix_clone = prefix.clone();
+            let locations = self
+                .object_store
+                .list(Some(&prefix))
+                .filter_map(move |m| {
+                    let prefix = prefix_clone.clone();
+                    let topic_name = topic_name.clone();
+                    async move {
+                        m.map_or(None, |m| {
+                            debug!(?m.location);
+
+                            m.location.prefix_match(&prefix).and_then(|mut i| {
+                                // skip over the consumer group name
+                                _ = i.next();
+
+                                let sub = Path::from_iter(i);
+                                debug!(?sub);
+
+                                if sub.prefix_matches(&Path::from(format!(
+                                    "offsets/{}/partitions/",
+                                    topic_name
+                                ))) {
+                                    Some(Ok(m.location.clone()))
+                                } else {
+                                    None
+                                }
+                            })
+                        })
+                    }
+                })
+                .boxed();
+
+            _ = self
+                .object_store
+                .delete_stream(locations)
+                .try_collect::<Vec<Path>>()
+                .await?;
+            Ok(ErrorCode::None)
+        } else {
+            Ok(ErrorCode::UnknownTopicOrPartition)
+        }
+    }
+
+    async fn brokers(&self) -> Result<Vec<DescribeClusterBroker>> {
+        let broker_id = self.node;
+        let host = self
+            .advertised_listener
+            .host_str()
+            .unwrap_or("0.0.0.0")
+            .into();
+        let port = self.advertised_listener.port().unwrap_or(9092).into();
+        let rack = None;
+
+        Ok(vec![
+            DescribeClusterBroker::default()
+                .broker_id(broker_id)
+                .host(host)
+                .port(port)
+                .rack(rack),
+        ])
+    }
+
+    async fn produce(
+        &self,
+        transaction_id: Option<&str>,
+        topition: &Topition,
+        deflated: deflated::Batch,
+    ) -> Result<i64> {
+        // ese patch: run the produce on its own task so that it always runs
+        // to the end. It advances the producer's sequence before it writes the
+        // batch; when the client's connection dropped in between (a request
+        // timeout under load), the write was cancelled, the client's retry got
+        // DuplicateSequenceNumber, which an idempotent producer takes as
+        // success, and the records were lost although acknowledged.
+        let this = self.clone();
+        let transaction_id = transaction_id.map(str::to_owned);
+        let topition = topition.to_owned();
+        tokio::spawn(async move {
+            this.produce_to_end(transaction_id.as_deref(), &topition, deflated)
+                .await
+        })
+        .await
+        .map_err(|_| Error::Api(ErrorCode::UnknownServerError))?
+    }
 
     async fn fetch(
         &self,
@@ -1039,6 +1065,7 @@ impl Storage for DynoStore {
         // ese patch: start with the batch that holds `offset` (a consumer may
         // resume in the middle of a batch), not the first batch after it.
         let first = offsets.range(..=offset).next_back().copied().unwrap_or(offset);
+        let requested = offset;
 
         // ese patch: return only batches contiguous from `offset`. A produce
         // advances the high watermark before it writes its batch, so a fetch
@@ -1076,7 +1103,14 @@ impl Storage for DynoStore {
                 .map_err(|_| Error::Api(ErrorCode::UnknownServerError))
                 .and_then(|encoded| self.decode(encoded))?;
             batch.base_offset = offset;
-            expected = Some(offset + i64::from(batch.last_offset_delta) + 1);
+            let end = offset + i64::from(batch.last_offset_delta) + 1;
+            // ese patch: the first batch must hold the offset asked for; one
+            // that ends before it means the batch holding it is not written
+            // yet, so there is nothing to return now.
+            if expected.is_none() && end <= requested {
+                break;
+            }
+            expected = Some(end);
             batches.push(batch);
 
             if size > bytes {

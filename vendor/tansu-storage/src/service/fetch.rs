@@ -171,10 +171,13 @@ impl FetchService {
             *max_bytes =
                 u32::try_from(fetched.byte_size()).map(|bytes| max_bytes.saturating_sub(bytes))?;
 
-            offset += fetched
-                .iter()
-                .map(|batch| batch.record_count as i64)
-                .sum::<i64>();
+            // ese patch: go on after the last batch fetched. Adding up record
+            // counts went wrong when the first batch began before `offset`
+            // (the storage returns the batch holding it): the next fetch then
+            // started past a batch not yet written, which the consumer lost.
+            if let Some(last) = fetched.last() {
+                offset = offset.max(last.base_offset + i64::from(last.last_offset_delta) + 1);
+            }
 
             debug!(?offset, ?fetched);
 
