@@ -86,12 +86,17 @@ async fn live_consumer_sees_every_acknowledged_record_of_concurrent_producers() 
     let app = TestApp::spawn().await;
     let topic = app.topic("webhooks.status.raw");
     let (producers, each) = (4, 5_000);
-    let consumer: StreamConsumer =
-        ese::kafka::consumer_config(&app.settings.kafka, &format!("{}.live", app.prefix))
-            .unwrap()
-            .create()
-            .unwrap();
-    consumer.subscribe(&[&topic]).unwrap();
+    // A consumer of `topic` in a new group, from the start.
+    let subscribed = |group: &str| {
+        let c: StreamConsumer =
+            ese::kafka::consumer_config(&app.settings.kafka, &format!("{}.{group}", app.prefix))
+                .unwrap()
+                .create()
+                .unwrap();
+        c.subscribe(&[&topic]).unwrap();
+        c
+    };
+    let consumer = subscribed("live");
     let reading = tokio::spawn(async move {
         let mut seen = std::collections::HashSet::new();
         let mut stream = consumer.stream();
@@ -141,12 +146,7 @@ async fn live_consumer_sees_every_acknowledged_record_of_concurrent_producers() 
     // them) or not (the produce lost them): read the topic again from the start.
     let mut stored = std::collections::HashMap::new();
     if !missing.is_empty() {
-        let again: StreamConsumer =
-            ese::kafka::consumer_config(&app.settings.kafka, &format!("{}.again", app.prefix))
-                .unwrap()
-                .create()
-                .unwrap();
-        again.subscribe(&[&topic]).unwrap();
+        let again = subscribed("again");
         let mut stream = again.stream();
         while let Ok(Some(Ok(m))) =
             tokio::time::timeout(Duration::from_secs(10), stream.next()).await
