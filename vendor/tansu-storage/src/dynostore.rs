@@ -15,7 +15,7 @@
 //! Dynamic Object Storage engine (S3, memory, ...)
 
 use std::{
-    collections::{BTreeMap, BTreeSet, btree_map::Entry},
+    collections::{BTreeMap, btree_map::Entry},
     fmt::{Debug, Display},
     str::FromStr,
     sync::{Arc, Mutex},
@@ -503,6 +503,43 @@ impl DynoStore {
 }
 
 impl DynoStore {
+    /// ese patch: the start of the batch that holds `offset` (the greatest
+    /// batch start at or below it), from a listing of the partition's batches.
+    async fn batch_holding(
+        &self,
+        topition: &Topition,
+        offset: i64,
+        high_watermark: i64,
+    ) -> Result<Option<i64>> {
+        let location = Path::from(format!(
+            "clusters/{}/topics/{}/partitions/{:0>10}/records/",
+            self.cluster, topition.topic, topition.partition
+        ));
+
+        let mut list_stream = self.object_store.list(Some(&location));
+        let mut holding = None;
+
+        while let Some(meta) = list_stream
+            .next()
+            .await
+            .transpose()
+            .inspect_err(|error| error!(?error, ?topition, ?offset))
+            .map_err(|_| Error::Api(ErrorCode::UnknownServerError))?
+        {
+            let Some(name) = meta.location.parts().next_back() else {
+                continue;
+            };
+
+            let start = i64::from_str(&name.as_ref()[0..20])?;
+
+            if start <= offset && start < high_watermark && holding.is_none_or(|h| start > h) {
+                holding = Some(start);
+            }
+        }
+
+        Ok(holding)
+    }
+
     /// The produce itself; see `produce` (ese patch).
     async fn produce_to_end(
         &self,
@@ -1027,72 +1064,56 @@ impl Storage for DynoStore {
 
         debug!(high_watermark);
 
-        let mut offsets = BTreeSet::new();
-
-        if offset < high_watermark {
-            let location = Path::from(format!(
-                "clusters/{}/topics/{}/partitions/{:0>10}/records/",
-                self.cluster, topition.topic, topition.partition
-            ));
-
-            let mut list_stream = self.object_store.list(Some(&location));
-
-            while let Some(meta) = list_stream
-                .next()
-                .await
-                .inspect(|meta| debug!(?meta))
-                .transpose()
-                .inspect_err(|error| error!(?error, ?topition, ?offset, ?min_bytes, ?max_bytes))
-                .map_err(|_| Error::Api(ErrorCode::UnknownServerError))?
-            {
-                let Some(offset) = meta.location.parts().next_back() else {
-                    continue;
-                };
-
-                let offset = i64::from_str(&offset.as_ref()[0..20])?;
-                debug!(offset);
-
-                if offset < high_watermark {
-                    _ = offsets.insert(offset);
-                }
-            }
-        }
-
         let mut batches = vec![];
 
-        let mut bytes = max_bytes as u64;
+        if offset >= high_watermark {
+            return Ok(batches);
+        }
 
-        // ese patch: start with the batch that holds `offset` (a consumer may
-        // resume in the middle of a batch), not the first batch after it.
-        let first = offsets.range(..=offset).next_back().copied().unwrap_or(offset);
-        let requested = offset;
-
-        // ese patch: return only batches contiguous from `offset`. A produce
-        // advances the high watermark before it writes its batch, so a fetch
-        // could see a later batch written while an earlier one was not yet:
-        // the consumer then jumped past the missing records for good.
-        let mut expected: Option<i64> = None;
-
-        for offset in offsets.split_off(&first) {
-            debug!(?offset);
-
-            match expected {
-                Some(next) if offset != next => break,
-                None if offset != first => break,
-                _ => {}
-            }
-
-            let location = Path::from(format!(
+        let batch_path = |offset: i64| {
+            Path::from(format!(
                 "clusters/{}/topics/{}/partitions/{:0>10}/records/{:0>20}.batch",
                 self.cluster, topition.topic, topition.partition, offset,
-            ));
+            ))
+        };
 
-            let get_result = self
-                .object_store
-                .get(&location)
-                .await
-                .inspect_err(|error| error!(?error, ?topition, ?offset, ?min_bytes, ?max_bytes))
-                .map_err(|_| Error::Api(ErrorCode::UnknownServerError))?;
+        // ese patch: a consumer usually asks for the offset a batch starts at,
+        // so get that batch directly; list the partition's batches only when
+        // there is none (listing every batch object on each fetch grew with
+        // the partition). From there, return only batches contiguous from the
+        // requested offset: a produce advances the high watermark before it
+        // writes its batch, so a later batch can be there while an earlier one
+        // is not yet, and the consumer must not jump past the missing one.
+        let requested = offset;
+        let mut next = offset;
+        let mut listed = false;
+        let mut bytes = max_bytes as u64;
+
+        while next < high_watermark {
+            let location = batch_path(next);
+
+            let get_result = match self.object_store.get(&location).await {
+                Ok(get_result) => get_result,
+
+                Err(object_store::Error::NotFound { .. }) if batches.is_empty() && !listed => {
+                    // No batch starts at the requested offset: find the one
+                    // holding it (a consumer may resume inside a batch).
+                    listed = true;
+                    let Some(start) = self.batch_holding(topition, requested, high_watermark).await?
+                    else {
+                        break;
+                    };
+                    next = start;
+                    continue;
+                }
+
+                Err(object_store::Error::NotFound { .. }) => break,
+
+                Err(error) => {
+                    error!(?error, ?topition, ?offset, ?min_bytes, ?max_bytes);
+                    return Err(Error::Api(ErrorCode::UnknownServerError));
+                }
+            };
 
             let size = get_result.meta.size;
 
@@ -1102,15 +1123,16 @@ impl Storage for DynoStore {
                 .inspect_err(|error| error!(?error, %location))
                 .map_err(|_| Error::Api(ErrorCode::UnknownServerError))
                 .and_then(|encoded| self.decode(encoded))?;
-            batch.base_offset = offset;
-            let end = offset + i64::from(batch.last_offset_delta) + 1;
-            // ese patch: the first batch must hold the offset asked for; one
-            // that ends before it means the batch holding it is not written
-            // yet, so there is nothing to return now.
-            if expected.is_none() && end <= requested {
+            batch.base_offset = next;
+            let end = next + i64::from(batch.last_offset_delta) + 1;
+
+            // The first batch must hold the requested offset; one that ends
+            // before it means the batch holding it is not written yet.
+            if batches.is_empty() && end <= requested {
                 break;
             }
-            expected = Some(end);
+
+            next = end;
             batches.push(batch);
 
             if size > bytes {
