@@ -19,6 +19,12 @@ const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     60.0,
 ];
+/// End-to-end latency: finer around the 250 ms target, so a p99 read from
+/// the histogram is not an interpolation across 250–500 ms.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+    10.0, 30.0, 60.0,
+];
 const SIZE_BUCKETS: &[f64] = &[
     1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
 ];
@@ -29,6 +35,13 @@ pub fn handle() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+                // A full-name matcher wins over the suffix one.
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("ese_pipeline_end_to_end_seconds".into()),
+                        LATENCY_BUCKETS,
+                    )
+                })
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Suffix("_records".into()), SIZE_BUCKETS)
                 });
