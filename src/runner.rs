@@ -8,7 +8,8 @@
 //!   go to one of `concurrency` workers by partition, so order within a
 //!   partition holds and no gap tracking is needed. Records handed to workers
 //!   and not yet done are bounded in total (`4 × batch-size × concurrency`),
-//!   not per worker: a busy worker never holds up records for an idle one.
+//!   not per worker, so one busy worker holds up the others only once it has
+//!   the whole bound waiting.
 //! - Batches: a worker gathers up to `batch-size` records (or waits
 //!   `max-wait`), opens a transaction, runs the stage, commits, produces the
 //!   outputs and dead letters and waits for the broker's acknowledgements, and
@@ -486,7 +487,7 @@ async fn worker<S: Stage>(
             }
         }
         let n = batch.len();
-        Phases::new(shared.name()).done("gather", tw);
+        phase_done(shared.name(), "gather", tw);
         let done = shared.handle_batch(batch).await;
         in_flight.add_permits(n);
         done?;
@@ -568,7 +569,6 @@ impl<S: Stage> Shared<S> {
         let started = Instant::now();
         let name = self.name();
         let mut batch = Batch::new();
-        let phase = Phases::new(name);
         for d in dispatched {
             let decoded = match self.stage.decode(&d.record).await {
                 // A transient decode error (registry unreachable) must not drop
@@ -591,7 +591,7 @@ impl<S: Stage> Shared<S> {
                 Err(e) => anyhow::bail!("stage {name}: decoding {}: {e}", d.record.coordinates()),
             }
         }
-        phase.done("decode", started);
+        phase_done(name, "decode", started);
         histogram!("ese_stage_batch_size_records", "stage" => name).record(batch.len() as f64);
 
         let batch = match self.apply_retrying(batch).await? {
@@ -738,16 +738,16 @@ impl<S: Stage> Shared<S> {
             .iter()
             .map(|(r, reason, _)| (r, reason.as_str()))
             .collect();
-        let phase = Phases::new(self.name());
+        let name = self.name();
         let t = Instant::now();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let t = phase.done("begin", t);
+        let t = phase_done(name, "begin", t);
         let mut out = Collector::default();
         if !batch.items.is_empty() {
             self.stage.process(&tx, &batch.items, &mut out).await?;
         }
-        let t = phase.done("process", t);
+        let t = phase_done(name, "process", t);
         for (idx, reason) in &out.dead {
             if let Some(item) = batch.items.get(*idx) {
                 dead.push((&item.record, reason.as_str()));
@@ -757,10 +757,9 @@ impl<S: Stage> Shared<S> {
         // source's effects committed. A crash before the acknowledgements
         // replays the batch, which changes nothing and emits the outputs again.
         tx.commit().await?;
-        let t = phase.done("commit", t);
+        let t = phase_done(name, "commit", t);
         self.produce(&out.outputs, &dead).await?;
-        phase.done("produce", t);
-        let name = self.name();
+        phase_done(name, "produce", t);
         for (r, reason) in &dead {
             counter!("ese_stage_records_dead_lettered_total", "stage" => name).increment(1);
             warn!(stage = name, record = %r.coordinates(), reason = %reason, "dead-lettered");
@@ -853,21 +852,13 @@ impl<S: Stage> Shared<S> {
     }
 }
 
-/// Records how long each phase of a batch took (`ese_stage_phase_seconds`).
-struct Phases(&'static str);
-
-impl Phases {
-    fn new(stage: &'static str) -> Self {
-        Self(stage)
-    }
-
-    /// Records the time since `since` for `phase`; returns now.
-    fn done(&self, phase: &'static str, since: Instant) -> Instant {
-        let now = Instant::now();
-        histogram!("ese_stage_phase_seconds", "stage" => self.0, "phase" => phase)
-            .record((now - since).as_secs_f64());
-        now
-    }
+/// Records the time since `since` as `phase` of a batch of `stage`
+/// (`ese_stage_phase_seconds`); returns now.
+fn phase_done(stage: &'static str, phase: &'static str, since: Instant) -> Instant {
+    let now = Instant::now();
+    histogram!("ese_stage_phase_seconds", "stage" => stage, "phase" => phase)
+        .record((now - since).as_secs_f64());
+    now
 }
 
 fn to_headers<'a>(pairs: impl Iterator<Item = (&'a str, &'a [u8])>) -> OwnedHeaders {

@@ -112,18 +112,13 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
 
 /// The `ese_pipeline_end_to_end_seconds` buckets of `stage` on a metrics page.
 fn e2e_buckets(page: &str, stage: &str) -> Vec<(f64, f64)> {
-    let prefix = "ese_pipeline_end_to_end_seconds_bucket{";
-    let mut out: Vec<(f64, f64)> = page
-        .lines()
-        .filter(|l| l.starts_with(prefix) && l.contains(&format!("stage=\"{stage}\"")))
-        .filter_map(|l| {
-            let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
+    let mut out: Vec<(f64, f64)> = super::samples(page, "ese_pipeline_end_to_end_seconds_bucket")
+        .filter(|(labels, _)| super::label(labels, "stage") == Some(stage))
+        .filter_map(|(labels, n)| {
+            let le = match super::label(labels, "le")? {
+                "+Inf" => f64::INFINITY,
+                le => le.parse().ok()?,
             };
-            let n = l.rsplit(' ').next()?.parse().ok()?;
             Some((le, n))
         })
         .collect();

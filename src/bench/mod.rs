@@ -266,39 +266,36 @@ async fn users_in(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The samples of metric `name` on a rendered Prometheus page: (labels as
+/// written between the braces, value).
+pub(crate) fn samples<'a>(page: &'a str, name: &str) -> impl Iterator<Item = (&'a str, f64)> {
+    let prefix = format!("{name}{{");
+    page.lines().filter_map(move |line| {
+        let (labels, value) = line.strip_prefix(prefix.as_str())?.split_once("} ")?;
+        Some((labels, value.trim().parse().ok()?))
+    })
+}
+
+/// The value of label `key` in `labels` (as [`samples`] gives them).
+pub(crate) fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
+    labels
+        .split(',')
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix("=\"")?.strip_suffix('"'))
+}
+
 /// `ese_stage_phase_seconds` of `stage` from a rendered metrics page: phase →
 /// (sum of seconds, count).
 pub(crate) fn phase_totals(page: &str, stage: &str) -> HashMap<String, (f64, f64)> {
     let mut totals: HashMap<String, (f64, f64)> = HashMap::new();
-    let stage_label = format!("stage=\"{stage}\"");
-    for line in page.lines() {
-        let (is_sum, rest) = if let Some(r) = line.strip_prefix("ese_stage_phase_seconds_sum{") {
-            (true, r)
-        } else if let Some(r) = line.strip_prefix("ese_stage_phase_seconds_count{") {
-            (false, r)
-        } else {
-            continue;
-        };
-        let Some((labels, value)) = rest.split_once("} ") else {
-            continue;
-        };
-        if !labels.split(',').any(|l| l == stage_label) {
-            continue;
-        }
-        let Some(phase) = labels
-            .split(',')
-            .find_map(|l| l.strip_prefix("phase=\"")?.strip_suffix('"'))
-        else {
-            continue;
-        };
-        let Ok(v) = value.trim().parse::<f64>() else {
-            continue;
-        };
-        let slot = totals.entry(phase.to_string()).or_default();
-        if is_sum {
-            slot.0 = v;
-        } else {
-            slot.1 = v;
+    for (part, is_sum) in [("sum", true), ("count", false)] {
+        for (labels, v) in samples(page, &format!("ese_stage_phase_seconds_{part}")) {
+            if label(labels, "stage") != Some(stage) {
+                continue;
+            }
+            if let Some(phase) = label(labels, "phase") {
+                let slot = totals.entry(phase.to_string()).or_default();
+                if is_sum { slot.0 = v } else { slot.1 = v }
+            }
         }
     }
     totals
@@ -336,12 +333,9 @@ pub(crate) async fn time_stage(
 ) -> anyhow::Result<Duration> {
     let handle = crate::metrics::handle();
     let processed = || {
-        let prefix = format!("ese_stage_records_processed_total{{stage=\"{stage}\"}} ");
-        handle
-            .render()
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str())?.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as i64
+        samples(&handle.render(), "ese_stage_records_processed_total")
+            .find(|(labels, _)| label(labels, "stage") == Some(stage))
+            .map_or(0, |(_, v)| v as i64)
     };
     let before = processed();
     let phases_before = phase_totals(&handle.render(), stage);
