@@ -245,12 +245,13 @@ fn spawn_broker(port: u16, storage: &str) -> crate::harness::Proc {
 }
 
 /// A test app on the broker at `port` with `n` users' two upserts each
-/// already on the topic; a small fetch queue, so the stage needs the broker
-/// all along.
+/// already on the topic; small fetches and a small fetch queue, so the stage
+/// needs the broker all along.
 async fn app_on_broker(port: u16, n: usize) -> TestApp {
     let extra: toml::Table = toml::from_str(&format!(
         "[kafka]\nbrokers = \"127.0.0.1:{port}\"\n[pipelines.users]\nbatch-size = 50\n\
-         [pipelines.users.consumer-options]\n\"queued.min.messages\" = \"20\""
+         [pipelines.users.consumer-options]\n\"queued.min.messages\" = \"20\"\n\
+         \"max.partition.fetch.bytes\" = \"4096\""
     ))
     .unwrap();
     let app = TestApp::spawn_with(extra).await;

@@ -154,8 +154,15 @@ impl FetchService {
 
         let mut offset = fetch_partition.fetch_offset;
 
+        // ese patch: a partition gets at most its `partition_max_bytes`, as in
+        // Kafka. Filling the whole response from the first partition starved
+        // the others: consumers saw one partition at a time.
+        let mut budget = u32::try_from(fetch_partition.partition_max_bytes)
+            .unwrap_or(u32::MAX)
+            .min(*max_bytes);
+
         loop {
-            if *max_bytes == 0 {
+            if budget == 0 {
                 break;
             }
 
@@ -163,13 +170,14 @@ impl FetchService {
 
             let mut fetched = ctx
                 .state()
-                .fetch(&tp, offset, min_bytes, *max_bytes, isolation)
+                .fetch(&tp, offset, min_bytes, budget, isolation)
                 .await
                 .inspect(|r| debug!(?tp, ?offset, ?r))
                 .inspect_err(|error| error!(?tp, ?error))?;
 
-            *max_bytes =
-                u32::try_from(fetched.byte_size()).map(|bytes| max_bytes.saturating_sub(bytes))?;
+            let bytes = u32::try_from(fetched.byte_size())?;
+            budget = budget.saturating_sub(bytes);
+            *max_bytes = max_bytes.saturating_sub(bytes);
 
             // ese patch: go on after the last batch fetched. Adding up record
             // counts went wrong when the first batch began before `offset`
