@@ -6,10 +6,9 @@
 //!
 //! - Kafka: a `StreamConsumer` with `enable.auto.offset.store=false`; records
 //!   go to one of `concurrency` workers by partition, so order within a
-//!   partition holds and no gap tracking is needed. Records handed to workers
-//!   and not yet done are bounded in total (`4 × batch-size × concurrency`),
-//!   not per worker, so one busy worker holds up the others only once it has
-//!   the whole bound waiting.
+//!   partition holds and no gap tracking is needed. Each partition has its own
+//!   librdkafka queue and reader, so a worker with a backlog holds up only its
+//!   own partitions; each worker's channel holds two batches.
 //! - Batches: a worker gathers up to `batch-size` records (or waits
 //!   `max-wait`), opens a transaction, runs the stage, commits, produces the
 //!   outputs and dead letters and waits for the broker's acknowledgements, and
@@ -37,11 +36,13 @@ use rand::Rng;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+    stream_consumer::StreamPartitionQueue,
 };
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::statistics::Statistics;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -344,7 +345,14 @@ pub async fn run<S: Stage>(
         epoch: Default::default(),
         on_change: Box::new(move |parts| notify.assigned(&parts)),
     };
+    let workers_n = pipeline.concurrency.max(1);
+    let batch_size = pipeline.batch_size.max(1);
     let mut config = crate::kafka::consumer_config(kafka, &pipeline.group_id)?;
+    // Each partition has its own prefetch queue (below), so librdkafka's
+    // prefetch bound applies per partition: keep it to a few batches.
+    config
+        .set("queued.min.messages", (4 * batch_size).to_string())
+        .set("queued.max.messages.kbytes", "4096");
     for (k, v) in &pipeline.consumer_options {
         config.set(k, v);
     }
@@ -352,14 +360,13 @@ pub async fn run<S: Stage>(
         .create_with_context(context)
         .map_err(|e| anyhow::anyhow!("stage {name}: cannot create consumer: {e}"))?;
     let consumer = Arc::new(consumer);
+    let queues = split_partitions(name, &consumer, &pipeline.inputs).await;
     let topics: Vec<&str> = pipeline.inputs.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topics)
         .map_err(|e| anyhow::anyhow!("stage {name}: cannot subscribe to {topics:?}: {e}"))?;
     info!(stage = name, group = %pipeline.group_id, inputs = ?pipeline.inputs, "stage started");
 
-    let workers_n = pipeline.concurrency.max(1);
-    let in_flight = Arc::new(Semaphore::new(pipeline.batch_size.max(1) * 4 * workers_n));
     let shared = Arc::new(Shared {
         stage,
         pipeline,
@@ -373,12 +380,40 @@ pub async fn run<S: Stage>(
     let mut senders = Vec::with_capacity(workers_n);
     let mut workers = JoinSet::new();
     for _ in 0..workers_n {
-        let (tx, rx) = mpsc::unbounded_channel::<Dispatched>();
+        let (tx, rx) = mpsc::channel::<Dispatched>(2 * batch_size);
         senders.push(tx);
-        let (shared, in_flight) = (shared.clone(), in_flight.clone());
-        workers.spawn(async move { worker(shared, rx, in_flight).await });
+        let shared = shared.clone();
+        workers.spawn(async move { worker(shared, rx).await });
+    }
+    let worker_of = |partition: i32| partition.unsigned_abs() as usize % workers_n;
+    // One reader per split partition feeds that partition's worker, so a
+    // worker with a backlog holds up only its own partitions.
+    let readers = CancellationToken::new();
+    let mut reader_tasks = JoinSet::new();
+    for (partition, queue) in queues {
+        let (tx, owned, stop) = (
+            senders[worker_of(partition)].clone(),
+            owned.clone(),
+            readers.clone(),
+        );
+        reader_tasks.spawn(async move {
+            loop {
+                let d = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    msg = queue.recv() => dispatched(name, msg, &owned).await,
+                };
+                if let Some(d) = d {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        sent = tx.send(d) => if sent.is_err() { return },
+                    }
+                }
+            }
+        });
     }
 
+    // The main queue serves rebalances and statistics, and carries records
+    // of partitions that were not split (created after the stage started).
     let mut fatal: Option<anyhow::Error> = None;
     'fetch: loop {
         let msg = tokio::select! {
@@ -390,23 +425,10 @@ pub async fn run<S: Stage>(
             }
             msg = consumer.recv() => msg,
         };
-        let record = match msg {
-            Ok(m) => InRecord::from_message(&m),
-            Err(e) => {
-                counter!("ese_kafka_consume_errors_total", "stage" => name).increment(1);
-                warn!(stage = name, error = %e, "consume error");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
+        let Some(d) = dispatched(name, msg, &owned).await else {
+            continue;
         };
-        counter!("ese_stage_records_consumed_total", "stage" => name).increment(1);
-
-        let epoch = owned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(record.topic.clone(), record.partition))
-            .copied()
-            .unwrap_or(0);
+        let tx = &senders[worker_of(d.record.partition)];
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break 'fetch,
@@ -414,16 +436,12 @@ pub async fn run<S: Stage>(
                 fatal = Some(worker_end(name, done));
                 break 'fetch;
             }
-            permit = in_flight.acquire() => match permit {
-                // The worker returns the permit once the record's batch is done.
-                Ok(p) => p.forget(),
-                Err(_) => break 'fetch,
-            },
+            // A send fails only when the worker is gone; its end is collected above.
+            _ = tx.send(d) => {}
         }
-        let idx = record.partition.unsigned_abs() as usize % workers_n;
-        // A send fails only when the worker is gone; its end is collected above.
-        let _ = senders[idx].send(Dispatched { record, epoch });
     }
+    readers.cancel();
+    while reader_tasks.join_next().await.is_some() {}
 
     // Stop fetching, let workers finish what they have.
     drop(senders);
@@ -449,6 +467,74 @@ pub async fn run<S: Stage>(
     }
 }
 
+/// A consumed record tagged with the assignment epoch it was fetched under;
+/// `None` after a consume error (counted and logged, then a short pause).
+async fn dispatched(
+    name: &'static str,
+    msg: KafkaResult<BorrowedMessage<'_>>,
+    owned: &Owned,
+) -> Option<Dispatched> {
+    let record = match msg {
+        Ok(m) => InRecord::from_message(&m),
+        Err(e) => {
+            counter!("ese_kafka_consume_errors_total", "stage" => name).increment(1);
+            warn!(stage = name, error = %e, "consume error");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return None;
+        }
+    };
+    counter!("ese_stage_records_consumed_total", "stage" => name).increment(1);
+    let epoch = owned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&(record.topic.clone(), record.partition))
+        .copied()
+        .unwrap_or(0);
+    Some(Dispatched { record, epoch })
+}
+
+/// Gives every partition of `topics` its own librdkafka queue, before the
+/// subscription, so librdkafka's long runs of one partition no longer queue
+/// the other partitions' records behind them. librdkafka keeps a split queue
+/// across rebalances. A topic whose metadata cannot be read stays on the main
+/// queue (still correct, only without the parallelism).
+async fn split_partitions(
+    name: &'static str,
+    consumer: &Arc<StreamConsumer<RunnerContext>>,
+    topics: &[String],
+) -> Vec<(i32, StreamPartitionQueue<RunnerContext>)> {
+    let mut queues = Vec::new();
+    for topic in topics {
+        let (c, t) = (consumer.clone(), topic.clone());
+        let partitions = tokio::task::spawn_blocking(move || {
+            c.fetch_metadata(Some(&t), Duration::from_secs(10))
+                .map(|m| {
+                    m.topics()
+                        .iter()
+                        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                        .collect::<Vec<_>>()
+                })
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        match partitions {
+            Ok(ps) => {
+                for p in ps {
+                    if let Some(q) = consumer.split_partition_queue(topic, p) {
+                        queues.push((p, q));
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(stage = name, topic = %topic, error = %e, "no partition metadata; the topic is read from the main queue")
+            }
+        }
+    }
+    queues
+}
+
 fn worker_end(
     name: &str,
     done: Result<anyhow::Result<()>, tokio::task::JoinError>,
@@ -462,8 +548,7 @@ fn worker_end(
 
 async fn worker<S: Stage>(
     shared: Arc<Shared<S>>,
-    mut rx: mpsc::UnboundedReceiver<Dispatched>,
-    in_flight: Arc<Semaphore>,
+    mut rx: mpsc::Receiver<Dispatched>,
 ) -> anyhow::Result<()> {
     let batch_size = shared.pipeline.batch_size.max(1);
     loop {
@@ -486,11 +571,8 @@ async fn worker<S: Stage>(
                 }
             }
         }
-        let n = batch.len();
         phase_done(shared.name(), "gather", tw);
-        let done = shared.handle_batch(batch).await;
-        in_flight.add_permits(n);
-        done?;
+        shared.handle_batch(batch).await?;
     }
 }
 
