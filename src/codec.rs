@@ -84,6 +84,26 @@ struct Known {
     readers: HashMap<u64, GenericDatumReader<'static>>,
     current_fingerprint: u64,
     text: &'static str,
+    /// Whether serde maps straight onto the current schema ([`direct_serde`]).
+    direct: bool,
+}
+
+/// True when every union in `schema` is `["null", T]`, the only unions
+/// apache-avro's schema-aware serializer and deserializer handle; such kinds
+/// skip the intermediate `Value` tree (building, resolving and validating it
+/// was a quarter of the normalize stage's codec time).
+fn direct_serde(schema: &Schema) -> bool {
+    match schema {
+        Schema::Union(u) => {
+            u.variants().len() == 2
+                && matches!(u.variants()[0], Schema::Null)
+                && direct_serde(&u.variants()[1])
+        }
+        Schema::Record(r) => r.fields.iter().all(|f| direct_serde(&f.schema)),
+        Schema::Map(m) => direct_serde(&m.types),
+        Schema::Array(a) => direct_serde(&a.items),
+        _ => true,
+    }
 }
 
 /// Encodes and decodes every record type; cheap to clone.
@@ -141,6 +161,7 @@ impl Codec {
                     readers,
                     current_fingerprint,
                     text,
+                    direct: direct_serde(current),
                 },
             );
         }
@@ -167,22 +188,26 @@ impl Codec {
     /// Encodes `item` as a `kind` record bound for `topic`.
     pub async fn encode<R: Record>(&self, topic: &str, item: &R) -> Result<Vec<u8>, CodecError> {
         let known = self.known(R::KIND);
-        let value = to_value(item)
-            .and_then(|v| v.resolve(known.current))
-            .map_err(|e| CodecError::Avro(e.to_string()))?;
+        let avro = |e: apache_avro::Error| CodecError::Avro(e.to_string());
+        let value = || {
+            to_value(item)
+                .and_then(|v| v.resolve(known.current))
+                .map_err(avro)
+        };
         match &self.registry {
             None => {
-                let body = known
-                    .writer
-                    .write_value_to_vec(value)
-                    .map_err(|e| CodecError::Avro(e.to_string()))?;
-                let mut out = Vec::with_capacity(body.len() + 10);
+                let mut out = Vec::with_capacity(128);
                 out.extend_from_slice(&[0xC3, 0x01]);
                 out.extend_from_slice(&known.current_fingerprint.to_le_bytes());
-                out.extend_from_slice(&body);
+                if known.direct {
+                    known.writer.write_ser(&mut out, item).map_err(avro)?;
+                } else {
+                    known.writer.write_value(&mut out, value()?).map_err(avro)?;
+                }
                 Ok(out)
             }
             Some(reg) => {
+                let value = value()?;
                 let supplied = SuppliedSchema::new(None, SchemaType::Avro, known.text.to_string());
                 let strategy =
                     SubjectNameStrategy::TopicNameStrategyWithSchema(topic.into(), false, supplied);
@@ -240,14 +265,26 @@ impl Codec {
                     .get(&fp)
                     .ok_or(CodecError::UnknownFingerprint(fp))?;
                 let mut body = &bytes[10..];
+                let trailing = |body: &[u8]| {
+                    CodecError::Avro(format!("{} trailing bytes after the record", body.len()))
+                };
+                if fp == known.current_fingerprint && known.direct {
+                    // The current schema needs no resolution: deserialize
+                    // straight into the struct, no Value tree.
+                    let record = reader
+                        .read_deser::<R>(&mut body)
+                        .map_err(|e| CodecError::Avro(e.to_string()))?;
+                    return if body.is_empty() {
+                        Ok(record)
+                    } else {
+                        Err(trailing(body))
+                    };
+                }
                 let value = reader
                     .read_value(&mut body)
                     .map_err(|e| CodecError::Avro(e.to_string()))?;
                 if !body.is_empty() {
-                    return Err(CodecError::Avro(format!(
-                        "{} trailing bytes after the record",
-                        body.len()
-                    )));
+                    return Err(trailing(body));
                 }
                 value
             }
@@ -288,6 +325,48 @@ mod tests {
         assert_eq!(&bytes[..2], &[0xC3, 0x01]);
         let back: UserUpsert = codec.decode(&bytes).await.unwrap();
         assert_eq!(back, u);
+    }
+
+    /// Kinds encoded straight from serde write the same bytes the `Value`
+    /// path writes, so readers of either kind of record never differ.
+    #[tokio::test]
+    async fn direct_encoding_matches_the_value_path() {
+        use crate::records::{Param, ReceiptNormalized, WebhookRaw};
+        let codec = Codec::new("").unwrap();
+        let receipt = ReceiptNormalized {
+            event_id: "e1".into(),
+            message_sid: "SM1".into(),
+            status: "delivered".into(),
+            error_code: Some(30003),
+            channel: "SMS".into(),
+            recipient: None,
+            received_at: 1_700_000_000_000,
+        };
+        let raw = WebhookRaw {
+            event_id: "e2".into(),
+            kind: "status".into(),
+            path: "/webhooks/twilio/status".into(),
+            query: String::new(),
+            params: vec![Param {
+                name: "MessageSid".into(),
+                value: "SM1".into(),
+            }],
+            body: Some("{}".into()),
+            content_type: "application/x-www-form-urlencoded".into(),
+            received_at: 1_700_000_000_000,
+        };
+        async fn check<R: Record + PartialEq + std::fmt::Debug>(codec: &Codec, r: &R) {
+            let known = codec.known(R::KIND);
+            assert!(known.direct, "{:?} should encode directly", R::KIND);
+            let bytes = codec.encode("t", r).await.unwrap();
+            let value = to_value(r).unwrap().resolve(known.current).unwrap();
+            let body = known.writer.write_value_to_vec(value).unwrap();
+            assert_eq!(&bytes[10..], &body[..]);
+            let back: R = codec.decode(&bytes).await.unwrap();
+            assert_eq!(&back, r);
+        }
+        check(&codec, &receipt).await;
+        check(&codec, &raw).await;
     }
 
     #[tokio::test]
