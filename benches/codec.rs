@@ -19,10 +19,26 @@ fn phones(c: &mut Criterion) {
     ];
     let mut g = c.benchmark_group("phone");
     g.throughput(Throughput::Elements(inputs.len() as u64));
-    g.bench_function("normalize_4_forms", |b| {
+    // Numbers seen before come from the normalizer's cache.
+    g.bench_function("normalize_4_forms_seen", |b| {
         b.iter(|| {
             for i in inputs {
                 let _ = std::hint::black_box(n.address(std::hint::black_box(i)));
+            }
+        })
+    });
+    // Numbers never seen are parsed (and cached).
+    let mut next = 0u64;
+    g.bench_function("normalize_4_new_numbers", |b| {
+        b.iter(|| {
+            for _ in 0..4 {
+                next += 1;
+                let input = format!(
+                    "+1415{:03}{:04}",
+                    200 + (next / 10_000) % 800,
+                    next % 10_000
+                );
+                let _ = std::hint::black_box(n.address(&input));
             }
         })
     });

@@ -31,11 +31,20 @@ pub enum PhoneError {
     Invalid { input: String },
 }
 
-/// Normalizes phone numbers written in any common way; cheap to copy.
-#[derive(Debug, Clone, Copy)]
+/// Normalizes phone numbers written in any common way; cheap to clone.
+///
+/// Parsing is regex-heavy (~5 µs a number), and the same numbers come back
+/// again and again (every status callback of a message names its recipient,
+/// every inbound message its sender), so results are kept in a bounded cache
+/// shared by the clones.
+#[derive(Clone)]
 pub struct Normalizer {
     default_region: country::Id,
+    cache: moka::sync::Cache<String, Result<String, PhoneError>>,
 }
+
+/// Numbers kept by [`Normalizer`]'s cache (least recently and frequently used go first).
+const CACHED_NUMBERS: u64 = 50_000;
 
 impl Normalizer {
     /// `default_region` is an ISO 3166 alpha-2 code used for numbers without a
@@ -45,11 +54,23 @@ impl Normalizer {
             .to_ascii_uppercase()
             .parse()
             .unwrap_or(country::Id::US);
-        Self { default_region }
+        Self {
+            default_region,
+            cache: moka::sync::Cache::new(CACHED_NUMBERS),
+        }
     }
 
     /// `" (415) 555-0100 "` → `+14155550100`.
     pub fn e164(&self, input: &str) -> Result<String, PhoneError> {
+        if let Some(known) = self.cache.get(input) {
+            return known;
+        }
+        let result = self.parse(input);
+        self.cache.insert(input.to_string(), result.clone());
+        result
+    }
+
+    fn parse(&self, input: &str) -> Result<String, PhoneError> {
         let trimmed = input.trim();
         if trimmed.is_empty() {
             return Err(PhoneError::Empty);

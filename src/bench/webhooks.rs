@@ -60,9 +60,12 @@ impl Run {
     }
 }
 
-/// A realistic signed status callback for message `i`.
+/// A realistic signed status callback for message `i`. A recipient's number
+/// recurs in three consecutive callbacks, as a message's queued, sent and
+/// delivered callbacks name the same recipient.
 pub(super) fn callback(public_url: &str, i: usize) -> (String, String) {
     let sid = format!("SM{i:032x}");
+    let to = recipient(i);
     let status = ["queued", "sent", "delivered"][i % 3];
     let params: Vec<(String, String)> = [
         ("ApiVersion", "2010-04-01"),
@@ -72,7 +75,7 @@ pub(super) fn callback(public_url: &str, i: usize) -> (String, String) {
         ("MessageStatus", status),
         ("MessageSid", sid.as_str()),
         ("From", "+14155550123"),
-        ("To", "+14155552671"),
+        ("To", to.as_str()),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -82,6 +85,11 @@ pub(super) fn callback(public_url: &str, i: usize) -> (String, String) {
         .extend_pairs(params.iter())
         .finish();
     (body, sig)
+}
+
+/// The recipient of message `i` in [`callback`].
+pub(super) fn recipient(i: usize) -> String {
+    super::bench_phone(i / 3)
 }
 
 /// Sends `bodies` to `url` with `concurrency` workers; with `per_second`,
