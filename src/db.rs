@@ -53,6 +53,39 @@ pub async fn migrate(url: &str) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// Appends `rows` with a binary `COPY` (`copy`: `COPY t (cols) FROM STDIN
+/// BINARY`, `types` its column types) inside a savepoint. `Ok(false)` when a
+/// row violates a unique constraint (a replay of rows already stored): the
+/// savepoint is rolled back and nothing of this COPY remains, so the caller
+/// inserts the rows with `ON CONFLICT` instead. COPY costs PostgreSQL about a
+/// quarter less CPU than an `INSERT … SELECT unnest(…)` of the same rows.
+pub async fn copy_new_rows<'a>(
+    tx: &deadpool_postgres::Transaction<'_>,
+    copy: &str,
+    types: &[tokio_postgres::types::Type],
+    rows: impl IntoIterator<Item = Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)>>,
+) -> Result<bool, tokio_postgres::Error> {
+    tx.batch_execute("SAVEPOINT ese_copy").await?;
+    let written = async {
+        let sink = tx.copy_in(copy).await?;
+        let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(sink, types);
+        futures::pin_mut!(writer);
+        for row in rows {
+            writer.as_mut().write(&row).await?;
+        }
+        writer.finish().await
+    }
+    .await;
+    match written {
+        Ok(_) => Ok(true),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT ese_copy").await?;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// What a database error means for the record that caused it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {

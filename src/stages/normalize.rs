@@ -7,6 +7,7 @@
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
+use tokio_postgres::types::{ToSql, Type};
 
 use crate::codec::Codec;
 use crate::phone::{Channel, Normalizer};
@@ -34,6 +35,18 @@ const INSERT_RECEIPTS: &str = "
 INSERT INTO delivery_receipts (event_id, message_sid, status, error_code, raw_payload, received_at, phone_valid)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::jsonb[], $6::timestamptz[], $7::bool[])
 ON CONFLICT (event_id) DO NOTHING";
+
+const COPY_RECEIPTS: &str = "COPY delivery_receipts (event_id, message_sid, status, error_code, raw_payload, received_at, phone_valid) FROM STDIN BINARY";
+
+const RECEIPT_TYPES: &[Type] = &[
+    Type::UUID,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT4,
+    Type::JSONB,
+    Type::TIMESTAMPTZ,
+    Type::BOOL,
+];
 
 const INSERT_INBOUND: &str = "
 INSERT INTO inbound_events (event_id, message_sid, from_phone, raw_from, to_phone, channel, body, raw_payload, processing_status, received_at)
@@ -267,9 +280,24 @@ impl Stage for Normalize {
                 other => out.dead_letter(i, format!("unknown webhook kind {other:?}")),
             }
         }
-        if !receipts.event_id.is_empty() {
+        let r = &receipts;
+        let rows = (0..r.event_id.len()).map(|i| -> Vec<&(dyn ToSql + Sync)> {
+            vec![
+                &r.event_id[i],
+                &r.sid[i],
+                &r.status[i],
+                &r.error_code[i],
+                &r.raw[i],
+                &r.received_at[i],
+                &r.phone_valid[i],
+            ]
+        });
+        // Rows are new unless this batch is a replay: COPY them, and insert
+        // with ON CONFLICT only when some exist already.
+        if !r.event_id.is_empty()
+            && !crate::db::copy_new_rows(tx, COPY_RECEIPTS, RECEIPT_TYPES, rows).await?
+        {
             let stmt = tx.prepare_cached(INSERT_RECEIPTS).await?;
-            let r = &receipts;
             tx.execute(
                 &stmt,
                 &[
