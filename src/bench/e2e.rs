@@ -13,8 +13,8 @@ use rdkafka::producer::FutureRecord;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 
-use super::webhooks::{PATH, TOKEN, callback, drive, recipient};
-use super::{Scratch, consume_ceiling, rate};
+use super::webhooks::{PATH, TOKEN, callback, drive};
+use super::{Scratch, bench_phone, consume_ceiling, rate};
 use crate::config::Settings;
 use crate::kafka::TopicReader;
 
@@ -174,7 +174,7 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
     futures::pin_mut!(writer);
     let sent_at = chrono::Utc::now() - chrono::Duration::minutes(1);
     for i in 0..n {
-        let (phone, sid) = (recipient(i), format!("SM{i:032x}"));
+        let (phone, sid) = (bench_phone(i), format!("SM{i:032x}"));
         writer
             .as_mut()
             .write(&[&campaign, &phone, &"Hello", &sid, &"SENT", &sent_at])
