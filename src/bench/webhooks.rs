@@ -13,7 +13,6 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use rdkafka::producer::FutureRecord;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
 use super::{Scratch, rate};
@@ -21,7 +20,7 @@ use crate::bridge::{Bridge, signature};
 use crate::codec::Codec;
 use crate::config::Settings;
 use crate::records::{Param, WebhookRaw};
-use crate::stages::Deps;
+use crate::stages::{Deps, normalize};
 
 pub(super) const PATH: &str = "/webhooks/twilio/status";
 pub(super) const TOKEN: &str = "bench-auth-token";
@@ -309,23 +308,9 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
     );
     let client = pool.get().await?;
     let started = Instant::now();
-    let sink = client
-        .copy_in(
-            "COPY delivery_receipts (event_id, message_sid, status, error_code, raw_payload, received_at, phone_valid) FROM STDIN BINARY",
-        )
-        .await?;
-    let writer = BinaryCopyInWriter::new(
-        sink,
-        &[
-            Type::UUID,
-            Type::TEXT,
-            Type::TEXT,
-            Type::INT4,
-            Type::JSONB,
-            Type::TIMESTAMPTZ,
-            Type::BOOL,
-        ],
-    );
+    // The statement the stage itself uses when its rows are new.
+    let sink = client.copy_in(normalize::COPY_RECEIPTS).await?;
+    let writer = BinaryCopyInWriter::new(sink, normalize::RECEIPT_TYPES);
     futures::pin_mut!(writer);
     let raw = sample.params_json();
     let now = chrono::Utc::now();

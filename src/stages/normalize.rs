@@ -36,9 +36,10 @@ INSERT INTO delivery_receipts (event_id, message_sid, status, error_code, raw_pa
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::jsonb[], $6::timestamptz[], $7::bool[])
 ON CONFLICT (event_id) DO NOTHING";
 
-const COPY_RECEIPTS: &str = "COPY delivery_receipts (event_id, message_sid, status, error_code, raw_payload, received_at, phone_valid) FROM STDIN BINARY";
+/// Audit rows of status callbacks by binary COPY, and its column types.
+pub const COPY_RECEIPTS: &str = "COPY delivery_receipts (event_id, message_sid, status, error_code, raw_payload, received_at, phone_valid) FROM STDIN BINARY";
 
-const RECEIPT_TYPES: &[Type] = &[
+pub const RECEIPT_TYPES: &[Type] = &[
     Type::UUID,
     Type::TEXT,
     Type::TEXT,
