@@ -290,7 +290,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                     "ese: warning: TWILIO_AUTH_TOKEN is not set; every webhook will be refused (403)"
                 );
             }
-            let router = engine::http_router(&settings, &deps, tokens)?;
+            let router = engine::http_router(&settings, &deps, tokens).await?;
             println!(
                 "ese serve: webhooks and admin API on http://{}",
                 settings.bridge.listen
@@ -527,7 +527,7 @@ async fn up(mut settings: Settings, with_provider_sim: bool) -> anyhow::Result<(
     let tokens = crate::bridge::tokens_from_env();
     let signed = !tokens.is_empty();
     let admin = crate::campaigns::api::token_from_env().is_some();
-    let router = engine::http_router(&settings, &deps, tokens)?;
+    let router = engine::http_router(&settings, &deps, tokens).await?;
     let bridge_task = tokio::spawn(crate::bridge::serve(
         settings.bridge.listen,
         router,

@@ -21,13 +21,19 @@ impl Deps {
 }
 
 /// The HTTP surface of `ese serve` and `ese up`: webhooks, probes, metrics
-/// and the admin API.
-pub fn http_router(
+/// and the admin API. Returns once the bridge's producer can deliver (at most
+/// `bridge.produce-timeout`), so the first webhooks do not wait for it.
+pub async fn http_router(
     settings: &Settings,
     deps: &Deps,
     tokens: Vec<String>,
 ) -> anyhow::Result<axum::Router> {
     let bridge = crate::bridge::Bridge::new(settings, tokens, deps.pool.clone())?;
+    if !bridge.producer_ready(settings.bridge.produce_timeout).await {
+        tracing::warn!(
+            "the bridge's producer has no producer id yet (broker unreachable?); serving anyway, webhooks get 503 until it has"
+        );
+    }
     let admin = crate::campaigns::api::Admin::new(
         deps.pool.clone(),
         deps.commands()?,

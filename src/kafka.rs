@@ -5,13 +5,14 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::error::KafkaError;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use rdkafka::message::ToBytes;
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::warn;
 
@@ -34,6 +35,25 @@ pub fn client_config(cfg: &KafkaConfig) -> anyhow::Result<ClientConfig> {
     Ok(c)
 }
 
+/// The producers' librdkafka context: notes from the statistics whether the
+/// idempotent producer holds its producer id. A new producer gets one only on
+/// librdkafka's second 500 ms try (the first finds no connection yet), and
+/// records sent before wait for it: ~1 s for the first webhooks of a fresh bridge.
+pub struct ProducerContext {
+    has_id: Arc<AtomicBool>,
+}
+
+impl ClientContext for ProducerContext {
+    fn stats(&self, stats: rdkafka::Statistics) {
+        if let Some(eos) = &stats.eos {
+            self.has_id
+                .store(eos.idemp_state == "Assigned", Ordering::Relaxed);
+        }
+    }
+}
+
+type FutureProducer = rdkafka::producer::FutureProducer<ProducerContext>;
+
 /// The engine's producer: idempotent, `acks=all`, recreated after a fatal
 /// error. (An idempotent producer that loses an in-flight request may need an
 /// epoch bump; a broker that refuses it fences the producer for good, which
@@ -42,14 +62,40 @@ pub fn client_config(cfg: &KafkaConfig) -> anyhow::Result<ClientConfig> {
 pub struct Producer {
     cfg: Arc<KafkaConfig>,
     inner: Arc<RwLock<FutureProducer>>,
+    /// Set by the current producer's [`ProducerContext`].
+    has_id: Arc<AtomicBool>,
 }
 
 impl Producer {
     pub fn new(cfg: &KafkaConfig) -> anyhow::Result<Self> {
+        let has_id = Arc::new(AtomicBool::new(false));
         Ok(Self {
             cfg: Arc::new(cfg.clone()),
-            inner: Arc::new(RwLock::new(future_producer(cfg)?)),
+            inner: Arc::new(RwLock::new(future_producer(cfg, &has_id)?)),
+            has_id,
         })
+    }
+
+    /// Whether the producer can deliver now (it holds its producer id).
+    pub fn has_id(&self) -> bool {
+        self.has_id.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the producer can deliver, at most `within`; false if it
+    /// still cannot (broker unreachable: sends will wait or time out).
+    pub async fn wait_ready(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        // Connecting now lets librdkafka's next try get the producer id.
+        let producer = self.current();
+        let _ = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, within))
+            .await;
+        while !self.has_id() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
     }
 
     /// The current rdkafka producer.
@@ -112,7 +158,8 @@ impl Producer {
         if !std::ptr::eq(current.client().native_ptr(), failed.client().native_ptr()) {
             return; // someone replaced it already
         }
-        match future_producer(&self.cfg) {
+        self.has_id.store(false, Ordering::Relaxed);
+        match future_producer(&self.cfg, &self.has_id) {
             Ok(p) => {
                 warn!(%code, %reason, "producer hit a fatal error; replaced it");
                 metrics::counter!("ese_kafka_producer_recreated_total").increment(1);
@@ -123,7 +170,7 @@ impl Producer {
     }
 }
 
-fn future_producer(cfg: &KafkaConfig) -> anyhow::Result<FutureProducer> {
+fn future_producer(cfg: &KafkaConfig, has_id: &Arc<AtomicBool>) -> anyhow::Result<FutureProducer> {
     let mut c = client_config(cfg)?;
     c.set("enable.idempotence", "true")
         .set("acks", "all")
@@ -131,9 +178,13 @@ fn future_producer(cfg: &KafkaConfig) -> anyhow::Result<FutureProducer> {
         .set(
             "message.timeout.ms",
             cfg.produce_timeout.as_millis().to_string(),
-        );
-    c.create()
-        .map_err(|e| anyhow::anyhow!("cannot create Kafka producer: {e}"))
+        )
+        // Statistics tell when the producer holds its id (ProducerContext).
+        .set("statistics.interval.ms", "500");
+    c.create_with_context(ProducerContext {
+        has_id: has_id.clone(),
+    })
+    .map_err(|e| anyhow::anyhow!("cannot create Kafka producer: {e}"))
 }
 
 /// Config for a stage consumer in `group`: offsets stored by the runner only,

@@ -290,6 +290,14 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
     let cpu = cpu_seconds(pid) - cpu0;
     let load = load.await??;
     load.print("webhooks accepted (HTTP)");
+    println!(
+        "  HTTP max per second (ms): {}",
+        load.worst_by_second
+            .iter()
+            .map(|w| format!("{:.0}", w.as_secs_f64() * 1e3))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     let page = http
         .get(format!("http://{metrics}/metrics"))
         .send()

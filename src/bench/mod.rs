@@ -113,7 +113,10 @@ pub(crate) fn spawn_ese(
         .args(args)
         .env("DATABASE_URL", &settings.database.url)
         .env("KAFKA_BROKERS", &settings.kafka.brokers)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("ESE_BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

@@ -29,6 +29,8 @@ pub(super) const TOKEN: &str = "bench-auth-token";
 pub(super) struct Run {
     pub(super) elapsed: Duration,
     pub(super) latencies: Vec<Duration>,
+    /// The slowest answer to requests sent in each second of the run.
+    pub(super) worst_by_second: Vec<Duration>,
     pub(super) ok: usize,
     pub(super) failed: usize,
 }
@@ -114,6 +116,7 @@ pub(super) async fn drive(
         );
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
+            let mut worst: Vec<Duration> = Vec::new();
             let (mut ok, mut failed) = (0usize, 0usize);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -132,24 +135,37 @@ pub(super) async fn drive(
                     .body(body.clone())
                     .send()
                     .await;
-                lat.push(t.elapsed());
+                let took = t.elapsed();
+                lat.push(took);
+                let second = (t - started).as_secs() as usize;
+                if worst.len() <= second {
+                    worst.resize(second + 1, Duration::ZERO);
+                }
+                worst[second] = worst[second].max(took);
                 match r {
                     Ok(r) if r.status().is_success() => ok += 1,
                     _ => failed += 1,
                 }
             }
-            (lat, ok, failed)
+            (lat, worst, ok, failed)
         }));
     }
     let mut run = Run {
         elapsed: Duration::ZERO,
         latencies: Vec::new(),
+        worst_by_second: Vec::new(),
         ok: 0,
         failed: 0,
     };
     for t in tasks {
-        let (lat, ok, failed) = t.await?;
+        let (lat, worst, ok, failed) = t.await?;
         run.latencies.extend(lat);
+        if run.worst_by_second.len() < worst.len() {
+            run.worst_by_second.resize(worst.len(), Duration::ZERO);
+        }
+        for (w, x) in run.worst_by_second.iter_mut().zip(worst) {
+            *w = (*w).max(x);
+        }
         run.ok += ok;
         run.failed += failed;
     }

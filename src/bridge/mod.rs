@@ -68,6 +68,11 @@ impl Bridge {
         }))
     }
 
+    /// Waits until the producer can deliver, at most `within`.
+    pub async fn producer_ready(&self, within: Duration) -> bool {
+        self.producer.wait_ready(within).await
+    }
+
     /// The routes: webhooks, probes, metrics.
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
@@ -421,7 +426,13 @@ async fn readyz(State(b): State<Arc<Bridge>>) -> Response {
             .map_err(|e| e.to_string())
     };
     let (kafka, pg) = tokio::join!(kafka, pg);
-    let kafka = kafka.map_err(|e| e.to_string()).and_then(|r| r);
+    let kafka = kafka
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
+        .and_then(|()| match b.producer.has_id() {
+            true => Ok(()),
+            false => Err("the producer has no producer id yet".to_string()),
+        });
     let body = serde_json::json!({
         "kafka": kafka.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.clone()),
         "postgres": pg.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.clone()),

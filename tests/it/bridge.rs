@@ -490,3 +490,53 @@ async fn broker_down_means_503_and_nothing_lost_or_doubled_after_retry() {
         "each accepted webhook exactly once"
     );
 }
+
+/// `/readyz`: 200 once the broker (with the bridge's producer holding its
+/// producer id) and PostgreSQL answer; 503 naming Kafka when the broker is
+/// unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_whether_the_broker_and_postgres_answer() {
+    let app = TestApp::spawn().await;
+    let bridge = app.start_bridge().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let r = bridge
+            .http
+            .get(format!("{}/readyz", bridge.base))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break r.json::<serde_json::Value>().await.unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(body["kafka"], "ok");
+    assert_eq!(body["postgres"], "ok");
+
+    let mut settings = app.settings.clone();
+    settings.kafka.brokers = format!("127.0.0.1:{}", crate::harness::free_port());
+    let stranded =
+        ese::bridge::Bridge::new(&settings, vec![fixtures::TOKEN.into()], app.pool.clone())
+            .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(ese::bridge::serve_on(
+        listener,
+        stranded.router(),
+        token.clone(),
+    ));
+    let r = bridge
+        .http
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_ne!(body["kafka"], "ok");
+    assert_eq!(body["postgres"], "ok");
+    token.cancel();
+}

@@ -165,3 +165,19 @@ async fn live_consumer_sees_every_acknowledged_record_of_concurrent_producers() 
         producers * each
     );
 }
+
+/// A fresh idempotent producer cannot deliver until it holds its producer id;
+/// the bridge waits for that before it listens, and `/readyz` reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_producer_says_when_it_can_deliver() {
+    let app = TestApp::spawn().await;
+    let producer = ese::kafka::Producer::new(&app.settings.kafka).unwrap();
+    assert!(producer.wait_ready(Duration::from_secs(20)).await);
+    assert!(producer.has_id());
+
+    let mut nowhere = app.settings.kafka.clone();
+    nowhere.brokers = format!("127.0.0.1:{}", crate::harness::free_port());
+    let stranded = ese::kafka::Producer::new(&nowhere).unwrap();
+    assert!(!stranded.wait_ready(Duration::from_secs(2)).await);
+    assert!(!stranded.has_id());
+}
