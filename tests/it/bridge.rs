@@ -360,16 +360,7 @@ async fn limits_answer_413_415_400_and_503() {
     // No room in flight: 503 with Retry-After.
     let mut settings = app.settings.clone();
     settings.bridge.max_in_flight = 0;
-    let full = ese::bridge::Bridge::new(&settings, vec![fixtures::TOKEN.into()], app.pool.clone())
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let token = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(ese::bridge::serve_on(
-        listener,
-        full.router(),
-        token.clone(),
-    ));
+    let (addr, token) = serve_with(&app, &settings).await;
     let r = ese::http::client_builder()
         .build()
         .unwrap()
@@ -517,17 +508,7 @@ async fn readyz_says_whether_the_broker_and_postgres_answer() {
 
     let mut settings = app.settings.clone();
     settings.kafka.brokers = format!("127.0.0.1:{}", crate::harness::free_port());
-    let stranded =
-        ese::bridge::Bridge::new(&settings, vec![fixtures::TOKEN.into()], app.pool.clone())
-            .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let token = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(ese::bridge::serve_on(
-        listener,
-        stranded.router(),
-        token.clone(),
-    ));
+    let (addr, token) = serve_with(&app, &settings).await;
     let r = bridge
         .http
         .get(format!("http://{addr}/readyz"))
@@ -539,4 +520,22 @@ async fn readyz_says_whether_the_broker_and_postgres_answer() {
     assert_ne!(body["kafka"], "ok");
     assert_eq!(body["postgres"], "ok");
     token.cancel();
+}
+
+/// A bridge with `settings` on a free port; its address and stop token.
+async fn serve_with(
+    app: &TestApp,
+    settings: &ese::config::Settings,
+) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken) {
+    let bridge =
+        ese::bridge::Bridge::new(settings, vec![fixtures::TOKEN.into()], app.pool.clone()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(ese::bridge::serve_on(
+        listener,
+        bridge.router(),
+        token.clone(),
+    ));
+    (addr, token)
 }
