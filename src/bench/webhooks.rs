@@ -362,5 +362,9 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
         "  ratio to COPY:               {:.0}% (target ≥ 50%)",
         100.0 * stage / copy
     );
+    // Closed before the scratch database is dropped, which would otherwise
+    // end these connections under the pool and log each as an error.
+    drop(client);
+    pool.close();
     Ok(())
 }
