@@ -468,12 +468,12 @@ impl PartitionOffsets {
     }
 }
 
-fn partitions(
-    consumer: &rdkafka::consumer::BaseConsumer,
+/// The partition ids of `topic`, from `consumer`'s metadata (blocking).
+pub fn partitions<X: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl rdkafka::consumer::Consumer<X>,
     topic: &str,
     timeout: Duration,
 ) -> anyhow::Result<Vec<i32>> {
-    use rdkafka::consumer::Consumer;
     let md = consumer.fetch_metadata(Some(topic), timeout)?;
     let partitions: Vec<i32> = md
         .topics()

@@ -388,19 +388,22 @@ pub async fn run<S: Stage>(
     let worker_of = |partition: i32| partition.unsigned_abs() as usize % workers_n;
     // One reader per split partition feeds that partition's worker, so a
     // worker with a backlog holds up only its own partitions.
+    // One handle, not a registry lookup per record.
+    let consumed = counter!("ese_stage_records_consumed_total", "stage" => name);
     let readers = CancellationToken::new();
     let mut reader_tasks = JoinSet::new();
     for (partition, queue) in queues {
-        let (tx, owned, stop) = (
+        let (tx, owned, stop, consumed) = (
             senders[worker_of(partition)].clone(),
             owned.clone(),
             readers.clone(),
+            consumed.clone(),
         );
         reader_tasks.spawn(async move {
             loop {
                 let d = tokio::select! {
                     _ = stop.cancelled() => return,
-                    msg = queue.recv() => dispatched(name, msg, &owned).await,
+                    msg = queue.recv() => dispatched(name, msg, &owned, &consumed).await,
                 };
                 if let Some(d) = d {
                     tokio::select! {
@@ -425,7 +428,7 @@ pub async fn run<S: Stage>(
             }
             msg = consumer.recv() => msg,
         };
-        let Some(d) = dispatched(name, msg, &owned).await else {
+        let Some(d) = dispatched(name, msg, &owned, &consumed).await else {
             continue;
         };
         let tx = &senders[worker_of(d.record.partition)];
@@ -473,6 +476,7 @@ async fn dispatched(
     name: &'static str,
     msg: KafkaResult<BorrowedMessage<'_>>,
     owned: &Owned,
+    consumed: &metrics::Counter,
 ) -> Option<Dispatched> {
     let record = match msg {
         Ok(m) => InRecord::from_message(&m),
@@ -483,7 +487,7 @@ async fn dispatched(
             return None;
         }
     };
-    counter!("ese_stage_records_consumed_total", "stage" => name).increment(1);
+    consumed.increment(1);
     let epoch = owned
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -507,17 +511,10 @@ async fn split_partitions(
     for topic in topics {
         let (c, t) = (consumer.clone(), topic.clone());
         let partitions = tokio::task::spawn_blocking(move || {
-            c.fetch_metadata(Some(&t), Duration::from_secs(10))
-                .map(|m| {
-                    m.topics()
-                        .iter()
-                        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                        .collect::<Vec<_>>()
-                })
-                .map_err(|e| e.to_string())
+            crate::kafka::partitions(c.as_ref(), &t, Duration::from_secs(10))
         })
         .await
-        .map_err(|e| e.to_string())
+        .map_err(anyhow::Error::from)
         .and_then(|r| r);
         match partitions {
             Ok(ps) => {
