@@ -7,16 +7,18 @@
 //! recipient's time zone → held until then. Held messages wait in Postgres
 //! (`parked_until`) and the [`Pump`] puts them back on `sends` when due.
 //!
-//! The rest is claimed (QUEUED → SENDING, committed) before the call, then
-//! paced by the campaign's and the sender number's governor limiters — each
-//! process takes its share of partitions of `sends` as its share of every
-//! limit, so the limits hold across the group. The answer: SENT with the SID,
+//! The rest is paced by the campaign's and the sender number's governor
+//! limiters — each process takes its share of partitions of `sends` as its
+//! share of every limit, so the limits hold across the group — then claimed
+//! (QUEUED → SENDING, committed) right before the call. The answer: SENT with the SID,
 //! committed right after each chunk of calls
 //! (and receipts parked for that SID applied); transient errors → QUEUED
 //! again with a retry record on the next delay topic, FAILED after the last;
 //! permanent → FAILED with the code (21610 also opts the user out). No answer
 //! (timeout) leaves the row SENDING; the pump's reconciler looks it up at the
-//! provider later and never sends it blindly again.
+//! provider after `reconcile-after` and sends it again only if the provider
+//! never got it; no call starts later than `reconcile-after − timeout − 1s`
+//! after its claim, so the reconciler never races a call in flight.
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
@@ -707,15 +709,27 @@ impl Stage for Sender {
 }
 
 impl Sender {
-    /// Claims the chunk's rows (committed: a crash after this never re-sends),
-    /// then paces and calls the provider for each, pacing right before the
-    /// call so nothing bunches up behind it. `None`: not claimed (campaign
-    /// paused meanwhile, or taken by another sender).
+    /// Paces the chunk, then claims its rows (committed: a crash after this
+    /// never re-sends) and calls the provider for each at once. Pacing comes
+    /// first so a claim is followed by its call right away: the reconciler
+    /// takes a row left SENDING longer than `reconcile-after` for one whose
+    /// call never happened, so no call may start that late — one that would
+    /// is not made, and the reconciler queues it again. `None`: not claimed
+    /// (campaign paused meanwhile, or taken by another sender).
     async fn call_chunk(
         &self,
         chunk: Vec<(Msg, SendRequest)>,
     ) -> Vec<(Msg, SendRequest, Option<Outcome>)> {
+        for (m, _) in &chunk {
+            self.pace(m).await;
+        }
         let ids: Vec<i64> = chunk.iter().map(|(m, _)| m.id).collect();
+        // Taken before the claim's round trip, so it errs on the early side.
+        let claimed_at = Instant::now();
+        let latest_start = self
+            .cfg
+            .reconcile_after
+            .saturating_sub(self.provider.cfg.timeout + Duration::from_secs(1));
         let claimed = match self.claim(&ids).await {
             Ok(c) => c,
             Err(e) => {
@@ -730,7 +744,10 @@ impl Sender {
             if !claimed.contains(&m.id) {
                 return (m, s, None);
             }
-            self.pace(&m).await;
+            if claimed_at.elapsed() > latest_start {
+                let why = "claimed too long ago to call safely; not called".to_string();
+                return (m, s, Some(Outcome::Unknown(why)));
+            }
             let outcome = self.provider.send(&m.channel, &m.phone, &m.body).await;
             (m, s, Some(outcome))
         });
