@@ -20,22 +20,21 @@ use crate::kafka::TopicReader;
 
 const ADMIN: &str = "bench-admin-token";
 
-/// Where a stalled campaign's unfinished messages are: by status, with the
-/// receipts linked to them and the ones stored but never linked.
+/// Where a stalled campaign's unfinished messages are: by status, with how
+/// many have receipts stored and how many of those are parked (SID unmatched).
 const STALLED: &str = "
 SELECT m.status, count(*),
-       count(*) FILTER (WHERE EXISTS (SELECT 1 FROM delivery_receipts d WHERE d.message_id = m.id)),
-       count(*) FILTER (WHERE EXISTS (SELECT 1 FROM delivery_receipts d
-                                       WHERE d.message_sid = m.provider_sid AND d.message_id IS NULL))
+       count(*) FILTER (WHERE EXISTS (SELECT 1 FROM delivery_receipts d WHERE d.message_sid = m.provider_sid)),
+       count(*) FILTER (WHERE EXISTS (SELECT 1 FROM receipts_unmatched u WHERE u.message_sid = m.provider_sid))
   FROM messages m
  WHERE m.campaign_id = $1 AND m.status NOT IN ('DELIVERED', 'READ', 'UNDELIVERED', 'FAILED')
  GROUP BY 1 ORDER BY 1";
 
 /// Up to five unfinished messages with the statuses of their stored callbacks
-/// (in the order received, `+` linked, `?` parked unlinked).
+/// in the order received.
 const STALLED_DETAIL: &str = "
 SELECT m.provider_sid, m.status,
-       (SELECT string_agg(d.status || CASE WHEN d.message_id IS NULL THEN '?' ELSE '+' END, ',' ORDER BY d.received_at)
+       (SELECT string_agg(d.status, ',' ORDER BY d.received_at)
           FROM delivery_receipts d WHERE d.message_sid = m.provider_sid)
   FROM messages m
  WHERE m.campaign_id = $1 AND m.status NOT IN ('DELIVERED', 'READ', 'UNDELIVERED', 'FAILED')
@@ -441,10 +440,10 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
         } else if progress.1.elapsed() > Duration::from_secs(60) {
             // Stalled: say where the unfinished messages are.
             for r in client.query(STALLED, &[&id]).await? {
-                let (status, n, linked, parked): (String, i64, i64, i64) =
+                let (status, n, stored, parked): (String, i64, i64, i64) =
                     (r.get(0), r.get(1), r.get(2), r.get(3));
                 println!(
-                    "    unfinished: {n} {status} ({linked} with linked receipts, {parked} with receipts parked unlinked)"
+                    "    unfinished: {n} {status} ({stored} with receipts stored, {parked} listed as parked)"
                 );
             }
             // And, for a few of them, which callbacks reached the audit trail.

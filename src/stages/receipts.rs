@@ -1,8 +1,8 @@
 //! `receipts`: normalized status callbacks joined to their messages by
-//! provider SID. The fold lives in SQL (`ese_apply_receipts`, migration V3):
-//! status never moves backwards, duplicates change nothing, and a callback
-//! that arrived before the sender wrote its SID stays parked in
-//! `delivery_receipts` (no `message_id`) until the sender applies it.
+//! provider SID. The fold lives in SQL (`ese_apply_receipts`, migrations V3
+//! and V6): status never moves backwards, duplicates change nothing, and a
+//! callback that arrived before the sender wrote its SID is parked (listed in
+//! `receipts_unmatched`) until the sender's fold of that SID applies it.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -16,8 +16,12 @@ use crate::records::ReceiptNormalized;
 use crate::runner::{Collector, InRecord, Item, Stage, StageError};
 
 const APPLY: &str = "SELECT message_id, old_status, new_status, sent_at, delivered_at FROM ese_apply_receipts($1::text[])";
-const PARKED: &str = "SELECT count(*), count(*) FILTER (WHERE received_at < now() - make_interval(secs => $1::float8))
-                        FROM delivery_receipts WHERE message_id IS NULL";
+/// Parked SIDs a message has meanwhile: a fold that parked one can commit
+/// after the sender's fold of that SID looked for it.
+const MATCHED: &str =
+    "DELETE FROM receipts_unmatched u USING messages m WHERE m.provider_sid = u.message_sid";
+const PARKED: &str = "SELECT count(*), count(*) FILTER (WHERE first_received_at < now() - make_interval(secs => $1::float8))
+                        FROM receipts_unmatched";
 
 /// The receipts stage.
 pub struct Receipts {
@@ -83,6 +87,7 @@ impl Receipts {
             *last = Some(Instant::now());
         }
         let age = self.unmatched_after.as_secs_f64();
+        tx.execute(MATCHED, &[]).await?;
         let row = tx.query_one(PARKED, &[&age]).await?;
         gauge!("ese_receipts_parked").set(row.get::<_, i64>(0) as f64);
         gauge!("ese_receipts_unmatched").set(row.get::<_, i64>(1) as f64);

@@ -191,8 +191,7 @@ async fn message_status_never_moves_backwards() {
         1
     );
     assert_eq!(
-        app.count("SELECT count(*) FROM delivery_receipts WHERE message_id IS NULL")
-            .await,
+        app.count("SELECT count(*) FROM receipts_unmatched").await,
         0
     );
 
@@ -235,8 +234,7 @@ async fn a_callback_that_beats_the_sid_is_parked_then_applied() {
         1
     );
     assert_eq!(
-        app.count("SELECT count(*) FROM delivery_receipts WHERE message_id IS NULL")
-            .await,
+        app.count("SELECT count(*) FROM receipts_unmatched").await,
         1,
         "parked"
     );
@@ -262,8 +260,7 @@ async fn a_callback_that_beats_the_sid_is_parked_then_applied() {
     assert_eq!(row.get::<_, Option<DateTime<Utc>>>(1), Some(at(T0 + 1_000)));
     assert_eq!(row.get::<_, Option<DateTime<Utc>>>(2), Some(at(T0 + 2_000)));
     assert_eq!(
-        app.count("SELECT count(*) FROM delivery_receipts WHERE message_id IS NULL")
-            .await,
+        app.count("SELECT count(*) FROM receipts_unmatched").await,
         0
     );
     normalize.stop().await;
