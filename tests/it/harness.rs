@@ -594,6 +594,36 @@ pub fn kill9(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// `ese broker` in a child process on `port` with `storage` (`memory://…`,
+/// `sqlite://…`), returned once it accepts connections.
+pub fn spawn_broker(port: u16, storage: &str) -> Proc {
+    let broker = Proc::new(
+        Command::new(env!("CARGO_BIN_EXE_ese"))
+            .args(["broker", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--storage", storage])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn broker"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "broker did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    broker
+}
+
+/// `kill SIG PID`, e.g. `-STOP` to freeze a process and `-CONT` to resume it.
+pub fn signal(pid: &str, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, pid])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
 /// A child `ese` killed when the test ends, however it ends.
 pub struct Proc(Option<Child>);
 

@@ -20,7 +20,9 @@ fn texter(i: usize) -> String {
 }
 
 /// Posts each texter's keywords through the bridge, signed as the provider
-/// does; returns how many were answered 2xx.
+/// does; a webhook not answered 2xx is sent again, as the provider does, for
+/// up to a minute (the same request, so the same event id). Returns how many
+/// were answered 2xx.
 async fn text_in(l: &Loop) -> usize {
     let url = format!(
         "{}/webhooks/twilio/inbound",
@@ -44,12 +46,20 @@ async fn text_in(l: &Loop) -> usize {
             let body = url::form_urlencoded::Serializer::new(String::new())
                 .extend_pairs(&params)
                 .finish();
-            let r = l
-                .bridge
-                .post_form("/webhooks/twilio/inbound", body, Some(&signature))
-                .await;
-            if r.status().is_success() {
-                accepted += 1;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let r = l
+                    .bridge
+                    .post_form("/webhooks/twilio/inbound", body.clone(), Some(&signature))
+                    .await;
+                if r.status().is_success() {
+                    accepted += 1;
+                    break;
+                }
+                if Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -172,42 +182,144 @@ async fn assert_nothing_lost(l: &Loop, campaign: i64, inbound_accepted: usize) {
     assert_eq!(after_opt_out, 0, "campaign messages sent after an opt-out");
 }
 
+const WEBHOOK_STAGES: [&str; 4] = ["run", "normalize", "receipts", "consent"];
+const SEND_STAGES: [&str; 3] = ["run", "fanout", "sender"];
+
+/// The load of the full-loop scenarios: the campaign audience seeded, the
+/// webhook stages and the send stages each in a child process, and the
+/// campaign started once both have joined their groups. The texts come from
+/// [`text_in`], run beside the scenario's disturbance.
+struct Load {
+    webhooks: Proc,
+    sends: Proc,
+    campaign: i64,
+}
+
+impl Load {
+    async fn start(l: &Loop) -> Load {
+        l.app
+            .seed_users(
+                RECIPIENTS,
+                "jsonb_build_object('plan', 'pro', 'first_name', 'U' || i)",
+            )
+            .await;
+        let webhooks = Proc::new(l.app.spawn_ese(&WEBHOOK_STAGES));
+        let sends = Proc::new(l.app.spawn_ese(&SEND_STAGES));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let campaign =
+            crate::sender::start_campaign(l, "reliable", json!({"rate_limit_per_second": 100}))
+                .await;
+        Load {
+            webhooks,
+            sends,
+            campaign,
+        }
+    }
+
+    /// That a disturbance lands while texts are still coming in.
+    async fn assert_mid_load(l: &Loop) {
+        let stored = l.app.count("SELECT count(*) FROM inbound_events").await;
+        assert!(
+            stored < (TEXTERS * KEYWORDS.len()) as i64,
+            "the disturbance came after the load ({stored} texts stored)"
+        );
+    }
+
+    /// The checks, once every text was answered 2xx; the campaign completes.
+    async fn assert_nothing_lost(&self, l: &Loop, accepted: usize) {
+        assert_eq!(
+            accepted,
+            TEXTERS * KEYWORDS.len(),
+            "every text answered 2xx in the end"
+        );
+        assert_nothing_lost(l, self.campaign, accepted).await;
+        l.assert_completes(self.campaign).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stage_processes_killed_at_random_under_load_lose_nothing() {
     let l = Loop::start(Loop::SOME_UNDELIVERED).await;
-    l.app
-        .seed_users(
-            RECIPIENTS,
-            "jsonb_build_object('plan', 'pro', 'first_name', 'U' || i)",
-        )
-        .await;
-    let webhooks = ["run", "normalize", "receipts", "consent"];
-    let sends = ["run", "fanout", "sender"];
-    let mut a = Proc::new(l.app.spawn_ese(&webhooks));
-    let mut b = Proc::new(l.app.spawn_ese(&sends));
-    // Let both join their groups before the load starts.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let campaign =
-        crate::sender::start_campaign(&l, "reliable", json!({"rate_limit_per_second": 100})).await;
-
+    let mut load = Load::start(&l).await;
     let kills = async {
         for round in 0..4 {
             let wait = rand::rng().random_range(300..1200);
             tokio::time::sleep(Duration::from_millis(wait)).await;
             if round % 2 == 0 {
-                a.kill9();
-                a = Proc::new(l.app.spawn_ese(&webhooks));
+                load.webhooks.kill9();
+                load.webhooks = Proc::new(l.app.spawn_ese(&WEBHOOK_STAGES));
             } else {
-                b.kill9();
-                b = Proc::new(l.app.spawn_ese(&sends));
+                load.sends.kill9();
+                load.sends = Proc::new(l.app.spawn_ese(&SEND_STAGES));
             }
         }
     };
     let (accepted, ()) = tokio::join!(text_in(&l), kills);
-    assert_eq!(accepted, TEXTERS * KEYWORDS.len(), "the bridge stayed up");
-    assert_nothing_lost(&l, campaign, accepted).await;
-    l.assert_completes(campaign).await;
-    drop((a, b));
+    load.assert_nothing_lost(&l, accepted).await;
+}
+
+/// A loop on the broker at `port` (a child process the scenario stops), whose
+/// simulator retries callbacks through an outage of several seconds.
+async fn loop_on_broker(port: u16) -> Loop {
+    Loop::start(&format!(
+        r#"
+        [kafka]
+        brokers = "127.0.0.1:{port}"
+        [provider-sim]
+        callback-retries = 10
+        failures = [{{ code = 30006, status = "undelivered", rate = 0.1 }}]
+        "#
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restarted_on_durable_storage_under_load_loses_nothing() {
+    let port = crate::harness::free_port();
+    let file =
+        std::env::temp_dir().join(format!("ese-broker-{}.db", uuid::Uuid::new_v4().simple()));
+    let storage = format!("sqlite://{}", file.display());
+    let mut broker = crate::harness::spawn_broker(port, &storage);
+    let l = loop_on_broker(port).await;
+    let load = Load::start(&l).await;
+    // kill -9 while the campaign and the texts are under way, down for two
+    // seconds, back on the same storage.
+    let outage = async {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        broker.kill9();
+        Load::assert_mid_load(&l).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        broker = tokio::task::block_in_place(|| crate::harness::spawn_broker(port, &storage));
+    };
+    let (accepted, ()) = tokio::join!(text_in(&l), outage);
+    load.assert_nothing_lost(&l, accepted).await;
+    drop(load);
+    broker.kill9();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_frozen_past_the_session_timeout_under_load_loses_nothing() {
+    let port = crate::harness::free_port();
+    let mut broker = crate::harness::spawn_broker(port, "memory://frozen/");
+    let pid = broker.child().id().to_string();
+    let l = loop_on_broker(port).await;
+    let load = Load::start(&l).await;
+    // SIGSTOP for longer than the 6 s session timeout: every member is
+    // expelled and the group rebalances once the broker runs again.
+    let freeze = async {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        crate::harness::signal(&pid, "-STOP");
+        Load::assert_mid_load(&l).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        crate::harness::signal(&pid, "-CONT");
+    };
+    let (accepted, ()) = tokio::join!(text_in(&l), freeze);
+    load.assert_nothing_lost(&l, accepted).await;
+    drop(load);
+    broker.kill9();
 }
 
 /// A PostgreSQL server of the test's own (initdb into a temp dir, a free

@@ -224,26 +224,6 @@ async fn two_instances_in_one_group_share_the_work() {
     assert_merged(&app, n).await;
 }
 
-/// `ese broker` as a child process on `port`, once it accepts connections.
-fn spawn_broker(port: u16, storage: &str) -> crate::harness::Proc {
-    let broker = crate::harness::Proc::new(
-        std::process::Command::new(env!("CARGO_BIN_EXE_ese"))
-            .args(["broker", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--storage", storage])
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn broker"),
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "broker did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    broker
-}
-
 /// A test app on the broker at `port` with `n` users' two upserts each
 /// already on the topic; small fetches and a small fetch queue, so the stage
 /// needs the broker all along.
@@ -285,20 +265,14 @@ async fn wait_rows(app: &TestApp, rows: i64) {
 async fn broker_frozen_longer_than_the_session_timeout_then_resumed_loses_nothing() {
     // A broker of its own, in a child process, so it can be frozen.
     let port = crate::harness::free_port();
-    let mut broker = spawn_broker(port, "memory://frozen/");
+    let mut broker = crate::harness::spawn_broker(port, "memory://frozen/");
     let pid = broker.child().id().to_string();
     let n = 6_000;
     let app = app_on_broker(port, n).await;
     let stage = app.start_stage("users");
     wait_rows(&app, 500).await;
     // Frozen for longer than the 6 s session timeout, then resumed.
-    let signal = |sig: &str| {
-        let status = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill {sig}");
-    };
+    let signal = |sig: &str| crate::harness::signal(&pid, sig);
     signal("-STOP");
     tokio::time::sleep(Duration::from_secs(10)).await;
     let during = app.count(SECOND_SEEN).await;
@@ -317,7 +291,7 @@ async fn broker_killed_and_restarted_on_durable_storage_loses_nothing() {
     let file =
         std::env::temp_dir().join(format!("ese-broker-{}.db", uuid::Uuid::new_v4().simple()));
     let storage = format!("sqlite://{}", file.display());
-    let mut broker = spawn_broker(port, &storage);
+    let mut broker = crate::harness::spawn_broker(port, &storage);
     let n = 3_000;
     let app = app_on_broker(port, n).await;
     let mut stage = app.spawn_ese(&["run", "users"]);
@@ -327,7 +301,7 @@ async fn broker_killed_and_restarted_on_durable_storage_loses_nothing() {
     let during = app.count(SECOND_SEEN).await;
     assert!(during < n as i64, "killed before the end ({during})");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut broker = spawn_broker(port, &storage);
+    let mut broker = crate::harness::spawn_broker(port, &storage);
     wait_second_events(&app, n).await;
     kill9(&mut stage);
     assert_merged(&app, n).await;
