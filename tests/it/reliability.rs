@@ -19,47 +19,50 @@ fn texter(i: usize) -> String {
     format!("+1415300{i:04}")
 }
 
-/// Posts each texter's keywords through the bridge, signed as the provider
-/// does; a webhook not answered 2xx is sent again, as the provider does, for
-/// up to a minute (the same request, so the same event id). Returns how many
-/// were answered 2xx.
+/// Posts an inbound text through the bridge, signed as the provider does;
+/// one not answered 2xx is sent again, as the provider does, for up to a
+/// minute (the same request, so the same event id). Whether it was answered 2xx.
+async fn send_text(l: &Loop, from: &str, body: &str) -> bool {
+    let path = "/webhooks/twilio/inbound";
+    let url = format!("{}{path}", l.app.settings.bridge.public_url);
+    let params: Vec<(String, String)> = [
+        ("MessageSid", format!("SM{}", uuid::Uuid::new_v4().simple())),
+        ("AccountSid", crate::harness::SIM_ACCOUNT.to_string()),
+        ("From", from.to_string()),
+        ("To", "+15005550006".to_string()),
+        ("Body", body.to_string()),
+        ("NumMedia", "0".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let signature = ese::bridge::signature::sign(crate::fixtures::TOKEN, &url, &params);
+    let form = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(&params)
+        .finish();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = l
+            .bridge
+            .post_form(path, form.clone(), Some(&signature))
+            .await;
+        if r.status().is_success() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Each texter's keywords through the bridge; how many were answered 2xx.
 async fn text_in(l: &Loop) -> usize {
-    let url = format!(
-        "{}/webhooks/twilio/inbound",
-        l.app.settings.bridge.public_url
-    );
     let mut accepted = 0;
     for keyword in KEYWORDS {
         for i in 0..TEXTERS {
-            let params: Vec<(String, String)> = [
-                ("MessageSid", format!("SM{}", uuid::Uuid::new_v4().simple())),
-                ("AccountSid", crate::harness::SIM_ACCOUNT.to_string()),
-                ("From", texter(i)),
-                ("To", "+15005550006".to_string()),
-                ("Body", keyword.to_string()),
-                ("NumMedia", "0".to_string()),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-            let signature = ese::bridge::signature::sign(crate::fixtures::TOKEN, &url, &params);
-            let body = url::form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(&params)
-                .finish();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let r = l
-                    .bridge
-                    .post_form("/webhooks/twilio/inbound", body.clone(), Some(&signature))
-                    .await;
-                if r.status().is_success() {
-                    accepted += 1;
-                    break;
-                }
-                if Instant::now() > deadline {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+            if send_text(l, &texter(i), keyword).await {
+                accepted += 1;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -320,6 +323,94 @@ async fn broker_frozen_past_the_session_timeout_under_load_loses_nothing() {
     load.assert_nothing_lost(&l, accepted).await;
     drop(load);
     broker.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_mixed_into_the_load_is_dead_lettered_and_the_rest_unaffected() {
+    let l = Loop::start(Loop::SOME_UNDELIVERED).await;
+    let load = Load::start(&l).await;
+    let app = &l.app;
+    let poison = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Avro cut short, and JSON where Avro belongs, on the raw topics.
+        let raw = app.topic("webhooks.status.raw");
+        let whole = app
+            .codec
+            .encode(
+                &raw,
+                &crate::receipts_consent::inbound("+14155550100", "hi", 0),
+            )
+            .await
+            .unwrap();
+        app.produce(&raw, b"cut-short", &whole[..whole.len() / 2])
+            .await;
+        app.produce(
+            &app.topic("webhooks.inbound.raw"),
+            b"json",
+            br#"{"kind": "inbound", "params": {"From": "+14155550100"}}"#,
+        )
+        .await;
+        // A signed text from a number that is no phone number.
+        assert!(send_text(&l, "call me maybe", "STOP").await);
+        // A start command and a send for things that do not exist.
+        let commands = app.topic("campaigns.commands");
+        let start = ese::records::CampaignCommand {
+            command_id: uuid::Uuid::new_v4().to_string(),
+            campaign_id: 987_654,
+            command: "start".into(),
+            status: "RUNNING".into(),
+            issued_by: "test".into(),
+            issued_at: 0,
+        };
+        let payload = app.codec.encode(&commands, &start).await.unwrap();
+        app.produce(&commands, b"987654", &payload).await;
+        let sends = app.topic("sends");
+        let send = ese::records::SendRequest {
+            message_id: 987_654_321,
+            campaign_id: Some(987_654),
+            recipient: "+14155550100".into(),
+            channel: "SMS".into(),
+            body: "hello".into(),
+            attempt: 0,
+            kind: "campaign".into(),
+            not_before: None,
+        };
+        let payload = app.codec.encode(&sends, &send).await.unwrap();
+        app.produce(&sends, b"+14155550100", &payload).await;
+    };
+    let (accepted, ()) = tokio::join!(text_in(&l), poison);
+    // The invalid number's text is kept in the audit trail (marked INVALID)
+    // besides the texters' ones.
+    assert_eq!(
+        app.count("SELECT count(*) FROM inbound_events WHERE processing_status = 'INVALID'")
+            .await,
+        1
+    );
+    assert_eq!(
+        accepted,
+        TEXTERS * KEYWORDS.len(),
+        "every text answered 2xx"
+    );
+    assert_nothing_lost(&l, load.campaign, accepted + 1).await;
+    l.assert_completes(load.campaign).await;
+
+    let reason = |records: &[crate::harness::InRecordView], key: &[u8]| -> String {
+        records
+            .iter()
+            .find(|r| r.key.as_deref() == Some(key))
+            .and_then(|r| r.header("ese.error"))
+            .unwrap_or_else(|| panic!("{} not dead-lettered", String::from_utf8_lossy(key)))
+            .to_string()
+    };
+    let normalize = app.read_topic(&app.topic("dlq.normalize"), 3, Duration::from_secs(30));
+    assert_eq!(normalize.len(), 3, "three poison webhooks in dlq.normalize");
+    assert!(reason(&normalize, b"cut-short").contains("undecodable"));
+    assert!(reason(&normalize, b"json").contains("undecodable"));
+    assert!(reason(&normalize, b"call me maybe").contains("call me maybe"));
+    let fanout = app.read_topic(&app.topic("dlq.fanout"), 1, Duration::from_secs(30));
+    assert!(reason(&fanout, b"987654").contains("unknown campaign 987654"));
+    let sender = app.read_topic(&app.topic("dlq.sender"), 1, Duration::from_secs(30));
+    assert!(reason(&sender, b"+14155550100").contains("message 987654321 does not exist"));
 }
 
 /// A PostgreSQL server of the test's own (initdb into a temp dir, a free
