@@ -73,6 +73,8 @@ pub struct TestApp {
     pub codec: Codec,
     pub producer: ese::kafka::Producer,
     pub db_name: String,
+    /// The server the test database was created on (and is dropped from).
+    pub admin_url: String,
     pub prefix: String,
     /// The same settings as a file, for `ese` child processes.
     pub config_path: PathBuf,
@@ -85,7 +87,9 @@ impl TestApp {
     }
 
     /// Like [`TestApp::spawn`], with extra config merged on top (`[pipelines.users] batch-size = 10`, …).
-    pub async fn spawn_with(extra: toml::Table) -> TestApp {
+    /// A `[database] url` there names the server to create the test database
+    /// on instead of `DATABASE_URL`'s.
+    pub async fn spawn_with(mut extra: toml::Table) -> TestApp {
         static LOGS: std::sync::Once = std::sync::Once::new();
         LOGS.call_once(|| {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -98,12 +102,18 @@ impl TestApp {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let prefix = format!("t{}", &id[..10]);
         let db_name = format!("ese_test_{}", &id[..16]);
-        let admin = connect(&admin_url()).await;
+        let admin_url = extra
+            .get_mut("database")
+            .and_then(|d| d.as_table_mut())
+            .and_then(|d| d.remove("url"))
+            .and_then(|u| u.as_str().map(str::to_string))
+            .unwrap_or_else(admin_url);
+        let admin = connect(&admin_url).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {db_name}"))
             .await
             .expect("create test database");
-        let mut url = url::Url::parse(&admin_url()).expect("DATABASE_URL parses");
+        let mut url = url::Url::parse(&admin_url).expect("DATABASE_URL parses");
         url.set_path(&format!("/{db_name}"));
         let db_url = url.to_string();
         ese::db::migrate(&db_url).await.expect("migrations apply");
@@ -177,6 +187,7 @@ impl TestApp {
             codec,
             producer,
             db_name,
+            admin_url,
             prefix,
             config_path,
         }
@@ -532,13 +543,14 @@ impl InRecordView {
 impl Drop for TestApp {
     fn drop(&mut self) {
         let db = self.db_name.clone();
+        let admin_url = self.admin_url.clone();
         let _ = std::fs::remove_file(&self.config_path);
         // Dropped from inside a runtime: do the async work on a thread of its own.
         let _ = std::thread::spawn(move || {
             if let Ok(rt) = tokio::runtime::Runtime::new() {
                 rt.block_on(async move {
                     if let Ok((c, conn)) =
-                        tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await
+                        tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await
                     {
                         tokio::spawn(conn);
                         let _ = c

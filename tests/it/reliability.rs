@@ -525,87 +525,27 @@ impl Drop for PrivatePostgres {
     }
 }
 
-/// Status callbacks keep arriving while PostgreSQL restarts (fast shutdown),
-/// then crashes (immediate stop) and stays down two seconds: the normalize
-/// process retries, and every callback answered 2xx ends up stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_restarted_under_load_nothing_lost() {
-    let app = crate::harness::TestApp::spawn().await;
+async fn postgres_restarted_and_crashed_under_load_loses_nothing() {
     let pg = PrivatePostgres::start();
-    let admin = crate::harness::connect(&pg.url("postgres")).await;
-    admin.batch_execute("CREATE DATABASE ese").await.unwrap();
-    let url = pg.url("ese");
-    ese::db::migrate(&url).await.unwrap();
-    let bridge = app.start_bridge().await;
-    let mut normalize =
-        Proc::new(app.spawn_ese_piped(&["run", "normalize"], &[("DATABASE_URL", url.clone())]));
-
-    let path = "/webhooks/twilio/status";
-    let signed_url = format!("{}{path}", app.settings.bridge.public_url);
-    let post = async {
-        let mut accepted = 0;
-        for i in 0..1_200 {
-            let params: Vec<(String, String)> = [
-                ("MessageSid", format!("SM{i:032}")),
-                ("MessageStatus", "delivered".to_string()),
-                ("To", "+14155552671".to_string()),
-                ("From", "+15005550006".to_string()),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-            let signature =
-                ese::bridge::signature::sign(crate::fixtures::TOKEN, &signed_url, &params);
-            let body = url::form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(&params)
-                .finish();
-            if bridge
-                .post_form(path, body, Some(&signature))
-                .await
-                .status()
-                .is_success()
-            {
-                accepted += 1;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        accepted
-    };
+    let l = Loop::start(&format!(
+        "{}\n[database]\nurl = \"{}\"",
+        Loop::SOME_UNDELIVERED,
+        pg.url("postgres")
+    ))
+    .await;
+    let load = Load::start(&l).await;
+    // A fast restart, then a crash (immediate stop) with two seconds down,
+    // while the campaign and the texts are under way.
     let outage = async {
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        Load::assert_mid_load(&l).await;
         tokio::task::block_in_place(|| pg.ctl(&["-m", "fast", "restart"]));
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
         tokio::task::block_in_place(|| pg.ctl(&["-m", "immediate", "stop"]));
         tokio::time::sleep(Duration::from_secs(2)).await;
         tokio::task::block_in_place(|| pg.ctl(&["start"]));
     };
-    let (accepted, ()) = tokio::join!(post, outage);
-    assert_eq!(
-        accepted, 1_200,
-        "the bridge does not need PostgreSQL to accept"
-    );
-
-    let db = crate::harness::connect(&url).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let (rows, unique) = loop {
-        let r = db
-            .query_one(
-                "SELECT count(*), count(DISTINCT event_id) FROM delivery_receipts",
-                &[],
-            )
-            .await
-            .unwrap();
-        let (rows, unique): (i64, i64) = (r.get(0), r.get(1));
-        if rows >= accepted || Instant::now() > deadline {
-            break (rows, unique);
-        }
-        assert!(
-            normalize.child().try_wait().unwrap().is_none(),
-            "normalize exited instead of waiting for PostgreSQL"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
-    assert_eq!(rows, accepted, "every callback answered 2xx stored");
-    assert_eq!(unique, rows, "none stored twice");
-    normalize.terminate().await;
+    let (accepted, ()) = tokio::join!(text_in(&l), outage);
+    load.assert_nothing_lost(&l, accepted).await;
 }
