@@ -40,11 +40,11 @@ pub enum PhoneError {
 #[derive(Clone)]
 pub struct Normalizer {
     default_region: country::Id,
-    cache: moka::sync::Cache<String, Result<String, PhoneError>>,
+    cache: std::sync::Arc<quick_cache::sync::Cache<String, Result<String, PhoneError>>>,
 }
 
-/// Numbers kept by [`Normalizer`]'s cache (least recently and frequently used go first).
-const CACHED_NUMBERS: u64 = 50_000;
+/// Numbers kept by [`Normalizer`]'s cache (S3-FIFO: numbers seen once go first).
+const CACHED_NUMBERS: usize = 50_000;
 
 impl Normalizer {
     /// `default_region` is an ISO 3166 alpha-2 code used for numbers without a
@@ -56,7 +56,7 @@ impl Normalizer {
             .unwrap_or(country::Id::US);
         Self {
             default_region,
-            cache: moka::sync::Cache::new(CACHED_NUMBERS),
+            cache: std::sync::Arc::new(quick_cache::sync::Cache::new(CACHED_NUMBERS)),
         }
     }
 

@@ -34,6 +34,51 @@ pub struct Param {
     pub value: String,
 }
 
+/// Parameters as a JSON object, a repeated name becoming an array of its
+/// values in order. Serialized straight into a `json`/`jsonb` query parameter
+/// (the audit trail's `raw_payload`) without building a `serde_json::Value`.
+#[derive(Debug, Clone, Copy)]
+pub struct ParamsJson<'a>(pub &'a [Param]);
+
+impl Serialize for ParamsJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        // Grouped by name (stable, so values keep their order); key order is
+        // immaterial to JSON objects.
+        let mut sorted: Vec<&Param> = self.0.iter().collect();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut map = s.serialize_map(None)?;
+        for group in sorted.chunk_by(|a, b| a.name == b.name) {
+            match group {
+                [one] => map.serialize_entry(&one.name, &one.value)?,
+                many => {
+                    let values: Vec<&str> = many.iter().map(|p| p.value.as_str()).collect();
+                    map.serialize_entry(&many[0].name, &values)?
+                }
+            }
+        }
+        map.end()
+    }
+}
+
+impl tokio_postgres::types::ToSql for ParamsJson<'_> {
+    fn to_sql(
+        &self,
+        ty: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        use bytes::BufMut;
+        if *ty == tokio_postgres::types::Type::JSONB {
+            out.put_u8(1); // jsonb binary format version
+        }
+        serde_json::to_writer(out.writer(), self)?;
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+
+    tokio_postgres::types::accepts!(JSON, JSONB);
+    tokio_postgres::types::to_sql_checked!();
+}
+
 /// `webhooks.*.raw`: a provider webhook exactly as received.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WebhookRaw {
@@ -63,21 +108,7 @@ impl WebhookRaw {
 
     /// Every parameter as a JSON object (a repeated name becomes an array).
     pub fn params_json(&self) -> serde_json::Value {
-        let mut map = serde_json::Map::new();
-        for p in &self.params {
-            let v = serde_json::Value::String(p.value.clone());
-            match map.get_mut(&p.name) {
-                None => {
-                    map.insert(p.name.clone(), v);
-                }
-                Some(serde_json::Value::Array(a)) => a.push(v),
-                Some(existing) => {
-                    let first = existing.take();
-                    *existing = serde_json::Value::Array(vec![first, v]);
-                }
-            }
-        }
-        serde_json::Value::Object(map)
+        serde_json::to_value(ParamsJson(&self.params)).unwrap_or_default()
     }
 }
 
@@ -162,4 +193,35 @@ pub struct CampaignCommand {
 
 impl Record for CampaignCommand {
     const KIND: Kind = Kind::CampaignCommand;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_become_an_object_with_repeated_names_as_arrays() {
+        let params: Vec<Param> = [
+            ("To", "+14155550100"),
+            ("MediaUrl", "https://a"),
+            ("Body", "say \"hi\"\n"),
+            ("MediaUrl", "https://b"),
+        ]
+        .iter()
+        .map(|(n, v)| Param {
+            name: n.to_string(),
+            value: v.to_string(),
+        })
+        .collect();
+        let text = serde_json::to_string(&ParamsJson(&params)).unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            parsed,
+            serde_json::json!({
+                "To": "+14155550100",
+                "MediaUrl": ["https://a", "https://b"],
+                "Body": "say \"hi\"\n",
+            })
+        );
+    }
 }

@@ -11,7 +11,7 @@ use tokio_postgres::types::{ToSql, Type};
 
 use crate::codec::Codec;
 use crate::phone::{Channel, Normalizer};
-use crate::records::{InboundNormalized, ReceiptNormalized, WebhookRaw};
+use crate::records::{InboundNormalized, ParamsJson, ReceiptNormalized, WebhookRaw};
 use crate::runner::{Collector, InRecord, Item, RECEIVED_AT_HEADER, Stage, StageError};
 
 /// Status values the engine knows (the provider's, lowercased).
@@ -65,18 +65,18 @@ pub struct Normalize {
 }
 
 #[derive(Default)]
-struct ReceiptRows {
+struct ReceiptRows<'a> {
     event_id: Vec<uuid::Uuid>,
     sid: Vec<String>,
     status: Vec<String>,
     error_code: Vec<Option<i32>>,
-    raw: Vec<serde_json::Value>,
+    raw: Vec<ParamsJson<'a>>,
     received_at: Vec<DateTime<Utc>>,
     phone_valid: Vec<bool>,
 }
 
 #[derive(Default)]
-struct InboundRows {
+struct InboundRows<'a> {
     event_id: Vec<uuid::Uuid>,
     sid: Vec<String>,
     from: Vec<Option<String>>,
@@ -84,7 +84,7 @@ struct InboundRows {
     to: Vec<String>,
     channel: Vec<String>,
     body: Vec<String>,
-    raw: Vec<serde_json::Value>,
+    raw: Vec<ParamsJson<'a>>,
     status: Vec<String>,
     received_at: Vec<DateTime<Utc>>,
 }
@@ -99,12 +99,12 @@ fn strip_channel(addr: &str) -> &str {
 
 impl Normalize {
     /// Adds one status callback to `rows`; the output, or why it is poison.
-    fn status(
+    fn status<'a>(
         &self,
-        raw: &WebhookRaw,
+        raw: &'a WebhookRaw,
         event_id: uuid::Uuid,
         at: DateTime<Utc>,
-        rows: &mut ReceiptRows,
+        rows: &mut ReceiptRows<'a>,
     ) -> Result<ReceiptNormalized, String> {
         let sid = raw.param("MessageSid").unwrap_or_default().to_string();
         let given = raw
@@ -155,7 +155,7 @@ impl Normalize {
         rows.sid.push(sid.clone());
         rows.status.push(status.clone());
         rows.error_code.push(error_code);
-        rows.raw.push(raw.params_json());
+        rows.raw.push(ParamsJson(&raw.params));
         rows.received_at.push(at);
         rows.phone_valid
             .push(!problems.iter().any(|p| p.starts_with("To:")));
@@ -174,12 +174,12 @@ impl Normalize {
     }
 
     /// Adds one inbound message to `rows`; the output, or why it is poison.
-    fn inbound(
+    fn inbound<'a>(
         &self,
-        raw: &WebhookRaw,
+        raw: &'a WebhookRaw,
         event_id: uuid::Uuid,
         at: DateTime<Utc>,
-        rows: &mut InboundRows,
+        rows: &mut InboundRows<'a>,
     ) -> Result<InboundNormalized, String> {
         let sid = raw.param("MessageSid").unwrap_or_default().to_string();
         let raw_from = raw.param("From").unwrap_or_default().to_string();
@@ -198,7 +198,7 @@ impl Normalize {
         rows.to.push(to.clone());
         rows.channel.push(channel.as_str().to_string());
         rows.body.push(body.clone());
-        rows.raw.push(raw.params_json());
+        rows.raw.push(ParamsJson(&raw.params));
         rows.status
             .push(if parsed.is_ok() { "PENDING" } else { "INVALID" }.to_string());
         rows.received_at.push(at);
