@@ -310,12 +310,17 @@ SELECT m.id, m.status, m.recipient_phone, m.channel, m.body, m.retry_count, m.ca
 
 /// Claims a few messages right before their calls, only while their campaign
 /// runs (a pause lands within ~100 ms of sends, not after the batch).
+/// A campaign message is claimed only while its campaign runs and its
+/// recipient has not opted out: an opt-out committed after the batch was
+/// looked up still stops the send.
 const CLAIM: &str = "
 UPDATE messages m SET status = 'SENDING', claimed_at = now(), updated_at = now(),
                       parked_until = NULL, parked_reason = NULL, send_kind = NULL
  WHERE m.id = ANY($1) AND m.status = 'QUEUED'
    AND (m.campaign_id IS NULL
-        OR EXISTS (SELECT 1 FROM campaigns c WHERE c.id = m.campaign_id AND c.status = 'RUNNING'))
+        OR (EXISTS (SELECT 1 FROM campaigns c WHERE c.id = m.campaign_id AND c.status = 'RUNNING')
+            AND NOT EXISTS (SELECT 1 FROM users u
+                             WHERE u.phone_number = m.recipient_phone AND u.consent_state = 'OPT_OUT')))
 RETURNING id";
 
 const PARK: &str = "
@@ -619,10 +624,11 @@ impl Stage for Sender {
             }
         }
         if !unclaimed.is_empty() {
-            // Paused (or taken by another sender, which the QUEUED guard skips).
+            // Paused or opted out meanwhile (decided again when the pump puts
+            // it back), or taken by another sender (the QUEUED guard skips it).
             let ids: Vec<i64> = unclaimed.iter().map(|u| u.0).collect();
             let ts = vec![now; ids.len()];
-            let rs = vec!["campaign not running"; ids.len()];
+            let rs = vec!["campaign not running or recipient opted out"; ids.len()];
             let ks: Vec<&str> = unclaimed.iter().map(|u| u.1.as_str()).collect();
             tx.execute(PARK, &[&ids, &ts, &rs, &ks]).await?;
         }

@@ -9,20 +9,30 @@ use serde_json::json;
 
 use crate::harness::{Loop, Proc};
 
-/// Campaign recipients (all opted in, no quiet hours).
+/// Campaign recipients (all opted in at the start, no quiet hours).
 const RECIPIENTS: i64 = 300;
-/// People texting STOP, START, STOP while the campaign runs.
+/// Recipients texting STOP, START, STOP while the campaign runs.
 const TEXTERS: usize = 40;
 const KEYWORDS: [&str; 3] = ["STOP", "START", "STOP"];
 
+/// Texter `i`: campaign recipient 1 + 7i, spread over the audience so some
+/// opt-outs land before their message goes out and some after.
 fn texter(i: usize) -> String {
-    format!("+1415300{i:04}")
+    format!("+1415{}", 2_000_001 + 7 * i)
+}
+
+/// The texters' numbers as an SQL list.
+fn texters_sql() -> String {
+    (0..TEXTERS)
+        .map(|i| format!("'{}'", texter(i)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Posts an inbound text through the bridge, signed as the provider does;
-/// one not answered 2xx is sent again, as the provider does, for up to a
-/// minute (the same request, so the same event id). Whether it was answered 2xx.
-async fn send_text(l: &Loop, from: &str, body: &str) -> bool {
+/// one not answered 2xx is sent again, as the provider does, until `until`
+/// (the same request, so the same event id). Whether it was answered 2xx.
+async fn send_text(l: &Loop, from: &str, body: &str, until: Instant) -> bool {
     let path = "/webhooks/twilio/inbound";
     let url = format!("{}{path}", l.app.settings.bridge.public_url);
     let params: Vec<(String, String)> = [
@@ -40,7 +50,6 @@ async fn send_text(l: &Loop, from: &str, body: &str) -> bool {
     let form = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(&params)
         .finish();
-    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let r = l
             .bridge
@@ -49,7 +58,7 @@ async fn send_text(l: &Loop, from: &str, body: &str) -> bool {
         if r.status().is_success() {
             return true;
         }
-        if Instant::now() > deadline {
+        if Instant::now() > until {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -58,10 +67,13 @@ async fn send_text(l: &Loop, from: &str, body: &str) -> bool {
 
 /// Each texter's keywords through the bridge; how many were answered 2xx.
 async fn text_in(l: &Loop) -> usize {
+    // Retries stop after two minutes, so a bridge that never recovers fails
+    // the checks instead of hanging the test.
+    let until = Instant::now() + Duration::from_secs(120);
     let mut accepted = 0;
     for keyword in KEYWORDS {
         for i in 0..TEXTERS {
-            if send_text(l, &texter(i), keyword).await {
+            if send_text(l, &texter(i), keyword, until).await {
                 accepted += 1;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -92,7 +104,28 @@ async fn assert_nothing_lost(l: &Loop, campaign: i64, inbound_accepted: usize) {
             AND status IN ('DELIVERED', 'UNDELIVERED', 'FAILED')"
     );
     let finals = settle(l, &final_sql, RECIPIENTS, Duration::from_secs(120)).await;
-    assert_eq!(finals, RECIPIENTS, "campaign messages in a final state");
+    if finals != RECIPIENTS {
+        let c = l.app.pool.get().await.expect("db");
+        let unfinished: Vec<String> = c
+            .query(
+                "SELECT m.recipient_phone || ' ' || m.status || ' sid ' || coalesce(m.provider_sid, '-') || ' receipts: ' ||
+                        coalesce((SELECT string_agg(d.status, ',' ORDER BY d.received_at)
+                                    FROM delivery_receipts d WHERE d.message_sid = m.provider_sid), 'none')
+                   FROM messages m
+                  WHERE m.campaign_id = $1 AND m.status NOT IN ('DELIVERED', 'UNDELIVERED', 'FAILED')
+                  LIMIT 10",
+                &[&campaign],
+            )
+            .await
+            .expect("unfinished messages")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        panic!(
+            "{finals} of {RECIPIENTS} campaign messages final; unfinished: {unfinished:#?}; simulator: {}",
+            l.stats().await
+        );
+    }
 
     // Inbound: one audit row each, and the whole consent history.
     let inbound = settle(
@@ -118,9 +151,12 @@ async fn assert_nothing_lost(l: &Loop, campaign: i64, inbound_accepted: usize) {
         (TEXTERS * KEYWORDS.len()) as i64,
         "consent decisions recorded"
     );
+    let texters = texters_sql();
     let opted_out = l
         .app
-        .count("SELECT count(*) FROM users WHERE phone_number LIKE '+1415300%' AND consent_state = 'OPT_OUT'")
+        .count(&format!(
+            "SELECT count(*) FROM users WHERE phone_number IN ({texters}) AND consent_state = 'OPT_OUT'"
+        ))
         .await;
     assert_eq!(opted_out, TEXTERS as i64, "every texter ends opted out");
 
@@ -162,27 +198,64 @@ async fn assert_nothing_lost(l: &Loop, campaign: i64, inbound_accepted: usize) {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     assert_eq!(seen, sent, "simulator sends per recipient vs messages sent");
-    let once = c
-        .query_one(
-            "SELECT count(*) FROM messages WHERE campaign_id = $1 AND provider_sid IS NOT NULL",
-            &[&campaign],
+    // Recipients who never opted out: each sent exactly once. Texters: sent
+    // (while opted in) or held back as opted out, never both.
+    let once = l
+        .app
+        .count(&format!(
+            "SELECT count(*) FROM messages WHERE campaign_id = {campaign}
+                AND provider_sid IS NOT NULL AND recipient_phone NOT IN ({texters})"
+        ))
+        .await;
+    assert_eq!(
+        once,
+        RECIPIENTS - TEXTERS as i64,
+        "each recipient who stayed opted in sent exactly once"
+    );
+    let texters_done = l
+        .app
+        .count(&format!(
+            "SELECT count(*) FROM messages WHERE campaign_id = {campaign}
+                AND recipient_phone IN ({texters})
+                AND (provider_sid IS NOT NULL) <> coalesce(failure_reason LIKE 'suppressed%', false)"
+        ))
+        .await;
+    assert_eq!(
+        texters_done, TEXTERS as i64,
+        "each texter's message sent or suppressed"
+    );
+    // No campaign message was claimed for sending while its recipient was
+    // opted out: after an opt-out recorded a second before the claim (its
+    // transaction may still have been open at its own timestamp) with no
+    // opt-in recorded between them.
+    let sent_opted_out: Vec<String> = c
+        .query(
+            &format!(
+                "SELECT m.recipient_phone || ' claimed ' || m.claimed_at || ', consent: ' ||
+                        (SELECT string_agg(e.new_state || ' ' || e.recorded_at, ', ' ORDER BY e.recorded_at)
+                           FROM consent_events e WHERE e.phone_number = m.recipient_phone AND e.applied)
+                   FROM messages m
+                  WHERE m.campaign_id = {campaign} AND m.provider_sid IS NOT NULL
+                    AND EXISTS (
+                        SELECT 1 FROM consent_events o
+                         WHERE o.phone_number = m.recipient_phone AND o.applied AND o.new_state = 'OPT_OUT'
+                           AND o.recorded_at < m.claimed_at - interval '1 second'
+                           AND NOT EXISTS (
+                               SELECT 1 FROM consent_events i
+                                WHERE i.phone_number = o.phone_number AND i.applied AND i.new_state = 'OPT_IN'
+                                  AND i.recorded_at > o.recorded_at AND i.recorded_at < m.claimed_at))"
+            ),
+            &[],
         )
         .await
-        .expect("campaign sends")
-        .get::<_, i64>(0);
-    assert_eq!(
-        once, RECIPIENTS,
-        "each campaign recipient sent exactly once"
+        .expect("sends after an opt-out")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        sent_opted_out.is_empty(),
+        "campaign messages sent while opted out: {sent_opted_out:#?}"
     );
-    let after_opt_out = l
-        .app
-        .count(
-            "SELECT count(*) FROM messages m JOIN users u ON u.phone_number = m.recipient_phone
-              WHERE m.campaign_id IS NOT NULL AND u.consent_state = 'OPT_OUT'
-                AND m.sent_at > u.consent_updated_at",
-        )
-        .await;
-    assert_eq!(after_opt_out, 0, "campaign messages sent after an opt-out");
 }
 
 const WEBHOOK_STAGES: [&str; 4] = ["run", "normalize", "receipts", "consent"];
@@ -190,7 +263,7 @@ const SEND_STAGES: [&str; 3] = ["run", "fanout", "sender"];
 
 /// The load of the full-loop scenarios: the campaign audience seeded, the
 /// webhook stages and the send stages each in a child process, and the
-/// campaign started once both have joined their groups. The texts come from
+/// campaign started once both have joined their groups and fanned out. The texts come from
 /// [`text_in`], run beside the scenario's disturbance.
 struct Load {
     webhooks: Proc,
@@ -212,6 +285,15 @@ impl Load {
         let campaign =
             crate::sender::start_campaign(l, "reliable", json!({"rate_limit_per_second": 100}))
                 .await;
+        // Fanned out before anyone texts, so every texter is in the audience
+        // (sending at 100/s goes on for about three seconds more).
+        l.app
+            .wait_for_count(
+                &format!("SELECT count(*) FROM messages WHERE campaign_id = {campaign}"),
+                RECIPIENTS,
+                Duration::from_secs(30),
+            )
+            .await;
         Load {
             webhooks,
             sends,
@@ -351,7 +433,8 @@ async fn poison_mixed_into_the_load_is_dead_lettered_and_the_rest_unaffected() {
         )
         .await;
         // A signed text from a number that is no phone number.
-        assert!(send_text(&l, "call me maybe", "STOP").await);
+        let until = Instant::now() + Duration::from_secs(60);
+        assert!(send_text(&l, "call me maybe", "STOP", until).await);
         // A start command and a send for things that do not exist.
         let commands = app.topic("campaigns.commands");
         let start = ese::records::CampaignCommand {

@@ -76,7 +76,7 @@ use tansu_schema::{
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, instrument};
+use tracing::{debug, error, instrument, warn};
 use url::Url;
 use uuid::Uuid;
 
@@ -563,13 +563,40 @@ impl Delegate {
             .await?;
 
         if let Some(row) = rows.next().await.inspect_err(|err| error!(?err))? {
-            let current_epoch = row
+            let mut current_epoch = row
                 .get::<i32>(0)
                 .inspect_err(|err| error!(self.cluster, deflated.producer_id, ?err))?
                 as i16;
 
-            let row = connection
-                .query_one(
+            // ese patch (PATCHED.md, ninth): an idempotent (not transactional)
+            // producer bumps its own epoch after it gives up on a request
+            // whose outcome is unknown (librdkafka does, after a broker
+            // restart), and starts that epoch's sequences at 0. The broker
+            // records the new epoch here, as Kafka accepts it, instead of
+            // finding no row for it.
+            if deflated.producer_epoch > current_epoch
+                && deflated.base_sequence == 0
+                && deflated.producer_epoch - current_epoch <= 16
+            {
+                while current_epoch < deflated.producer_epoch {
+                    let mut bumped = connection
+                        .query(
+                            "producer_epoch_insert.sql",
+                            (self.cluster.as_str(), deflated.producer_id),
+                        )
+                        .await?;
+                    let Some(row) = bumped.next().await? else {
+                        return Err(Error::Api(ErrorCode::UnknownProducerId));
+                    };
+                    current_epoch = row.get::<i32>(0)? as i16;
+                }
+            }
+
+            // ese patch (PATCHED.md, ninth): any other epoch this broker does
+            // not know found no row and panicked, which killed the storage
+            // task for every client; it is refused as UnknownProducerId.
+            let Some(row) = connection
+                .query_opt(
                     "producer_select_for_update.sql",
                     (
                         self.cluster.as_str(),
@@ -588,7 +615,18 @@ impl Delegate {
                         deflated.producer_epoch,
                         ?err
                     )
-                })?;
+                })?
+            else {
+                warn!(
+                    self.cluster,
+                    ?topition,
+                    deflated.producer_id,
+                    deflated.producer_epoch,
+                    current_epoch,
+                    "produce with an epoch this broker does not know"
+                );
+                return Err(Error::Api(ErrorCode::UnknownProducerId));
+            };
 
             let sequence = row.get::<i32>(0).inspect_err(|err| error!(?err))?;
 
