@@ -308,11 +308,10 @@ SELECT m.id, m.status, m.recipient_phone, m.channel, m.body, m.retry_count, m.ca
   LEFT JOIN users u ON u.phone_number = m.recipient_phone
  WHERE m.id = ANY($1)";
 
-/// Claims a few messages right before their calls, only while their campaign
-/// runs (a pause lands within ~100 ms of sends, not after the batch).
-/// A campaign message is claimed only while its campaign runs and its
-/// recipient has not opted out: an opt-out committed after the batch was
-/// looked up still stops the send.
+/// Claims a few messages right before their calls; a campaign message only
+/// while its campaign runs and its recipient has not opted out, so a pause or
+/// an opt-out committed after the batch was looked up still stops the send
+/// (within ~100 ms of sends, not after the batch).
 const CLAIM: &str = "
 UPDATE messages m SET status = 'SENDING', claimed_at = now(), updated_at = now(),
                       parked_until = NULL, parked_reason = NULL, send_kind = NULL
@@ -721,7 +720,8 @@ impl Sender {
     /// takes a row left SENDING longer than `reconcile-after` for one whose
     /// call never happened, so no call may start that late — one that would
     /// is not made, and the reconciler queues it again. `None`: not claimed
-    /// (campaign paused meanwhile, or taken by another sender).
+    /// (campaign paused or recipient opted out meanwhile, or taken by another
+    /// sender).
     async fn call_chunk(
         &self,
         chunk: Vec<(Msg, SendRequest)>,
