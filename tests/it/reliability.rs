@@ -82,6 +82,17 @@ async fn text_in(l: &Loop) -> usize {
     accepted
 }
 
+/// The first column (text) of every row of `sql`.
+async fn lines(l: &Loop, sql: &str) -> Vec<String> {
+    let c = l.app.pool.get().await.expect("db");
+    c.query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Polls `sql` (one bigint) until it equals `want`; returns the last value.
 async fn settle(l: &Loop, sql: &str, want: i64, timeout: Duration) -> i64 {
     let deadline = Instant::now() + timeout;
@@ -105,22 +116,18 @@ async fn assert_nothing_lost(l: &Loop, campaign: i64, inbound_accepted: usize) {
     );
     let finals = settle(l, &final_sql, RECIPIENTS, Duration::from_secs(120)).await;
     if finals != RECIPIENTS {
-        let c = l.app.pool.get().await.expect("db");
-        let unfinished: Vec<String> = c
-            .query(
+        let unfinished = lines(
+            l,
+            &format!(
                 "SELECT m.recipient_phone || ' ' || m.status || ' sid ' || coalesce(m.provider_sid, '-') || ' receipts: ' ||
                         coalesce((SELECT string_agg(d.status, ',' ORDER BY d.received_at)
                                     FROM delivery_receipts d WHERE d.message_sid = m.provider_sid), 'none')
                    FROM messages m
-                  WHERE m.campaign_id = $1 AND m.status NOT IN ('DELIVERED', 'UNDELIVERED', 'FAILED')
-                  LIMIT 10",
-                &[&campaign],
-            )
-            .await
-            .expect("unfinished messages")
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+                  WHERE m.campaign_id = {campaign} AND m.status NOT IN ('DELIVERED', 'UNDELIVERED', 'FAILED')
+                  LIMIT 10"
+            ),
+        )
+        .await;
         panic!(
             "{finals} of {RECIPIENTS} campaign messages final; unfinished: {unfinished:#?}; simulator: {}",
             l.stats().await
@@ -228,9 +235,9 @@ async fn assert_nothing_lost(l: &Loop, campaign: i64, inbound_accepted: usize) {
     // opted out: after an opt-out recorded a second before the claim (its
     // transaction may still have been open at its own timestamp) with no
     // opt-in recorded between them.
-    let sent_opted_out: Vec<String> = c
-        .query(
-            &format!(
+    let sent_opted_out = lines(
+        l,
+        &format!(
                 "SELECT m.recipient_phone || ' claimed ' || m.claimed_at || ', consent: ' ||
                         (SELECT string_agg(e.new_state || ' ' || e.recorded_at, ', ' ORDER BY e.recorded_at)
                            FROM consent_events e WHERE e.phone_number = m.recipient_phone AND e.applied)
@@ -244,14 +251,9 @@ async fn assert_nothing_lost(l: &Loop, campaign: i64, inbound_accepted: usize) {
                                SELECT 1 FROM consent_events i
                                 WHERE i.phone_number = o.phone_number AND i.applied AND i.new_state = 'OPT_IN'
                                   AND i.recorded_at > o.recorded_at AND i.recorded_at < m.claimed_at))"
-            ),
-            &[],
-        )
-        .await
-        .expect("sends after an opt-out")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        ),
+    )
+    .await;
     assert!(
         sent_opted_out.is_empty(),
         "campaign messages sent while opted out: {sent_opted_out:#?}"
@@ -263,8 +265,8 @@ const SEND_STAGES: [&str; 3] = ["run", "fanout", "sender"];
 
 /// The load of the full-loop scenarios: the campaign audience seeded, the
 /// webhook stages and the send stages each in a child process, and the
-/// campaign started once both have joined their groups and fanned out. The texts come from
-/// [`text_in`], run beside the scenario's disturbance.
+/// campaign started once both have joined their groups and fanned out. The
+/// texts come from [`text_in`], run beside the scenario's disturbance.
 struct Load {
     webhooks: Proc,
     sends: Proc,

@@ -104,6 +104,17 @@ fn per_recipient(stats: &Value) -> BTreeMap<String, u64> {
     serde_json::from_value(stats["per_recipient"].clone()).unwrap_or_default()
 }
 
+/// Once past another reconcile window (3 s), the simulator has exactly one
+/// send for each of `n` recipients: nothing was sent again.
+async fn assert_each_sent_once_after_a_reconcile_window(l: &Loop, n: usize) {
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let stats = l.stats().await;
+    let sent = per_recipient(&stats);
+    assert_eq!(sent.len(), n);
+    assert!(sent.values().all(|c| *c == 1), "at most once: {sent:?}");
+    assert_eq!(stats["accepted"], n);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn campaign_of_500_runs_end_to_end_matching_the_simulator() {
     let l = Loop::start(Loop::SOME_UNDELIVERED).await;
@@ -409,13 +420,7 @@ async fn a_call_answered_after_the_timeout_is_reconciled_not_sent_again() {
         },
     )
     .await;
-    // Past another reconcile window: nothing is sent again.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let stats = l.stats().await;
-    let sent = per_recipient(&stats);
-    assert_eq!(sent.len(), 10);
-    assert!(sent.values().all(|n| *n == 1), "at most once: {sent:?}");
-    assert_eq!(stats["accepted"], 10);
+    assert_each_sent_once_after_a_reconcile_window(&l, 10).await;
     stages.stop().await;
 }
 
@@ -431,12 +436,7 @@ async fn a_slow_campaign_rate_never_outwaits_the_reconciler() {
         l.stats().await["accepted"].as_i64().unwrap_or(0) >= 8
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let stats = l.stats().await;
-    let sent = per_recipient(&stats);
-    assert_eq!(sent.len(), 8);
-    assert!(sent.values().all(|n| *n == 1), "at most once: {sent:?}");
-    assert_eq!(stats["accepted"], 8);
+    assert_each_sent_once_after_a_reconcile_window(&l, 8).await;
     stages.stop().await;
 }
 
