@@ -105,11 +105,6 @@ impl WebhookRaw {
             .find(|p| p.name == name)
             .map(|p| p.value.as_str())
     }
-
-    /// Every parameter as a JSON object (a repeated name becomes an array).
-    pub fn params_json(&self) -> serde_json::Value {
-        serde_json::to_value(ParamsJson(&self.params)).unwrap_or_default()
-    }
 }
 
 /// `receipts.normalized`: a status callback in the engine's vocabulary.

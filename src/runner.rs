@@ -386,10 +386,10 @@ pub async fn run<S: Stage>(
         workers.spawn(async move { worker(shared, rx).await });
     }
     let worker_of = |partition: i32| partition.unsigned_abs() as usize % workers_n;
-    // One reader per split partition feeds that partition's worker, so a
-    // worker with a backlog holds up only its own partitions.
     // One handle, not a registry lookup per record.
     let consumed = counter!("ese_stage_records_consumed_total", "stage" => name);
+    // One reader per split partition feeds that partition's worker, so a
+    // worker with a backlog holds up only its own partitions.
     let readers = CancellationToken::new();
     let mut reader_tasks = JoinSet::new();
     for (partition, queue) in queues {

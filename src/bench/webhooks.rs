@@ -328,7 +328,8 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
     let sink = client.copy_in(normalize::COPY_RECEIPTS).await?;
     let writer = BinaryCopyInWriter::new(sink, normalize::RECEIPT_TYPES);
     futures::pin_mut!(writer);
-    let raw = sample.params_json();
+    // The payload written as the stage writes it.
+    let raw = crate::records::ParamsJson(&sample.params);
     let now = chrono::Utc::now();
     for i in 0..accepted {
         let id = uuid::Uuid::new_v4();

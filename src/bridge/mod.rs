@@ -429,9 +429,12 @@ async fn readyz(State(b): State<Arc<Bridge>>) -> Response {
     let kafka = kafka
         .map_err(|e| e.to_string())
         .and_then(|r| r)
-        .and_then(|()| match b.producer.has_id() {
-            true => Ok(()),
-            false => Err("the producer has no producer id yet".to_string()),
+        .and_then(|()| {
+            if b.producer.has_id() {
+                Ok(())
+            } else {
+                Err("the producer has no producer id yet".to_string())
+            }
         });
     let body = serde_json::json!({
         "kafka": kafka.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.clone()),

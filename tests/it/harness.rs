@@ -511,7 +511,7 @@ impl TestApp {
 
     /// Terminates every connection to this test's database (Postgres "lost").
     pub async fn kill_db_connections(&self) -> i64 {
-        let admin = connect(&admin_url()).await;
+        let admin = connect(&self.admin_url).await;
         let rows = admin
             .query(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
