@@ -345,6 +345,43 @@ async fn stage_processes_killed_at_random_under_load_lose_nothing() {
     load.assert_nothing_lost(&l, accepted).await;
 }
 
+/// A loop on the broker at `port` (a child process the scenario stops), whose
+/// simulator retries callbacks through an outage of several seconds.
+async fn loop_on_broker(port: u16) -> Loop {
+    Loop::start(&format!(
+        r#"
+        [kafka]
+        brokers = "127.0.0.1:{port}"
+        [provider-sim]
+        callback-retries = 10
+        failures = [{{ code = 30006, status = "undelivered", rate = 0.1 }}]
+        "#
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_frozen_past_the_session_timeout_under_load_loses_nothing() {
+    let port = crate::harness::free_port();
+    let mut broker = crate::harness::spawn_broker(port, "memory://frozen/");
+    let pid = broker.child().id().to_string();
+    let l = loop_on_broker(port).await;
+    let load = Load::start(&l).await;
+    // SIGSTOP for longer than the 6 s session timeout: every member is
+    // expelled and the group rebalances once the broker runs again.
+    let freeze = async {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        crate::harness::signal(&pid, "-STOP");
+        Load::assert_mid_load(&l).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        crate::harness::signal(&pid, "-CONT");
+    };
+    let (accepted, ()) = tokio::join!(text_in(&l), freeze);
+    load.assert_nothing_lost(&l, accepted).await;
+    drop(load);
+    broker.kill9();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_mixed_into_the_load_is_dead_lettered_and_the_rest_unaffected() {
     let l = Loop::start(Loop::SOME_UNDELIVERED).await;
