@@ -12,9 +12,12 @@
 //! - Batches: a worker gathers up to `batch-size` records (or waits
 //!   `max-wait`), opens a transaction, runs the stage, commits, produces the
 //!   outputs and dead letters and waits for the broker's acknowledgements, and
-//!   only then stores each partition's offset. At-least-once; the stages'
-//!   sinks are idempotent, so a redelivery changes nothing, and a record seen
-//!   downstream always finds its upstream effects committed.
+//!   only then stores each partition's offset. The acknowledgements of one
+//!   batch are awaited while the next is gathered and applied; its outputs
+//!   are produced only after the previous batch's were acknowledged, so
+//!   outputs keep their order and offsets are stored in order. At-least-once;
+//!   the stages' sinks are idempotent, so a redelivery changes nothing, and a
+//!   record seen downstream always finds its upstream effects committed.
 //! - Errors: transient (connection lost, broker down) → the batch is retried
 //!   with capped exponential backoff, nothing stored; poison (undecodable,
 //!   invalid data, a constraint violation) → the record goes to the DLQ with
@@ -548,10 +551,29 @@ async fn worker<S: Stage>(
     mut rx: mpsc::Receiver<Dispatched>,
 ) -> anyhow::Result<()> {
     let batch_size = shared.pipeline.batch_size.max(1);
+    // The previous batch, committed, waiting for its acknowledgements.
+    let mut settling: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
+    let settled = |done: Result<anyhow::Result<()>, tokio::task::JoinError>| {
+        done.map_err(|e| {
+            anyhow::anyhow!("stage {}: settling a batch panicked: {e}", shared.name())
+        })?
+    };
     loop {
         let tw = Instant::now();
-        let Some(first) = rx.recv().await else {
-            return Ok(());
+        // The next record; a settling batch that fails meanwhile stops the worker.
+        let next = loop {
+            let Some(handle) = settling.as_mut() else {
+                break rx.recv().await;
+            };
+            let done = tokio::select! {
+                next = rx.recv() => break next,
+                done = handle => done,
+            };
+            settling = None;
+            settled(done)?;
+        };
+        let Some(first) = next else {
+            break;
         };
         let mut batch = Vec::with_capacity(batch_size);
         batch.push(first);
@@ -569,8 +591,26 @@ async fn worker<S: Stage>(
             }
         }
         phase_done(shared.name(), "gather", tw);
-        shared.handle_batch(batch).await?;
+        let committed = shared.handle_batch(batch).await?;
+        if let Some(previous) = settling.take() {
+            settled(previous.await)?;
+        }
+        if let Some((batch, owed, started)) = committed {
+            settling = Some(tokio::spawn(shared.clone().settle(batch, owed, started)));
+        }
     }
+    match settling {
+        Some(last) => settled(last.await),
+        None => Ok(()),
+    }
+}
+
+/// What a committed batch still owes the broker: the stage's outputs and the
+/// records the stage named poison (by index into the batch's items).
+#[derive(Default)]
+struct Owed {
+    outputs: Vec<OutRecord>,
+    dead: Vec<(usize, String)>,
 }
 
 /// The records of one batch: decoded items (with the assignment epoch each
@@ -644,7 +684,12 @@ impl<S: Stage> Shared<S> {
         self.stage.name()
     }
 
-    async fn handle_batch(&self, dispatched: Vec<Dispatched>) -> anyhow::Result<()> {
+    /// Decodes and applies a batch; the committed batch and what it owes the
+    /// broker, or `None` when it was abandoned (shutting down, partitions revoked).
+    async fn handle_batch(
+        &self,
+        dispatched: Vec<Dispatched>,
+    ) -> anyhow::Result<Option<(Batch<S::Input>, Owed, Instant)>> {
         let started = Instant::now();
         let name = self.name();
         let mut batch = Batch::new();
@@ -654,7 +699,7 @@ impl<S: Stage> Shared<S> {
                 // the record: decode again after a backoff.
                 Err(StageError::Transient(e)) => match self.decode_retrying(&d.record, e).await? {
                     Some(v) => Ok(v),
-                    None => return Ok(()), // shutting down: nothing stored
+                    None => return Ok(None), // shutting down: nothing stored
                 },
                 other => other,
             };
@@ -673,10 +718,51 @@ impl<S: Stage> Shared<S> {
         phase_done(name, "decode", started);
         histogram!("ese_stage_batch_size_records", "stage" => name).record(batch.len() as f64);
 
-        let batch = match self.apply_retrying(batch).await? {
-            (_, Attempt::Abandoned) => return Ok(()),
-            (b, Attempt::Done) => b,
-        };
+        match self.apply_retrying(batch).await? {
+            (_, _, Attempt::Abandoned) => Ok(None),
+            (batch, owed, Attempt::Done) => Ok(Some((batch, owed, started))),
+        }
+    }
+
+    /// Produces a committed batch's outputs and dead letters (retrying while
+    /// the broker is unreachable), then stores its offsets.
+    async fn settle(
+        self: Arc<Self>,
+        batch: Batch<S::Input>,
+        owed: Owed,
+        started: Instant,
+    ) -> anyhow::Result<()> {
+        let name = self.name();
+        let t = Instant::now();
+        let dead: Vec<(&InRecord, &str)> = batch
+            .dead
+            .iter()
+            .map(|(r, reason, _)| (r, reason.as_str()))
+            .chain(owed.dead.iter().filter_map(|(i, reason)| {
+                batch
+                    .items
+                    .get(*i)
+                    .map(|item| (&item.record, reason.as_str()))
+            }))
+            .collect();
+        let mut attempt = 0u32;
+        loop {
+            match self.produce(&owed.outputs, &dead).await {
+                Ok(()) => break,
+                Err(StageError::Transient(e)) => {
+                    if !self.backoff(attempt, &e).await? {
+                        return Ok(()); // shutting down: nothing stored
+                    }
+                    attempt += 1;
+                }
+                Err(e) => anyhow::bail!("stage {name}: {e}"),
+            }
+        }
+        phase_done(name, "produce", t);
+        for (r, reason) in &dead {
+            counter!("ese_stage_records_dead_lettered_total", "stage" => name).increment(1);
+            warn!(stage = name, record = %r.coordinates(), reason = %reason, "dead-lettered");
+        }
         self.store_offsets(&batch);
         counter!("ese_stage_records_processed_total", "stage" => name)
             .increment(batch.items.len() as u64);
@@ -769,23 +855,23 @@ impl<S: Stage> Shared<S> {
     async fn apply_retrying(
         &self,
         mut batch: Batch<S::Input>,
-    ) -> anyhow::Result<(Batch<S::Input>, Attempt)> {
+    ) -> anyhow::Result<(Batch<S::Input>, Owed, Attempt)> {
         let name = self.name();
         let mut attempt = 0u32;
         loop {
             match self.apply(&batch).await {
-                Ok(()) => return Ok((batch, Attempt::Done)),
+                Ok(owed) => return Ok((batch, owed, Attempt::Done)),
                 Err(StageError::Fatal(e)) => anyhow::bail!("stage {name}: {e}"),
                 Err(StageError::Transient(e)) => {
                     counter!("ese_stage_records_failed_total", "stage" => name, "kind" => "transient")
                         .increment(batch.len() as u64);
                     if !self.backoff(attempt, &e).await? {
-                        return Ok((batch, Attempt::Abandoned));
+                        return Ok((batch, Owed::default(), Attempt::Abandoned));
                     }
                     attempt += 1;
                     self.retain_owned(&mut batch);
                     if batch.len() == 0 {
-                        return Ok((batch, Attempt::Abandoned));
+                        return Ok((batch, Owed::default(), Attempt::Abandoned));
                     }
                 }
                 Err(StageError::Poison(e)) if batch.items.len() <= 1 => {
@@ -796,27 +882,33 @@ impl<S: Stage> Shared<S> {
                 Err(StageError::Poison(e)) => {
                     debug!(stage = name, error = %e, "poison in batch, retrying record by record");
                     let mut done = Batch::new();
+                    let mut owed = Owed::default();
                     for single in batch.singles() {
                         // One level deep: a single record never splits again.
                         match Box::pin(self.apply_retrying(single)).await? {
-                            (b, Attempt::Done) => done.absorb(b),
-                            (_, Attempt::Abandoned) => return Ok((done, Attempt::Abandoned)),
+                            (b, o, Attempt::Done) => {
+                                let base = done.items.len();
+                                owed.outputs.extend(o.outputs);
+                                owed.dead
+                                    .extend(o.dead.into_iter().map(|(i, r)| (base + i, r)));
+                                done.absorb(b);
+                            }
+                            (_, _, Attempt::Abandoned) => {
+                                return Ok((done, Owed::default(), Attempt::Abandoned));
+                            }
                         }
                     }
-                    return Ok((done, Attempt::Done));
+                    return Ok((done, owed, Attempt::Done));
                 }
             }
         }
     }
 
-    /// One attempt: transaction, stage effects, commit, outputs and dead
-    /// letters acknowledged by the broker.
-    async fn apply(&self, batch: &Batch<S::Input>) -> Result<(), StageError> {
-        let mut dead: Vec<(&InRecord, &str)> = batch
-            .dead
-            .iter()
-            .map(|(r, reason, _)| (r, reason.as_str()))
-            .collect();
+    /// One attempt: transaction, stage effects, commit. Commit comes first:
+    /// a record on an output topic then always finds its source's effects
+    /// committed, and a crash before the acknowledgements replays the batch,
+    /// which changes nothing and emits the outputs again.
+    async fn apply(&self, batch: &Batch<S::Input>) -> Result<Owed, StageError> {
         let name = self.name();
         let t = Instant::now();
         let mut client = self.pool.get().await?;
@@ -827,23 +919,12 @@ impl<S: Stage> Shared<S> {
             self.stage.process(&tx, &batch.items, &mut out).await?;
         }
         let t = phase_done(name, "process", t);
-        for (idx, reason) in &out.dead {
-            if let Some(item) = batch.items.get(*idx) {
-                dead.push((&item.record, reason.as_str()));
-            }
-        }
-        // Commit first: a record on an output topic then always finds its
-        // source's effects committed. A crash before the acknowledgements
-        // replays the batch, which changes nothing and emits the outputs again.
         tx.commit().await?;
-        let t = phase_done(name, "commit", t);
-        self.produce(&out.outputs, &dead).await?;
-        phase_done(name, "produce", t);
-        for (r, reason) in &dead {
-            counter!("ese_stage_records_dead_lettered_total", "stage" => name).increment(1);
-            warn!(stage = name, record = %r.coordinates(), reason = %reason, "dead-lettered");
-        }
-        Ok(())
+        phase_done(name, "commit", t);
+        Ok(Owed {
+            outputs: out.outputs,
+            dead: out.dead,
+        })
     }
 
     async fn produce(

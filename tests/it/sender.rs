@@ -468,16 +468,18 @@ async fn two_senders_share_the_campaign_rate() {
     );
     let first = *per_second.keys().next().unwrap();
     let last = *per_second.keys().last().unwrap();
-    // Whole seconds (not the first or last) run at the limit, not twice it.
+    // Whole seconds (not the first or last) run at the limit, not twice it:
+    // together at most the limit per second plus the burst once.
     let whole: Vec<u64> = per_second
         .iter()
         .filter(|(s, _)| **s != first && **s != last)
         .map(|(_, n)| *n)
         .collect();
-    let mean = whole.iter().sum::<u64>() as f64 / whole.len().max(1) as f64;
+    let sent: u64 = whole.iter().sum();
     assert!(
-        mean <= 52.0,
-        "whole seconds averaged {mean:.1} sends: {per_second:?}"
+        sent <= 50 * whole.len() as u64 + 20,
+        "{} whole seconds saw {sent} sends: {per_second:?}",
+        whole.len()
     );
     assert!(
         last - first >= 5,
