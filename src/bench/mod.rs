@@ -328,6 +328,9 @@ pub(crate) fn phase_line(
 /// runner's `ese_stage_records_processed_total`, read in-process every 20 ms:
 /// polling a `count(*)` would scan the growing table and slow the stage it
 /// measures); then checks with `done` (a count query) that the rows are there.
+/// The time returned runs from the stage's first consumed record: joining the
+/// consumer group comes before it, once per start and not per record, and is
+/// printed apart.
 pub(crate) async fn time_stage(
     deps: &Deps,
     stage: &str,
@@ -335,18 +338,24 @@ pub(crate) async fn time_stage(
     target: i64,
 ) -> anyhow::Result<Duration> {
     let handle = crate::metrics::handle();
-    let processed = || {
-        samples(&handle.render(), "ese_stage_records_processed_total")
+    let count = |metric: &str| {
+        samples(&handle.render(), metric)
             .find(|(labels, _)| label(labels, "stage") == Some(stage))
             .map_or(0, |(_, v)| v as i64)
     };
-    let before = processed();
+    let processed = || count("ese_stage_records_processed_total");
+    let consumed = || count("ese_stage_records_consumed_total");
+    let (before, consumed_before) = (processed(), consumed());
     let phases_before = phase_totals(&handle.render(), stage);
     let token = CancellationToken::new();
     let (d, t, name) = (deps.clone(), token.clone(), stage.to_string());
     let started = Instant::now();
     let task = tokio::spawn(async move { crate::stages::run(&name, d, t).await });
+    let mut first: Option<Instant> = None;
     loop {
+        if first.is_none() && consumed() > consumed_before {
+            first = Some(Instant::now());
+        }
         let n = processed() - before;
         if n >= target {
             break;
@@ -354,9 +363,17 @@ pub(crate) async fn time_stage(
         if task.is_finished() {
             anyhow::bail!("{stage} stopped early at {n}/{target}");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Finely until the first record, so the start is read to a few ms.
+        let poll = if first.is_some() { 20 } else { 2 };
+        tokio::time::sleep(Duration::from_millis(poll)).await;
     }
-    let took = started.elapsed();
+    let first = first.unwrap_or(started);
+    let took = first.elapsed();
+    println!(
+        "  {stage}: first record {:.0} ms after the start (group join), {:.0} ms from it to the last",
+        (first - started).as_secs_f64() * 1e3,
+        took.as_secs_f64() * 1e3
+    );
     token.cancel();
     task.await??;
     let phases = phase_totals(&handle.render(), stage);
