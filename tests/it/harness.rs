@@ -310,7 +310,7 @@ impl TestApp {
             .args(args)
             .env("DATABASE_URL", &self.settings.database.url)
             .env("KAFKA_BROKERS", &self.settings.kafka.brokers)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", child_log())
             .env("TWILIO_ACCOUNT_SID", SIM_ACCOUNT)
             .env("TWILIO_AUTH_TOKEN", crate::fixtures::TOKEN)
             .env("ESE_ADMIN_TOKEN", ADMIN_TOKEN)
@@ -608,12 +608,18 @@ pub fn kill9(child: &mut Child) {
 
 /// `ese broker` in a child process on `port` with `storage` (`memory://…`,
 /// `sqlite://…`), returned once it accepts connections.
+/// The log filter of child processes: `warn`, or `ESE_TEST_RUST_LOG` when
+/// set (to see a failing scenario's rebalances, say).
+fn child_log() -> String {
+    std::env::var("ESE_TEST_RUST_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 pub fn spawn_broker(port: u16, storage: &str) -> Proc {
     let broker = Proc::new(
         Command::new(env!("CARGO_BIN_EXE_ese"))
             .args(["broker", "--listen", &format!("127.0.0.1:{port}")])
             .args(["--storage", storage])
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", child_log())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()

@@ -361,6 +361,33 @@ async fn loop_on_broker(port: u16) -> Loop {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restarted_on_durable_storage_under_load_loses_nothing() {
+    let port = crate::harness::free_port();
+    let file =
+        std::env::temp_dir().join(format!("ese-broker-{}.db", uuid::Uuid::new_v4().simple()));
+    let storage = format!("sqlite://{}", file.display());
+    let mut broker = crate::harness::spawn_broker(port, &storage);
+    let l = loop_on_broker(port).await;
+    let load = Load::start(&l).await;
+    // kill -9 while the campaign and the texts are under way, down for two
+    // seconds, back on the same storage.
+    let outage = async {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        broker.kill9();
+        Load::assert_mid_load(&l).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        broker = tokio::task::block_in_place(|| crate::harness::spawn_broker(port, &storage));
+    };
+    let (accepted, ()) = tokio::join!(text_in(&l), outage);
+    load.assert_nothing_lost(&l, accepted).await;
+    drop(load);
+    broker.kill9();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_frozen_past_the_session_timeout_under_load_loses_nothing() {
     let port = crate::harness::free_port();
     let mut broker = crate::harness::spawn_broker(port, "memory://frozen/");
