@@ -606,14 +606,37 @@ pub fn kill9(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// `ese broker` in a child process on `port` with `storage` (`memory://…`,
-/// `sqlite://…`), returned once it accepts connections.
 /// The log filter of child processes: `warn`, or `ESE_TEST_RUST_LOG` when
 /// set (to see a failing scenario's rebalances, say).
 fn child_log() -> String {
     std::env::var("ESE_TEST_RUST_LOG").unwrap_or_else(|_| "warn".into())
 }
 
+/// A SQLite file for `ese broker --storage` (durable across a broker
+/// restart), removed with its WAL files when dropped.
+pub struct BrokerDb(PathBuf);
+
+impl BrokerDb {
+    pub fn new() -> Self {
+        Self(std::env::temp_dir().join(format!("ese-broker-{}.db", uuid::Uuid::new_v4().simple())))
+    }
+
+    /// The `--storage` URL.
+    pub fn storage(&self) -> String {
+        format!("sqlite://{}", self.0.display())
+    }
+}
+
+impl Drop for BrokerDb {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+        }
+    }
+}
+
+/// `ese broker` in a child process on `port` with `storage` (`memory://…`,
+/// `sqlite://…`), returned once it accepts connections.
 pub fn spawn_broker(port: u16, storage: &str) -> Proc {
     let broker = Proc::new(
         Command::new(env!("CARGO_BIN_EXE_ese"))

@@ -363,9 +363,8 @@ async fn loop_on_broker(port: u16) -> Loop {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restarted_on_durable_storage_under_load_loses_nothing() {
     let port = crate::harness::free_port();
-    let file =
-        std::env::temp_dir().join(format!("ese-broker-{}.db", uuid::Uuid::new_v4().simple()));
-    let storage = format!("sqlite://{}", file.display());
+    let db = crate::harness::BrokerDb::new();
+    let storage = db.storage();
     let mut broker = crate::harness::spawn_broker(port, &storage);
     let l = loop_on_broker(port).await;
     let load = Load::start(&l).await;
@@ -382,9 +381,6 @@ async fn broker_restarted_on_durable_storage_under_load_loses_nothing() {
     load.assert_nothing_lost(&l, accepted).await;
     drop(load);
     broker.kill9();
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

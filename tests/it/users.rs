@@ -288,9 +288,8 @@ async fn broker_frozen_longer_than_the_session_timeout_then_resumed_loses_nothin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_killed_and_restarted_on_durable_storage_loses_nothing() {
     let port = crate::harness::free_port();
-    let file =
-        std::env::temp_dir().join(format!("ese-broker-{}.db", uuid::Uuid::new_v4().simple()));
-    let storage = format!("sqlite://{}", file.display());
+    let db = crate::harness::BrokerDb::new();
+    let storage = db.storage();
     let mut broker = crate::harness::spawn_broker(port, &storage);
     let n = 3_000;
     let app = app_on_broker(port, n).await;
@@ -306,7 +305,4 @@ async fn broker_killed_and_restarted_on_durable_storage_loses_nothing() {
     kill9(&mut stage);
     assert_merged(&app, n).await;
     broker.kill9();
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
-    }
 }
