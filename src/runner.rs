@@ -245,8 +245,38 @@ pub trait Stage: Send + Sync + 'static {
 /// A topic partition.
 type Partition = (String, i32);
 
-/// Partitions this consumer owns, each with the epoch of the assignment that gave it.
-type Owned = Arc<Mutex<HashMap<(String, i32), u64>>>;
+/// Partitions this consumer owns, each with the epoch of the assignment that
+/// gave it; looked up by `&str` topic, as every record is, without allocating.
+#[derive(Default)]
+struct Assignment(HashMap<String, HashMap<i32, u64>>);
+
+impl Assignment {
+    fn epoch(&self, topic: &str, partition: i32) -> Option<u64> {
+        self.0.get(topic)?.get(&partition).copied()
+    }
+
+    fn insert(&mut self, topic: &str, partition: i32, epoch: u64) {
+        self.0
+            .entry(topic.to_string())
+            .or_default()
+            .insert(partition, epoch);
+    }
+
+    fn remove(&mut self, topic: &str, partition: i32) {
+        if let Some(parts) = self.0.get_mut(topic) {
+            parts.remove(&partition);
+        }
+    }
+
+    fn partitions(&self) -> Vec<Partition> {
+        self.0
+            .iter()
+            .flat_map(|(t, parts)| parts.keys().map(|p| (t.clone(), *p)))
+            .collect()
+    }
+}
+
+type Owned = Arc<Mutex<Assignment>>;
 
 /// Consumer context: tracks the assignment for safe offset storing and
 /// exports consumer lag from librdkafka statistics.
@@ -259,8 +289,8 @@ pub struct RunnerContext {
 }
 
 impl RunnerContext {
-    fn changed(&self, owned: &HashMap<(String, i32), u64>) {
-        (self.on_change)(owned.keys().cloned().collect());
+    fn changed(&self, owned: &Assignment) {
+        (self.on_change)(owned.partitions());
     }
 }
 
@@ -283,7 +313,7 @@ impl ConsumerContext for RunnerContext {
         if let Rebalance::Revoke(tpl) = rebalance {
             let mut owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
             for e in tpl.elements() {
-                owned.remove(&(e.topic().to_string(), e.partition()));
+                owned.remove(e.topic(), e.partition());
             }
             self.changed(&owned);
             info!(
@@ -299,7 +329,7 @@ impl ConsumerContext for RunnerContext {
             let epoch = self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
             let mut owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
             for e in tpl.elements() {
-                owned.insert((e.topic().to_string(), e.partition()), epoch);
+                owned.insert(e.topic(), e.partition(), epoch);
             }
             self.changed(&owned);
             info!(
@@ -494,8 +524,7 @@ async fn dispatched(
     let epoch = owned
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .get(&(record.topic.clone(), record.partition))
-        .copied()
+        .epoch(&record.topic, record.partition)
         .unwrap_or(0);
     Some(Dispatched { record, epoch })
 }
@@ -837,8 +866,7 @@ impl<S: Stage> Shared<S> {
     /// Drops records of partitions no longer owned (or re-assigned since).
     fn retain_owned(&self, batch: &mut Batch<S::Input>) {
         let owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
-        let is_owned =
-            |r: &InRecord, epoch: u64| owned.get(&(r.topic.clone(), r.partition)) == Some(&epoch);
+        let is_owned = |r: &InRecord, epoch: u64| owned.epoch(&r.topic, r.partition) == Some(epoch);
         let items = std::mem::take(&mut batch.items);
         let epochs = std::mem::take(&mut batch.epochs);
         for (item, epoch) in items.into_iter().zip(epochs) {
@@ -998,7 +1026,7 @@ impl<S: Stage> Shared<S> {
         }
         let owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
         for ((topic, partition), (offset, epoch)) in highest {
-            if owned.get(&(topic.to_string(), partition)) != Some(&epoch) {
+            if owned.epoch(topic, partition) != Some(epoch) {
                 debug!(
                     stage = self.name(),
                     topic, partition, "partition no longer owned; offset not stored"
