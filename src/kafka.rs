@@ -129,15 +129,20 @@ impl Producer {
         records: Vec<FutureRecord<'_, [u8], [u8]>>,
         queue_timeout: Duration,
     ) -> Result<(), KafkaError> {
-        let sends = records.into_iter().map(|r| self.send(r, queue_timeout));
-        match futures::future::join_all(sends)
-            .await
+        use futures::StreamExt;
+        // Unordered: only the first error matters, and keeping thousands of
+        // results in order (join_all) showed in the stages' profiles.
+        let mut sends: futures::stream::FuturesUnordered<_> = records
             .into_iter()
-            .find_map(Result::err)
-        {
-            Some((e, _)) => Err(e),
-            None => Ok(()),
+            .map(|r| self.send(r, queue_timeout))
+            .collect();
+        let mut first = None;
+        while let Some(result) = sends.next().await {
+            if let (Err((e, _)), None) = (result, &first) {
+                first = Some(e);
+            }
         }
+        first.map_or(Ok(()), Err)
     }
 
     fn recover(&self, failed: &FutureProducer, error: &KafkaError) {
