@@ -179,7 +179,8 @@ pub struct OutRecord {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
-/// Where a stage puts its outputs and names its poison records.
+/// Where a stage puts its outputs and names its poison records; once the
+/// batch has committed, what it still owes the broker.
 #[derive(Debug, Default)]
 pub struct Collector {
     outputs: Vec<OutRecord>,
@@ -187,7 +188,8 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// Produce `payload` on `topic` keyed by `key`, acknowledged before the batch commits.
+    /// Produce `payload` on `topic` keyed by `key`, acknowledged before the
+    /// batch's offsets are stored.
     pub fn send(&mut self, topic: &str, key: impl Into<Vec<u8>>, payload: Vec<u8>) {
         self.send_with_headers(topic, key, payload, Vec::new());
     }
@@ -211,6 +213,14 @@ impl Collector {
     /// Marks the batch item at `index` as poison: it goes to the DLQ with `reason`.
     pub fn dead_letter(&mut self, index: usize, reason: impl Into<String>) {
         self.dead.push((index, reason.into()));
+    }
+
+    /// Takes over `other`'s outputs and dead letters, whose indexes count
+    /// from `base` in this one's batch.
+    fn append(&mut self, other: Collector, base: usize) {
+        self.outputs.extend(other.outputs);
+        self.dead
+            .extend(other.dead.into_iter().map(|(i, r)| (base + i, r)));
     }
 }
 
@@ -634,14 +644,6 @@ async fn worker<S: Stage>(
     }
 }
 
-/// What a committed batch still owes the broker: the stage's outputs and the
-/// records the stage named poison (by index into the batch's items).
-#[derive(Default)]
-struct Owed {
-    outputs: Vec<OutRecord>,
-    dead: Vec<(usize, String)>,
-}
-
 /// The records of one batch: decoded items (with the assignment epoch each
 /// was fetched under) and records already known to be poison.
 struct Batch<T> {
@@ -718,7 +720,7 @@ impl<S: Stage> Shared<S> {
     async fn handle_batch(
         &self,
         dispatched: Vec<Dispatched>,
-    ) -> anyhow::Result<Option<(Batch<S::Input>, Owed, Instant)>> {
+    ) -> anyhow::Result<Option<(Batch<S::Input>, Collector, Instant)>> {
         let started = Instant::now();
         let name = self.name();
         let mut batch = Batch::new();
@@ -758,7 +760,7 @@ impl<S: Stage> Shared<S> {
     async fn settle(
         self: Arc<Self>,
         batch: Batch<S::Input>,
-        owed: Owed,
+        owed: Collector,
         started: Instant,
     ) -> anyhow::Result<()> {
         let name = self.name();
@@ -883,7 +885,7 @@ impl<S: Stage> Shared<S> {
     async fn apply_retrying(
         &self,
         mut batch: Batch<S::Input>,
-    ) -> anyhow::Result<(Batch<S::Input>, Owed, Attempt)> {
+    ) -> anyhow::Result<(Batch<S::Input>, Collector, Attempt)> {
         let name = self.name();
         let mut attempt = 0u32;
         loop {
@@ -894,12 +896,12 @@ impl<S: Stage> Shared<S> {
                     counter!("ese_stage_records_failed_total", "stage" => name, "kind" => "transient")
                         .increment(batch.len() as u64);
                     if !self.backoff(attempt, &e).await? {
-                        return Ok((batch, Owed::default(), Attempt::Abandoned));
+                        return Ok((batch, Collector::default(), Attempt::Abandoned));
                     }
                     attempt += 1;
                     self.retain_owned(&mut batch);
                     if batch.len() == 0 {
-                        return Ok((batch, Owed::default(), Attempt::Abandoned));
+                        return Ok((batch, Collector::default(), Attempt::Abandoned));
                     }
                 }
                 Err(StageError::Poison(e)) if batch.items.len() <= 1 => {
@@ -910,19 +912,16 @@ impl<S: Stage> Shared<S> {
                 Err(StageError::Poison(e)) => {
                     debug!(stage = name, error = %e, "poison in batch, retrying record by record");
                     let mut done = Batch::new();
-                    let mut owed = Owed::default();
+                    let mut owed = Collector::default();
                     for single in batch.singles() {
                         // One level deep: a single record never splits again.
                         match Box::pin(self.apply_retrying(single)).await? {
                             (b, o, Attempt::Done) => {
-                                let base = done.items.len();
-                                owed.outputs.extend(o.outputs);
-                                owed.dead
-                                    .extend(o.dead.into_iter().map(|(i, r)| (base + i, r)));
+                                owed.append(o, done.items.len());
                                 done.absorb(b);
                             }
                             (_, _, Attempt::Abandoned) => {
-                                return Ok((done, Owed::default(), Attempt::Abandoned));
+                                return Ok((done, Collector::default(), Attempt::Abandoned));
                             }
                         }
                     }
@@ -936,7 +935,7 @@ impl<S: Stage> Shared<S> {
     /// a record on an output topic then always finds its source's effects
     /// committed, and a crash before the acknowledgements replays the batch,
     /// which changes nothing and emits the outputs again.
-    async fn apply(&self, batch: &Batch<S::Input>) -> Result<Owed, StageError> {
+    async fn apply(&self, batch: &Batch<S::Input>) -> Result<Collector, StageError> {
         let name = self.name();
         let t = Instant::now();
         let mut client = self.pool.get().await?;
@@ -949,10 +948,7 @@ impl<S: Stage> Shared<S> {
         let t = phase_done(name, "process", t);
         tx.commit().await?;
         phase_done(name, "commit", t);
-        Ok(Owed {
-            outputs: out.outputs,
-            dead: out.dead,
-        })
+        Ok(out)
     }
 
     async fn produce(
