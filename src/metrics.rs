@@ -238,7 +238,7 @@ const CATALOGUE: &[(&str, Kind, &str)] = &[
     (
         "ese_stage_phase_seconds",
         Kind::Histogram,
-        "Time per batch by stage and phase (gather: waiting for records; decode, begin, process, commit, produce).",
+        "Time per batch by stage and phase (gather: waiting for records; decode, begin, process, commit; acks: waiting for the previous batch's acknowledgements; produce).",
     ),
     (
         "ese_stage_batch_size_records",

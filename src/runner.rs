@@ -632,7 +632,9 @@ async fn worker<S: Stage>(
         phase_done(shared.name(), "gather", tw);
         let committed = shared.handle_batch(batch).await?;
         if let Some(previous) = settling.take() {
+            let t = Instant::now();
             settled(previous.await)?;
+            phase_done(shared.name(), "acks", t);
         }
         if let Some((batch, owed, started)) = committed {
             settling = Some(tokio::spawn(shared.clone().settle(batch, owed, started)));

@@ -315,7 +315,9 @@ pub(crate) fn phase_line(
         |m: &HashMap<String, (f64, f64)>, name: &str| m.get(name).copied().unwrap_or_default();
     let batches = count(after, "process").1 - count(before, "process").1;
     let mut line = format!("  {stage} batches: {batches:.0}, mean ms per batch:");
-    for name in ["gather", "decode", "begin", "process", "commit", "produce"] {
+    for name in [
+        "gather", "decode", "begin", "process", "commit", "acks", "produce",
+    ] {
         let ((sum, n), (sum0, n0)) = (count(after, name), count(before, name));
         if n > n0 {
             line += &format!(" {name} {:.1}", 1e3 * (sum - sum0) / (n - n0));
@@ -330,13 +332,20 @@ pub(crate) fn phase_line(
 /// measures); then checks with `done` (a count query) that the rows are there.
 /// The time returned runs from the stage's first consumed record: joining the
 /// consumer group comes before it, once per start and not per record, and is
-/// printed apart.
+/// printed apart. So does the producer's id: a new idempotent producer gets it
+/// only after ~1 s, and the first batches would wait for it inside the timing.
 pub(crate) async fn time_stage(
     deps: &Deps,
     stage: &str,
     done: &str,
     target: i64,
 ) -> anyhow::Result<Duration> {
+    let ready = Instant::now();
+    anyhow::ensure!(
+        deps.producer.wait_ready(Duration::from_secs(30)).await,
+        "{stage}: the producer got no producer id from the broker within 30 s"
+    );
+    let ready = ready.elapsed();
     let handle = crate::metrics::handle();
     let count = |metric: &str| {
         samples(&handle.render(), metric)
@@ -370,7 +379,8 @@ pub(crate) async fn time_stage(
     let first = first.unwrap_or(started);
     let took = first.elapsed();
     println!(
-        "  {stage}: first record {:.0} ms after the start (group join), {:.0} ms from it to the last",
+        "  {stage}: producer ready in {:.0} ms, first record {:.0} ms after the start (group join), {:.0} ms from it to the last",
+        ready.as_secs_f64() * 1e3,
         (first - started).as_secs_f64() * 1e3,
         took.as_secs_f64() * 1e3
     );
