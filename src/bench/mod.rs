@@ -332,8 +332,9 @@ pub(crate) fn phase_line(
 /// measures); then checks with `done` (a count query) that the rows are there.
 /// The time returned runs from the stage's first consumed record: joining the
 /// consumer group comes before it, once per start and not per record, and is
-/// printed apart. So does the producer's id: a new idempotent producer gets it
-/// only after ~1 s, and the first batches would wait for it inside the timing.
+/// printed apart. So does getting the producer's id: a new idempotent
+/// producer has it only after ~0.5 s, and the first batches would wait for it
+/// inside the timing.
 pub(crate) async fn time_stage(
     deps: &Deps,
     stage: &str,
