@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::FutureRecord;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 
@@ -191,20 +190,10 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
     let ceiling_topic = format!("{}.ceiling", settings.bridge.status_topic);
     crate::kafka::create_topics(&settings.kafka, std::slice::from_ref(&ceiling_topic)).await?;
     let producer = crate::kafka::Producer::new(&settings.kafka)?;
-    let started = Instant::now();
-    for chunk in bodies.chunks(5000) {
-        let records = chunk
-            .iter()
-            .map(|(body, _)| {
-                FutureRecord::<[u8], [u8]>::to(&ceiling_topic).payload(body.as_bytes())
-            })
-            .collect();
-        producer
-            .send_all(records, Duration::from_secs(30))
-            .await
-            .map_err(|e| anyhow::anyhow!("produce ceiling: {e}"))?;
-    }
-    let produce = rate(n, started.elapsed());
+    let produce = super::produce_ceiling(&producer, &ceiling_topic, n, |i| {
+        (None, bodies[i].0.clone().into_bytes())
+    })
+    .await?;
     let consume = rate(n, consume_ceiling(&settings, &ceiling_topic, n).await?);
     println!("  ceiling: bare produce {produce:>10.0} rec/s");
     println!("  ceiling: bare consume {consume:>10.0} rec/s");

@@ -128,6 +128,38 @@ fn bench_phone(i: usize) -> String {
     format!("+1415{:03}{:04}", 200 + (i / 10_000) % 800, i % 10_000)
 }
 
+/// Records/s of producing `n` records (record `i` is `record(i)`: key,
+/// payload) to `topic` once `producer` holds its id, with 5,000 sends in
+/// flight throughout: the broker's rate, not one batch's latency.
+pub(crate) async fn produce_ceiling(
+    producer: &crate::kafka::Producer,
+    topic: &str,
+    n: usize,
+    record: impl Fn(usize) -> (Option<Vec<u8>>, Vec<u8>),
+) -> anyhow::Result<f64> {
+    anyhow::ensure!(
+        producer.wait_ready(Duration::from_secs(30)).await,
+        "produce ceiling: the producer got no producer id from the broker within 30 s"
+    );
+    let started = Instant::now();
+    let mut sends = futures::stream::iter(0..n)
+        .map(|i| {
+            let (key, payload) = record(i);
+            async move {
+                let mut r = FutureRecord::<[u8], [u8]>::to(topic).payload(payload.as_slice());
+                if let Some(key) = &key {
+                    r = r.key(key.as_slice());
+                }
+                producer.send(r, Duration::from_secs(30)).await
+            }
+        })
+        .buffer_unordered(5000);
+    while let Some(sent) = sends.next().await {
+        sent.map_err(|(e, _)| anyhow::anyhow!("produce ceiling: {e}"))?;
+    }
+    Ok(rate(n, started.elapsed()))
+}
+
 /// Rate in records per second.
 pub(crate) fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)

@@ -11,7 +11,6 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::http::StatusCode;
 use axum::routing::post;
-use rdkafka::producer::FutureRecord;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_util::sync::CancellationToken;
 
@@ -251,31 +250,14 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
         content_type: "application/x-www-form-urlencoded".into(),
         received_at: chrono::Utc::now().timestamp_millis(),
     };
-    let payload = Arc::new(codec.encode(&topic, &sample).await?);
+    let payload = codec.encode(&topic, &sample).await?;
     let ceiling_topic = format!("{topic}.ceiling");
     crate::kafka::create_topics(&settings.kafka, std::slice::from_ref(&ceiling_topic)).await?;
-    let mut kafka = settings.kafka.clone();
-    kafka.produce_timeout = settings.bridge.produce_timeout;
-    let producer = crate::kafka::Producer::new(&kafka)?;
-    let started = Instant::now();
-    let mut produced = 0usize;
-    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
-        let keys: Vec<String> = chunk.iter().map(|i| format!("SM{i:032x}")).collect();
-        let sends = keys.iter().map(|k| {
-            producer.send(
-                FutureRecord::to(&ceiling_topic)
-                    .key(k.as_str())
-                    .payload(payload.as_slice()),
-                Duration::from_secs(30),
-            )
-        });
-        produced += futures::future::join_all(sends)
-            .await
-            .iter()
-            .filter(|r| r.is_ok())
-            .count();
-    }
-    let produce = rate(produced, started.elapsed());
+    let producer = crate::kafka::Producer::new(&Bridge::producer_settings(&settings))?;
+    let produce = super::produce_ceiling(&producer, &ceiling_topic, n, |i| {
+        (Some(format!("SM{i:032x}").into_bytes()), payload.to_vec())
+    })
+    .await?;
     println!(
         "  {:<28} {produce:>9.0} rec/s  ({} B records)",
         "ceiling: bare produce",

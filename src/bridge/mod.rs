@@ -55,17 +55,24 @@ impl Bridge {
     /// A bridge with its own producer whose delivery timeout is the bridge's
     /// answer deadline, so a record answered 503 is not delivered later.
     pub fn new(settings: &Settings, tokens: Vec<String>, pool: Pool) -> anyhow::Result<Arc<Self>> {
-        let mut kafka = settings.kafka.clone();
-        kafka.produce_timeout = settings.bridge.produce_timeout;
-        kafka.linger = settings.bridge.linger;
         Ok(Arc::new(Self {
             cfg: settings.bridge.clone(),
             tokens,
-            producer: crate::kafka::Producer::new(&kafka)?,
+            producer: crate::kafka::Producer::new(&Self::producer_settings(settings))?,
             codec: Codec::new(&settings.schema_registry.url)?,
             pool,
             in_flight: Arc::new(Semaphore::new(settings.bridge.max_in_flight)),
         }))
+    }
+
+    /// The Kafka settings of the bridge's producer: no lingering (each
+    /// request waits for its own acknowledgement) and the answer deadline as
+    /// the delivery timeout.
+    pub fn producer_settings(settings: &Settings) -> crate::config::KafkaConfig {
+        let mut kafka = settings.kafka.clone();
+        kafka.produce_timeout = settings.bridge.produce_timeout;
+        kafka.linger = settings.bridge.linger;
+        kafka
     }
 
     /// Waits until the producer can deliver, at most `within`.
