@@ -234,12 +234,13 @@ async fn assert_nothing_lost(l: &Loop, campaign: i64, inbound_accepted: usize) {
     // No campaign message was claimed for sending while its recipient was
     // opted out: after an opt-out recorded a second before the claim (its
     // transaction may still have been open at its own timestamp) with no
-    // opt-in recorded between them.
+    // opt-in recorded between them. Events applied in one transaction share
+    // recorded_at (now()) and took effect in occurred_at order.
     let sent_opted_out = lines(
         l,
         &format!(
                 "SELECT m.recipient_phone || ' claimed ' || m.claimed_at || ', consent: ' ||
-                        (SELECT string_agg(e.new_state || ' ' || e.recorded_at, ', ' ORDER BY e.recorded_at)
+                        (SELECT string_agg(e.new_state || ' ' || e.recorded_at, ', ' ORDER BY e.recorded_at, e.occurred_at)
                            FROM consent_events e WHERE e.phone_number = m.recipient_phone AND e.applied)
                    FROM messages m
                   WHERE m.campaign_id = {campaign} AND m.provider_sid IS NOT NULL
@@ -250,7 +251,8 @@ async fn assert_nothing_lost(l: &Loop, campaign: i64, inbound_accepted: usize) {
                            AND NOT EXISTS (
                                SELECT 1 FROM consent_events i
                                 WHERE i.phone_number = o.phone_number AND i.applied AND i.new_state = 'OPT_IN'
-                                  AND i.recorded_at > o.recorded_at AND i.recorded_at < m.claimed_at))"
+                                  AND (i.recorded_at, i.occurred_at) > (o.recorded_at, o.occurred_at)
+                                  AND i.recorded_at < m.claimed_at))"
         ),
     )
     .await;
