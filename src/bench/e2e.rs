@@ -191,7 +191,7 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
     crate::kafka::create_topics(&settings.kafka, std::slice::from_ref(&ceiling_topic)).await?;
     let producer = crate::kafka::Producer::new(&settings.kafka)?;
     let produce = super::produce_ceiling(&producer, &ceiling_topic, n, |i| {
-        (None, bodies[i].0.clone().into_bytes())
+        (None, bodies[i].0.as_bytes())
     })
     .await?;
     let consume = rate(n, consume_ceiling(&settings, &ceiling_topic, n).await?);

@@ -131,11 +131,11 @@ fn bench_phone(i: usize) -> String {
 /// Records/s of producing `n` records (record `i` is `record(i)`: key,
 /// payload) to `topic` once `producer` holds its id, with 5,000 sends in
 /// flight throughout: the broker's rate, not one batch's latency.
-pub(crate) async fn produce_ceiling(
+pub(crate) async fn produce_ceiling<'a>(
     producer: &crate::kafka::Producer,
     topic: &str,
     n: usize,
-    record: impl Fn(usize) -> (Option<Vec<u8>>, Vec<u8>),
+    record: impl Fn(usize) -> (Option<Vec<u8>>, &'a [u8]),
 ) -> anyhow::Result<f64> {
     anyhow::ensure!(
         producer.wait_ready(Duration::from_secs(30)).await,
@@ -146,7 +146,7 @@ pub(crate) async fn produce_ceiling(
         .map(|i| {
             let (key, payload) = record(i);
             async move {
-                let mut r = FutureRecord::<[u8], [u8]>::to(topic).payload(payload.as_slice());
+                let mut r = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
                 if let Some(key) = &key {
                     r = r.key(key.as_slice());
                 }

@@ -255,7 +255,7 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
     crate::kafka::create_topics(&settings.kafka, std::slice::from_ref(&ceiling_topic)).await?;
     let producer = crate::kafka::Producer::new(&Bridge::producer_settings(&settings))?;
     let produce = super::produce_ceiling(&producer, &ceiling_topic, n, |i| {
-        (Some(format!("SM{i:032x}").into_bytes()), payload.to_vec())
+        (Some(format!("SM{i:032x}").into_bytes()), payload.as_slice())
     })
     .await?;
     println!(
@@ -311,15 +311,17 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
     // then the stage (a fresh group over the same records) back to back into
     // an emptied table, and the median round's ratio is the figure.
     let client = pool.get().await?;
+    // One producer for every round: a new one waits ~0.5 s for its id.
+    let stage_deps = Deps {
+        settings: settings.clone(),
+        pool: pool.clone(),
+        producer: crate::kafka::Producer::new(&settings.kafka)?,
+        codec,
+    };
     let mut ratios = Vec::with_capacity(ROUNDS);
     for round in 1..=ROUNDS {
         let copy = copy_ceiling(&client, &sample, accepted).await?;
-        let mut deps = Deps {
-            settings: settings.clone(),
-            pool: pool.clone(),
-            producer: crate::kafka::Producer::new(&settings.kafka)?,
-            codec: codec.clone(),
-        };
+        let mut deps = stage_deps.clone();
         if let Some(p) = deps.settings.pipelines.get_mut("normalize") {
             p.group_id = format!("{}.round{round}", p.group_id);
         }
