@@ -244,6 +244,21 @@ fn init_tracing() {
 
 async fn execute(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
+    let uses_kafka = matches!(
+        cli.command,
+        Command::Topics { .. }
+            | Command::Run { .. }
+            | Command::Serve
+            | Command::Up { .. }
+            | Command::Replay { .. }
+            | Command::Status { .. }
+            | Command::Dlq { .. }
+    );
+    if uses_kafka && !settings.kafka.brokers.trim().is_empty() {
+        // Refused credentials or an untrusted certificate end the command
+        // here, with the broker's words, instead of being retried forever.
+        crate::kafka::check_connection(&settings.kafka, std::time::Duration::from_secs(30)).await?;
+    }
     match cli.command {
         Command::Migrate => {
             let applied = crate::db::migrate(&settings.database.url).await?;
@@ -378,7 +393,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq {
             command: DlqCommand::List { stage, limit },
         } => {
-            let codec = crate::codec::Codec::new(&settings.schema_registry.url)?;
+            let codec = crate::codec::Codec::new(&settings.schema_registry)?;
             let mut letters = crate::ops::dead_letters(&settings, &stage).await?;
             if let Some(n) = limit {
                 letters.sort_by_key(|d| rdkafka::Message::timestamp(&d.message).to_millis());
@@ -546,7 +561,7 @@ async fn up(mut settings: Settings, with_provider_sim: bool) -> anyhow::Result<(
     }
     println!(
         "  postgres   {} ({} migrations applied now)",
-        redact(&settings.database.url),
+        crate::db::redact(&settings.database.url),
         applied.len()
     );
     println!(
@@ -586,17 +601,6 @@ async fn up(mut settings: Settings, with_provider_sim: bool) -> anyhow::Result<(
         return result.and(Err(e));
     }
     result
-}
-
-/// The URL without its password, for banners and logs.
-pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_string(),
-    }
 }
 
 #[cfg(test)]

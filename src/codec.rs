@@ -71,9 +71,37 @@ pub enum CodecError {
     UnknownFingerprint(u64),
     #[error("avro: {0}")]
     Avro(String),
+    /// The registry could not be asked (unreachable, 5xx): worth retrying.
     #[error("schema registry: {0}")]
     Registry(String),
+    /// The registry refused this client (401/403): no record can be read or
+    /// written until the configuration is fixed.
+    #[error("schema registry refused the request: {0}")]
+    RegistryRefused(String),
+    /// A Confluent-framed record where no registry is configured.
+    #[error("Confluent-framed record (schema id {0}) but no schema-registry.url is configured")]
+    NoRegistry(u32),
 }
+
+impl CodecError {
+    /// Sorts a registry error by what the caller should do about it.
+    fn from_registry(e: schema_registry_converter::error::SRCError) -> Self {
+        let text = match &e.cause {
+            Some(cause) => format!("{}: {cause}", e.error),
+            None => e.error.clone(),
+        };
+        if e.error.contains("status 401") || e.error.contains("status 403") {
+            CodecError::RegistryRefused(text)
+        } else if e.retriable || e.error.contains("status 5") {
+            CodecError::Registry(text)
+        } else {
+            CodecError::Avro(format!("schema registry: {text}"))
+        }
+    }
+}
+
+/// Where the registry password comes from: the environment only.
+pub const REGISTRY_PASSWORD_ENV: &str = "SCHEMA_REGISTRY_PASSWORD";
 
 /// The schemas of one kind. Schemas are leaked once at start (a handful of
 /// small values) so readers and writers can be resolved once and reused.
@@ -121,8 +149,14 @@ fn fingerprint(schema: &Schema) -> u64 {
 }
 
 impl Codec {
-    /// Loads the embedded schemas; `registry_url` empty means single-object encoding.
-    pub fn new(registry_url: &str) -> anyhow::Result<Self> {
+    /// Single-object encoding, no registry.
+    pub fn single_object() -> anyhow::Result<Self> {
+        Self::new(&crate::config::RegistryConfig::default())
+    }
+
+    /// Loads the embedded schemas; an empty `registry.url` means
+    /// single-object encoding.
+    pub fn new(registry: &crate::config::RegistryConfig) -> anyhow::Result<Self> {
         let mut known = HashMap::new();
         for &kind in Kind::ALL {
             let mut versions: Vec<(&'static Schema, u64)> = Vec::new();
@@ -165,15 +199,12 @@ impl Codec {
                 },
             );
         }
-        let registry = if registry_url.trim().is_empty() {
-            None
-        } else {
-            let settings = SrSettings::new(registry_url.trim().to_string());
-            Some(Arc::new((
+        let registry = registry_settings(registry)?.map(|settings| {
+            Arc::new((
                 AvroEncoder::new(settings.clone()),
                 AvroDecoder::new(settings),
-            )))
-        };
+            ))
+        });
         Ok(Self {
             known: Arc::new(known),
             registry,
@@ -214,7 +245,7 @@ impl Codec {
                 reg.0
                     .encode_value(value, &strategy)
                     .await
-                    .map_err(|e| CodecError::Registry(e.to_string()))
+                    .map_err(CodecError::from_registry)
             }
         }
     }
@@ -222,11 +253,8 @@ impl Codec {
     /// Any record this codec can read, as JSON with its type name, for
     /// people (dead-letter listings); None when no known schema reads it.
     pub async fn describe(&self, bytes: &[u8]) -> Option<(String, serde_json::Value)> {
-        let value = match &self.registry {
-            None => {
-                if bytes.len() < 10 || bytes[..2] != [0xC3, 0x01] {
-                    return None;
-                }
+        let value = match (&self.registry, framing(bytes)) {
+            (_, Framing::SingleObject) => {
                 let fp = u64::from_le_bytes(bytes[2..10].try_into().ok()?);
                 self.known.iter().find_map(|(kind, known)| {
                     let mut body = &bytes[10..];
@@ -234,7 +262,8 @@ impl Codec {
                     Some((format!("{kind:?}"), value))
                 })?
             }
-            Some(reg) => {
+            (None, _) | (_, Framing::Unknown) => return None,
+            (Some(reg), Framing::Confluent(_)) => {
                 let decoded = reg.1.decode(Some(bytes)).await.ok()?;
                 let name = match &decoded.name {
                     Some(n) => n.name().to_string(),
@@ -252,11 +281,12 @@ impl Codec {
             return Err(CodecError::Empty);
         }
         let known = self.known(R::KIND);
-        let value: Value = match &self.registry {
-            None => {
-                if bytes.len() < 10 || bytes[0] != 0xC3 || bytes[1] != 0x01 {
-                    return Err(CodecError::NotSingleObject);
-                }
+        // Either wire format is read whatever this codec writes, so
+        // producers in other languages may use either.
+        let value: Value = match (&self.registry, framing(bytes)) {
+            (_, Framing::Unknown) => return Err(CodecError::NotSingleObject),
+            (None, Framing::Confluent(id)) => return Err(CodecError::NoRegistry(id)),
+            (_, Framing::SingleObject) => {
                 let mut fp = [0u8; 8];
                 fp.copy_from_slice(&bytes[2..10]);
                 let fp = u64::from_le_bytes(fp);
@@ -288,16 +318,54 @@ impl Codec {
                 }
                 value
             }
-            Some(reg) => {
-                reg.1
-                    .decode(Some(bytes))
-                    .await
-                    .map_err(|e| CodecError::Registry(e.to_string()))?
-                    .value
-            }
+            (Some(reg), Framing::Confluent(_)) => match reg.1.decode(Some(bytes)).await {
+                Ok(decoded) => decoded.value,
+                Err(e) => {
+                    // The decoder caches failures; a retry must ask again.
+                    reg.1.remove_errors_from_cache();
+                    return Err(CodecError::from_registry(e));
+                }
+            },
         };
         from_value::<R>(&value).map_err(|e| CodecError::Avro(e.to_string()))
     }
+}
+
+/// The two wire formats a record may come in.
+enum Framing {
+    /// `C3 01`, 8-byte schema fingerprint, datum.
+    SingleObject,
+    /// `00`, 4-byte big-endian registry schema id, datum.
+    Confluent(u32),
+    Unknown,
+}
+
+fn framing(bytes: &[u8]) -> Framing {
+    match bytes {
+        [0xC3, 0x01, _, _, _, _, _, _, _, _, ..] => Framing::SingleObject,
+        [0x00, a, b, c, d, ..] => Framing::Confluent(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => Framing::Unknown,
+    }
+}
+
+/// The converter's settings for `registry`, None when no URL is set.
+fn registry_settings(
+    registry: &crate::config::RegistryConfig,
+) -> anyhow::Result<Option<SrSettings>> {
+    let url = registry.url.trim().trim_end_matches('/');
+    if url.is_empty() {
+        return Ok(None);
+    }
+    let mut builder = SrSettings::new_builder(url.to_string());
+    if !registry.username.is_empty() {
+        let password = std::env::var(REGISTRY_PASSWORD_ENV).ok();
+        builder.set_basic_authorization(&registry.username, password.as_deref());
+    }
+    builder
+        .set_timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("schema-registry: {e}"))
 }
 
 #[cfg(test)]
@@ -307,7 +375,7 @@ mod tests {
 
     #[tokio::test]
     async fn single_object_round_trip() {
-        let codec = Codec::new("").unwrap();
+        let codec = Codec::single_object().unwrap();
         let u = UserUpsert {
             event_id: None,
             phone: "+14155550100".into(),
@@ -332,7 +400,7 @@ mod tests {
     #[tokio::test]
     async fn direct_encoding_matches_the_value_path() {
         use crate::records::{Param, ReceiptNormalized, WebhookRaw};
-        let codec = Codec::new("").unwrap();
+        let codec = Codec::single_object().unwrap();
         let receipt = ReceiptNormalized {
             event_id: "e1".into(),
             message_sid: "SM1".into(),
@@ -371,7 +439,7 @@ mod tests {
 
     #[tokio::test]
     async fn nested_attribute_is_refused_with_its_name() {
-        let codec = Codec::new("").unwrap();
+        let codec = Codec::single_object().unwrap();
         let u = UserUpsert {
             event_id: None,
             phone: "+14155550100".into(),
@@ -384,7 +452,7 @@ mod tests {
 
     #[tokio::test]
     async fn garbage_is_an_error_not_a_panic() {
-        let codec = Codec::new("").unwrap();
+        let codec = Codec::single_object().unwrap();
         for bad in [&b""[..], b"hello", &[0xC3, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 1]] {
             assert!(codec.decode::<UserUpsert>(bad).await.is_err());
         }

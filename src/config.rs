@@ -82,17 +82,88 @@ pub struct KafkaConfig {
     /// librdkafka statistics interval, the source of the lag gauges. Default 5s.
     #[serde(with = "humantime_serde")]
     pub statistics_interval: Duration,
-    /// Extra librdkafka properties passed through as they are (e.g. `security.protocol`).
+    /// `min.insync.replicas` of created topics: with `acks=all`, how many
+    /// replicas must have a record before it is acknowledged. Default 1; 2
+    /// with three brokers at replication factor 3.
+    pub min_insync_replicas: i32,
+    /// How clients reach the brokers: `PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or
+    /// `SASL_SSL`. Default `PLAINTEXT`.
+    pub security_protocol: SecurityProtocol,
+    /// SASL mechanism under `SASL_*`: `PLAIN`, `SCRAM-SHA-256` or
+    /// `SCRAM-SHA-512`. The password comes only from `KAFKA_SASL_PASSWORD`.
+    /// Default `PLAIN`.
+    pub sasl_mechanism: SaslMechanism,
+    /// SASL user name under `SASL_*`. Default empty.
+    pub sasl_username: String,
+    /// PEM file of the CA(s) that signed the brokers' certificates under
+    /// `SSL`/`SASL_SSL`; empty trusts the system's CAs. Default empty.
+    pub ssl_ca_file: String,
+    /// Extra librdkafka properties passed through as they are.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `kafka.security-protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SecurityProtocol {
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// librdkafka's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plaintext => "plaintext",
+            Self::Ssl => "ssl",
+            Self::SaslPlaintext => "sasl_plaintext",
+            Self::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    pub fn uses_sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+
+    pub fn uses_tls(self) -> bool {
+        matches!(self, Self::Ssl | Self::SaslSsl)
+    }
+}
+
+/// `kafka.sasl-mechanism`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct RegistryConfig {
-    /// Confluent-compatible schema registry URL. Empty: Avro single-object
-    /// encoding with the schemas in `schemas/`. Default empty.
+    /// Confluent-compatible schema registry URL (for Apicurio, its
+    /// `/apis/ccompat/v7` path). Empty: Avro single-object encoding with the
+    /// schemas in `schemas/`. Default empty.
     pub url: String,
+    /// User for HTTP basic auth; empty: none. The password comes only from
+    /// `SCHEMA_REGISTRY_PASSWORD`. Default empty.
+    pub username: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -372,6 +443,18 @@ impl Settings {
                 "sender.reconcile-after ({:?}) must exceed provider.timeout ({:?}) by at least 1s",
                 self.sender.reconcile_after,
                 self.provider.timeout
+            );
+        }
+        if self.kafka.security_protocol.uses_sasl() && self.kafka.sasl_username.trim().is_empty() {
+            anyhow::bail!(
+                "kafka.sasl-username is empty but kafka.security-protocol is {:?}: set the user (the password comes from KAFKA_SASL_PASSWORD)",
+                self.kafka.security_protocol.as_str().to_ascii_uppercase()
+            );
+        }
+        if !self.kafka.ssl_ca_file.is_empty() && !Path::new(&self.kafka.ssl_ca_file).is_file() {
+            anyhow::bail!(
+                "kafka.ssl-ca-file: {} is not a readable file",
+                self.kafka.ssl_ca_file
             );
         }
         if phonenumber::country::Id::from_str_opt(&self.phone.default_region).is_none() {

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+use postgres_openssl::MakeTlsConnector;
 
 use crate::config::DatabaseConfig;
 
@@ -11,15 +12,144 @@ mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
-/// Builds the pool shared by every stage of the process (no connection is made yet).
-pub fn pool(cfg: &DatabaseConfig) -> anyhow::Result<Pool> {
-    let pg: tokio_postgres::Config = cfg
-        .url
+/// `sslmode` in `database.url`, read as libpq reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Never TLS.
+    Disable,
+    /// TLS when the server offers it, the certificate not checked (libpq's default).
+    Prefer,
+    /// TLS or fail; the certificate checked only when `sslrootcert` is given.
+    Require,
+    /// TLS, the server's certificate signed by `sslrootcert`'s CA.
+    VerifyCa,
+    /// As verify-ca, and the certificate names the host connected to.
+    VerifyFull,
+}
+
+/// How to reach PostgreSQL: the connection settings and the TLS connector
+/// that does what `sslmode` asks.
+pub struct Target {
+    pub config: tokio_postgres::Config,
+    pub tls: MakeTlsConnector,
+    pub mode: SslMode,
+}
+
+/// Parses `url` (a `postgres://` URL), honouring libpq's `sslmode`
+/// (disable, prefer, require, verify-ca, verify-full) and `sslrootcert`,
+/// which tokio-postgres alone does not: it knows no verify modes and no CA file.
+pub fn target(url: &str) -> anyhow::Result<Target> {
+    let mut parsed = url::Url::parse(url)
+        .map_err(|e| anyhow::anyhow!("database.url is not a postgres:// URL: {e}"))?;
+    let (mut mode, mut root_cert) = (SslMode::Prefer, None);
+    let mut kept = Vec::new();
+    for (k, v) in parsed.query_pairs() {
+        match k.as_ref() {
+            "sslmode" => {
+                mode = match v.as_ref() {
+                    "disable" => SslMode::Disable,
+                    "allow" | "prefer" => SslMode::Prefer,
+                    "require" => SslMode::Require,
+                    "verify-ca" => SslMode::VerifyCa,
+                    "verify-full" => SslMode::VerifyFull,
+                    other => anyhow::bail!(
+                        "database.url: sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
+                    ),
+                }
+            }
+            "sslrootcert" => root_cert = Some(v.into_owned()),
+            _ => kept.push((k.into_owned(), v.into_owned())),
+        }
+    }
+    // tokio-postgres itself only knows whether TLS is off, wanted or required.
+    let base = match mode {
+        SslMode::Disable => "disable",
+        SslMode::Prefer => "prefer",
+        _ => "require",
+    };
+    kept.push(("sslmode".into(), base.into()));
+    parsed.query_pairs_mut().clear().extend_pairs(&kept);
+    let config: tokio_postgres::Config = parsed
+        .as_str()
         .parse()
         .map_err(|e| anyhow::anyhow!("database.url is not a PostgreSQL URL: {e}"))?;
+
+    let mut builder = SslConnector::builder(SslMethod::tls_client())
+        .map_err(|e| anyhow::anyhow!("TLS for PostgreSQL: {e}"))?;
+    let verify = matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull)
+        || (mode == SslMode::Require && root_cert.is_some());
+    match (&root_cert, verify) {
+        (Some(path), true) => builder.set_ca_file(path).map_err(|e| {
+            anyhow::anyhow!(
+                "database.url: sslrootcert={path} cannot be read as PEM CA certificates: {e}"
+            )
+        })?,
+        (None, true) => builder
+            .set_default_verify_paths()
+            .map_err(|e| anyhow::anyhow!("TLS for PostgreSQL: the system's CAs: {e}"))?,
+        (_, false) => {}
+    }
+    builder.set_verify(if verify {
+        SslVerifyMode::PEER
+    } else {
+        SslVerifyMode::NONE
+    });
+    let mut tls = MakeTlsConnector::new(builder.build());
+    if mode != SslMode::VerifyFull {
+        // Only verify-full checks that the certificate names the host.
+        tls.set_callback(|connect, _| {
+            connect.set_verify_hostname(false);
+            Ok(())
+        });
+    }
+    Ok(Target { config, tls, mode })
+}
+
+/// Opens one connection to `url` (its `sslmode` honoured) and drives it in
+/// the background; for migrations and tools, not the stages (they use the pool).
+pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let t = target(url)?;
+    let (client, connection) = t.config.connect(t.tls).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to PostgreSQL at database.url ({}): {}",
+            crate::db::redact(url),
+            describe(&e)
+        )
+    })?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// A connection error in full: tokio-postgres's own text hides the TLS cause.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    use std::error::Error;
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The URL without its password, for banners, logs and errors.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Builds the pool shared by every stage of the process (no connection is made yet).
+pub fn pool(cfg: &DatabaseConfig) -> anyhow::Result<Pool> {
+    let t = target(&cfg.url)?;
     let manager = Manager::from_config(
-        pg,
-        NoTls,
+        t.config,
+        t.tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Verified,
         },
@@ -36,16 +166,11 @@ pub fn pool(cfg: &DatabaseConfig) -> anyhow::Result<Pool> {
 /// Applies pending migrations from `migrations/`; a no-op when none are pending.
 /// Returns the names of the migrations applied now.
 pub async fn migrate(url: &str) -> anyhow::Result<Vec<String>> {
-    let (mut client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL at database.url: {e}"))?;
-    let conn = tokio::spawn(connection);
+    let mut client = connect(url).await?;
     let report = embedded::migrations::runner()
         .run_async(&mut client)
         .await
         .map_err(|e| anyhow::anyhow!("migration failed: {e}"))?;
-    drop(client);
-    let _ = conn.await;
     Ok(report
         .applied_migrations()
         .iter()

@@ -71,7 +71,7 @@ pub async fn run(settings: &Settings, users: u32, timeout: Duration) -> anyhow::
         .first()
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("pipelines.users.inputs is empty"))?;
-    let codec = Codec::new(&settings.schema_registry.url)?;
+    let codec = Codec::new(&settings.schema_registry)?;
     let producer = Producer::new(&settings.kafka)?;
     let now = chrono::Utc::now().timestamp_millis();
     let mut payloads = Vec::new();

@@ -15,7 +15,7 @@ impl Deps {
             settings: settings.clone(),
             pool: crate::db::pool(&settings.database)?,
             producer: crate::kafka::Producer::new(&settings.kafka)?,
-            codec: Codec::new(&settings.schema_registry.url)?,
+            codec: Codec::new(&settings.schema_registry)?,
         })
     }
 }

@@ -28,11 +28,100 @@ pub fn client_config(cfg: &KafkaConfig) -> anyhow::Result<ClientConfig> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", cfg.brokers.trim())
         .set("client.id", &cfg.client_id)
-        .set("log_level", "3");
+        .set("log_level", "3")
+        .set("security.protocol", cfg.security_protocol.as_str());
+    if cfg.security_protocol.uses_sasl() {
+        let password = std::env::var(SASL_PASSWORD_ENV).map_err(|_| {
+            anyhow::anyhow!(
+                "kafka.security-protocol is {} but {SASL_PASSWORD_ENV} is not set (the SASL password is read from the environment only)",
+                cfg.security_protocol.as_str().to_ascii_uppercase()
+            )
+        })?;
+        c.set("sasl.mechanism", cfg.sasl_mechanism.as_str())
+            .set("sasl.username", &cfg.sasl_username)
+            .set("sasl.password", password);
+    }
+    if cfg.security_protocol.uses_tls() && !cfg.ssl_ca_file.is_empty() {
+        c.set("ssl.ca.location", &cfg.ssl_ca_file);
+    }
     for (k, v) in &cfg.options {
         c.set(k, v);
     }
     Ok(c)
+}
+
+/// Where the SASL password comes from: the environment only, never a file,
+/// a flag or a log line.
+pub const SASL_PASSWORD_ENV: &str = "KAFKA_SASL_PASSWORD";
+
+/// Records the first error librdkafka reports that retrying will not cure
+/// (credentials refused, a certificate not trusted, …), with the broker it
+/// names.
+#[derive(Default)]
+struct FirstError(std::sync::Mutex<Option<String>>);
+
+impl ClientContext for FirstError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let lasting = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::Authentication
+                    | RDKafkaErrorCode::SaslAuthenticationFailed
+                    | RDKafkaErrorCode::SSL
+                    | RDKafkaErrorCode::InvalidArgument
+                    | RDKafkaErrorCode::UnsupportedSASLMechanism
+                    | RDKafkaErrorCode::IllegalSASLState
+            )
+        ) || reason.contains("SSL handshake failed")
+            || reason.contains("SASL authentication error");
+        if lasting {
+            let mut first = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert_with(|| reason.to_string());
+        }
+    }
+
+    fn log(&self, _: rdkafka::config::RDKafkaLogLevel, _: &str, _: &str) {}
+}
+
+impl rdkafka::consumer::ConsumerContext for FirstError {}
+
+/// Connects to the brokers once, before a command relies on them, and fails
+/// with the broker's own words when that cannot work: credentials refused,
+/// a certificate not trusted, nothing answering. Without this a client
+/// retries such errors quietly forever.
+pub async fn check_connection(cfg: &KafkaConfig, within: Duration) -> anyhow::Result<()> {
+    use rdkafka::consumer::Consumer;
+    let consumer: rdkafka::consumer::BaseConsumer<FirstError> = client_config(cfg)?
+        .create_with_context(FirstError::default())
+        .map_err(|e| anyhow::anyhow!("cannot create a Kafka client: {e}"))?;
+    let brokers = cfg.brokers.trim().to_string();
+    let protocol = cfg.security_protocol.as_str().to_ascii_uppercase();
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            // Serves the client's error events into FirstError.
+            let _ = consumer.poll(Duration::from_millis(100));
+            if let Some(reason) = consumer
+                .context()
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                anyhow::bail!("cannot connect to Kafka at {brokers} ({protocol}): {reason}");
+            }
+            match consumer.fetch_metadata(None, Duration::from_millis(500)) {
+                Ok(_) => return Ok(()),
+                Err(e) if std::time::Instant::now() >= deadline => {
+                    anyhow::bail!(
+                        "cannot connect to Kafka at {brokers} ({protocol}) within {within:?}: {e}"
+                    )
+                }
+                Err(_) => {}
+            }
+        }
+    })
+    .await?
 }
 
 /// The producers' librdkafka context: notes from the statistics whether the
@@ -219,6 +308,7 @@ pub async fn create_topics(cfg: &KafkaConfig, topics: &[String]) -> anyhow::Resu
     let admin: AdminClient<DefaultClientContext> = client_config(cfg)?
         .create()
         .map_err(|e| anyhow::anyhow!("cannot create Kafka admin client: {e}"))?;
+    let min_isr = cfg.min_insync_replicas.to_string();
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
@@ -227,6 +317,7 @@ pub async fn create_topics(cfg: &KafkaConfig, topics: &[String]) -> anyhow::Resu
                 cfg.partitions,
                 TopicReplication::Fixed(cfg.replication_factor),
             )
+            .set("min.insync.replicas", &min_isr)
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -242,7 +333,80 @@ pub async fn create_topics(cfg: &KafkaConfig, topics: &[String]) -> anyhow::Resu
             Err((t, code)) => anyhow::bail!("cannot create topic {t}: {code}"),
         }
     }
+    // Apache Kafka answers CreateTopics before every partition has a
+    // leader; a client that reads or writes at once gets "not leader".
+    let (client, names) = (admin, topics.to_vec());
+    tokio::task::spawn_blocking(move || {
+        wait_for_leaders(client.inner(), &names, Duration::from_secs(30))
+    })
+    .await??;
     Ok(created)
+}
+
+/// Waits until every partition of `topics` has a leader.
+fn wait_for_leaders<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topics: &[String],
+    within: Duration,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let md = client.fetch_metadata(None, Duration::from_secs(5))?;
+        let waiting: Vec<&str> = topics
+            .iter()
+            .filter(|name| {
+                !md.topics().iter().any(|t| {
+                    t.name() == name.as_str()
+                        && t.error().is_none()
+                        && !t.partitions().is_empty()
+                        && t.partitions()
+                            .iter()
+                            .all(|p| p.leader() >= 0 && p.error().is_none())
+                })
+            })
+            .map(String::as_str)
+            .collect();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "topics without a leader after {within:?}: {}",
+                waiting.join(", ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `(low, high)` watermarks of a partition, asked again while its leader
+/// is moving (just created, a broker lost) for up to `timeout`.
+fn watermarks<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> rdkafka::error::KafkaResult<(i64, i64)> {
+    use rdkafka::consumer::Consumer;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match consumer.fetch_watermarks(topic, partition, timeout) {
+            Err(e)
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::NotLeaderForPartition
+                            | RDKafkaErrorCode::LeaderNotAvailable
+                            | RDKafkaErrorCode::UnknownTopicOrPartition
+                            | RDKafkaErrorCode::NotCoordinator
+                    )
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// True when a produce/consume error is worth retrying (the broker may come back).
@@ -303,13 +467,12 @@ impl TopicReader {
     pub async fn end_offsets(&self, topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
         let (consumer, topic, timeout) = (self.consumer()?, topic.to_string(), self.timeout);
         tokio::task::spawn_blocking(move || {
-            use rdkafka::consumer::Consumer;
             // Start one record before the (possibly short) listed end, so the
             // first Fetch answer carries the real watermark.
             let from = partitions(&consumer, &topic, timeout)?
                 .into_iter()
                 .map(|p| {
-                    let listed = consumer.fetch_watermarks(&topic, p, timeout)?.1;
+                    let listed = watermarks(&consumer, &topic, p, timeout)?.1;
                     Ok((p, (listed - 1).max(0)))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
@@ -322,10 +485,9 @@ impl TopicReader {
     pub async fn start_offsets(&self, topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
         let (consumer, topic, timeout) = (self.consumer()?, topic.to_string(), self.timeout);
         tokio::task::spawn_blocking(move || {
-            use rdkafka::consumer::Consumer;
             partitions(&consumer, &topic, timeout)?
                 .into_iter()
-                .map(|p| Ok((p, consumer.fetch_watermarks(&topic, p, timeout)?.0.max(0))))
+                .map(|p| Ok((p, watermarks(&consumer, &topic, p, timeout)?.0.max(0))))
                 .collect()
         })
         .await?

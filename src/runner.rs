@@ -165,6 +165,7 @@ impl From<CodecError> for StageError {
     fn from(e: CodecError) -> Self {
         match e {
             CodecError::Registry(text) => StageError::Transient(format!("schema registry: {text}")),
+            e @ CodecError::RegistryRefused(_) => StageError::Fatal(e.to_string()),
             other => StageError::Poison(format!("undecodable record: {other}")),
         }
     }

@@ -102,7 +102,7 @@ async fn run(scratch: &Scratch, n: i64) -> anyhow::Result<()> {
         settings: settings.clone(),
         pool: pool.clone(),
         producer: crate::kafka::Producer::new(&settings.kafka)?,
-        codec: Codec::new("")?,
+        codec: Codec::single_object()?,
     };
     let commands = deps.commands()?;
     let started = Instant::now();

@@ -202,7 +202,7 @@ pub async fn users(settings: Settings, records: usize) -> anyhow::Result<()> {
 async fn users_in(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
     let settings = &scratch.settings;
     let topic = settings.pipeline("users")?.inputs[0].clone();
-    let codec = Codec::new("")?;
+    let codec = Codec::single_object()?;
     let producer = crate::kafka::Producer::new(&settings.kafka)?;
 
     println!(

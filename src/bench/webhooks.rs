@@ -233,7 +233,7 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
 
     // Ceiling 2: the broker's produce rate for same-size records with the
     // bridge's producer settings.
-    let codec = Codec::new("")?;
+    let codec = Codec::single_object()?;
     let topic = settings.bridge.status_topic.clone();
     let sample = WebhookRaw {
         event_id: uuid::Uuid::new_v4().to_string(),

@@ -59,7 +59,7 @@ impl Bridge {
             cfg: settings.bridge.clone(),
             tokens,
             producer: crate::kafka::Producer::new(&Self::producer_settings(settings))?,
-            codec: Codec::new(&settings.schema_registry.url)?,
+            codec: Codec::new(&settings.schema_registry)?,
             pool,
             in_flight: Arc::new(Semaphore::new(settings.bridge.max_in_flight)),
         }))
