@@ -49,7 +49,7 @@ fn avro(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
-    let codec = Codec::new("").expect("codec");
+    let codec = Codec::single_object().expect("codec");
     let attributes: BTreeMap<String, serde_json::Value> = [
         ("name", json!("Ada Lovelace")),
         ("city", json!("London")),

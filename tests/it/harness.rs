@@ -180,7 +180,7 @@ impl TestApp {
             .expect("topics created");
         let pool = ese::db::pool(&settings.database).expect("pool");
         let producer = ese::kafka::Producer::new(&settings.kafka).expect("producer");
-        let codec = Codec::new("").expect("codec");
+        let codec = Codec::single_object().expect("codec");
         TestApp {
             settings,
             pool,

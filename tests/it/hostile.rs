@@ -212,7 +212,7 @@ proptest! {
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         runtime.block_on(async {
-            let codec = ese::codec::Codec::new("").unwrap();
+            let codec = ese::codec::Codec::single_object().unwrap();
             let good = codec
                 .encode("t", &ese::records::UserUpsert {
                     event_id: Some("e".into()),
