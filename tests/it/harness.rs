@@ -941,3 +941,95 @@ pub async fn group_lag(settings: &Settings, group: &str, topics: &[String]) -> O
     }
     Some(behind)
 }
+
+/// The Apache Kafka cluster of `scripts/kafka`: three brokers with a
+/// SASL_SSL listener, started once per test binary (or found running).
+pub struct Cluster {
+    /// PLAINTEXT bootstrap list.
+    pub brokers: String,
+    /// SASL_SSL bootstrap list (user `ese`, [`Cluster::PASSWORD`]).
+    pub sasl_ssl_brokers: String,
+    /// The test CA that signed the brokers' certificates.
+    pub ca: String,
+}
+
+impl Cluster {
+    /// The script's default SASL password for user `ese`.
+    pub const PASSWORD: &str = "ese-secret";
+    pub const USER: &str = "ese";
+
+    /// `scripts/kafka up --brokers 3 --sasl-ssl` (idempotent), once.
+    pub fn get() -> &'static Cluster {
+        static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+        CLUSTER.get_or_init(|| {
+            let out = Self::script(&["up", "--brokers", "3", "--sasl-ssl"]);
+            let var = |name: &str| {
+                out.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                    .unwrap_or_else(|| panic!("scripts/kafka up printed no {name}: {out}"))
+                    .to_string()
+            };
+            Cluster {
+                brokers: var("KAFKA_BROKERS"),
+                sasl_ssl_brokers: var("KAFKA_SASL_SSL_BROKERS"),
+                ca: var("KAFKA_CA"),
+            }
+        })
+    }
+
+    /// Runs `scripts/kafka ARGS…`; its stdout, or a panic with its stderr.
+    pub fn script(args: &[&str]) -> String {
+        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run scripts/kafka");
+        assert!(
+            out.status.success(),
+            "scripts/kafka {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// SIGKILL broker `id`.
+    pub fn kill(&self, id: i32) {
+        Self::script(&["kill", &id.to_string()]);
+    }
+
+    /// Starts broker `id` again and waits until it is back in the cluster.
+    pub fn start(&self, id: i32) {
+        Self::script(&["start", &id.to_string()]);
+    }
+
+    /// The node id of the active KRaft controller.
+    pub fn controller(&self) -> i32 {
+        Self::script(&["controller"])
+            .trim()
+            .parse()
+            .expect("scripts/kafka controller prints a node id")
+    }
+
+    /// Per broker id, how many partitions of `topics` it leads.
+    pub fn leaders(&self, topics: &[String]) -> std::collections::BTreeMap<i32, usize> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()
+            .expect("metadata client");
+        let md = consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .expect("cluster metadata");
+        let mut led = std::collections::BTreeMap::new();
+        for t in md
+            .topics()
+            .iter()
+            .filter(|t| topics.iter().any(|n| n == t.name()))
+        {
+            for p in t.partitions() {
+                *led.entry(p.leader()).or_insert(0) += 1;
+            }
+        }
+        led
+    }
+}

@@ -1,6 +1,9 @@
 //! Integration tests: real PostgreSQL (a fresh database per test) and a real
 //! Kafka-API broker (the embedded one, or `KAFKA_BROKERS`), every client over TCP.
+//! `apache::` needs Apache Kafka's three-broker cluster of `scripts/kafka`
+//! (started when not running): `scripts/test` runs it on its own, after the rest.
 
+mod apache;
 mod bridge;
 mod campaigns;
 mod deploy;
@@ -10,6 +13,7 @@ mod hostile;
 mod kafka;
 mod migrations;
 mod ops;
+mod postgres_tls;
 mod receipts_consent;
 mod reliability;
 mod sender;

@@ -66,7 +66,7 @@ async fn send_text(l: &Loop, from: &str, body: &str, until: Instant) -> bool {
 }
 
 /// Each texter's keywords through the bridge; how many were answered 2xx.
-async fn text_in(l: &Loop) -> usize {
+pub(crate) async fn text_in(l: &Loop) -> usize {
     // Retries stop after two minutes, so a bridge that never recovers fails
     // the checks instead of hanging the test.
     let until = Instant::now() + Duration::from_secs(120);
@@ -262,21 +262,21 @@ async fn assert_nothing_lost(l: &Loop, campaign: i64, inbound_accepted: usize) {
     );
 }
 
-const WEBHOOK_STAGES: [&str; 4] = ["run", "normalize", "receipts", "consent"];
-const SEND_STAGES: [&str; 3] = ["run", "fanout", "sender"];
+pub(crate) const WEBHOOK_STAGES: [&str; 4] = ["run", "normalize", "receipts", "consent"];
+pub(crate) const SEND_STAGES: [&str; 3] = ["run", "fanout", "sender"];
 
 /// The load of the full-loop scenarios: the campaign audience seeded, the
 /// webhook stages and the send stages each in a child process, and the
 /// campaign started once both have joined their groups and fanned out. The
 /// texts come from [`text_in`], run beside the scenario's disturbance.
-struct Load {
+pub(crate) struct Load {
     webhooks: Proc,
     sends: Proc,
-    campaign: i64,
+    pub(crate) campaign: i64,
 }
 
 impl Load {
-    async fn start(l: &Loop) -> Load {
+    pub(crate) async fn start(l: &Loop) -> Load {
         l.app
             .seed_users(
                 RECIPIENTS,
@@ -306,7 +306,7 @@ impl Load {
     }
 
     /// That a disturbance lands while texts are still coming in.
-    async fn assert_mid_load(l: &Loop) {
+    pub(crate) async fn assert_mid_load(l: &Loop) {
         let stored = l.app.count("SELECT count(*) FROM inbound_events").await;
         assert!(
             stored < (TEXTERS * KEYWORDS.len()) as i64,
@@ -315,7 +315,7 @@ impl Load {
     }
 
     /// The checks, once every text was answered 2xx; the campaign completes.
-    async fn assert_nothing_lost(&self, l: &Loop, accepted: usize) {
+    pub(crate) async fn assert_nothing_lost(&self, l: &Loop, accepted: usize) {
         assert_eq!(
             accepted,
             TEXTERS * KEYWORDS.len(),
