@@ -214,6 +214,7 @@ pub enum TopicsCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    crate::http::install_crypto();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -110,7 +110,9 @@ struct Known {
     writer: GenericDatumWriter<'static>,
     /// fingerprint → reader from that writer version to the current schema
     readers: HashMap<u64, GenericDatumReader<'static>>,
-    current_fingerprint: u64,
+    /// The current schema's fingerprints: [the spec's, the legacy one].
+    /// Records are written with the spec's.
+    current_fingerprints: [u64; 2],
     text: &'static str,
     /// Whether serde maps straight onto the current schema ([`direct_serde`]).
     direct: bool,
@@ -141,11 +143,41 @@ pub struct Codec {
     registry: Option<Arc<(AvroEncoder, AvroDecoder)>>,
 }
 
+/// apache-avro's CRC-64-AVRO fingerprint of `schema`'s canonical form.
 fn fingerprint(schema: &Schema) -> u64 {
     let fp = schema.fingerprint::<Rabin>();
     let mut b = [0u8; 8];
     b.copy_from_slice(&fp.bytes[..8]);
     u64::from_le_bytes(b)
+}
+
+/// A schema's fingerprints: [the Avro spec's, the one this engine wrote
+/// before]. apache-avro's canonical form keeps a primitive with a
+/// `logicalType` as `{"type":"long"}` where the spec's Parsing Canonical
+/// Form has `"long"`, so other languages' libraries (Java's
+/// `SchemaNormalization`, fastavro) compute another fingerprint. The spec's
+/// is apache-avro's over the schema without its logical types.
+fn fingerprints(text: &str, schema: &Schema) -> anyhow::Result<[u64; 2]> {
+    fn plain(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.remove("logicalType");
+                if m.len() == 1
+                    && let Some(t @ serde_json::Value::String(_)) = m.get("type")
+                {
+                    *v = t.clone();
+                    return;
+                }
+                m.values_mut().for_each(plain);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(plain),
+            _ => {}
+        }
+    }
+    let mut json: serde_json::Value = serde_json::from_str(text)?;
+    plain(&mut json);
+    let spec = Schema::parse(&json)?;
+    Ok([fingerprint(&spec), fingerprint(schema)])
 }
 
 impl Codec {
@@ -159,30 +191,33 @@ impl Codec {
     pub fn new(registry: &crate::config::RegistryConfig) -> anyhow::Result<Self> {
         let mut known = HashMap::new();
         for &kind in Kind::ALL {
-            let mut versions: Vec<(&'static Schema, u64)> = Vec::new();
+            let mut versions: Vec<(&'static Schema, [u64; 2])> = Vec::new();
             for text in kind.versions() {
                 let schema = Schema::parse_str(text)
                     .map_err(|e| anyhow::anyhow!("schema for {kind:?} does not parse: {e}"))?;
-                let fp = fingerprint(&schema);
-                versions.push((Box::leak(Box::new(schema)), fp));
+                let fps = fingerprints(text, &schema)
+                    .map_err(|e| anyhow::anyhow!("schema for {kind:?}: {e}"))?;
+                versions.push((Box::leak(Box::new(schema)), fps));
             }
             let text = kind
                 .versions()
                 .last()
                 .ok_or_else(|| anyhow::anyhow!("no schema for {kind:?}"))?;
-            let (current, current_fingerprint) = versions[versions.len() - 1];
+            let (current, current_fingerprints) = versions[versions.len() - 1];
             let mut readers = HashMap::new();
-            for (writer, fp) in versions {
-                // Records written with the current schema need no resolution
-                // (resolving every value was ~13% of the normalize stage's CPU).
-                let builder = GenericDatumReader::builder(writer);
-                let reader = if fp == current_fingerprint {
-                    builder.build()
-                } else {
-                    builder.reader_schema(current).build()
+            for (writer, fps) in versions {
+                for fp in fps {
+                    // Records written with the current schema need no resolution
+                    // (resolving every value was ~13% of the normalize stage's CPU).
+                    let builder = GenericDatumReader::builder(writer);
+                    let reader = if fps == current_fingerprints {
+                        builder.build()
+                    } else {
+                        builder.reader_schema(current).build()
+                    }
+                    .map_err(|e| anyhow::anyhow!("schema for {kind:?} does not resolve: {e}"))?;
+                    readers.insert(fp, reader);
                 }
-                .map_err(|e| anyhow::anyhow!("schema for {kind:?} does not resolve: {e}"))?;
-                readers.insert(fp, reader);
             }
             let writer = GenericDatumWriter::builder(current)
                 .build()
@@ -193,7 +228,7 @@ impl Codec {
                     current,
                     writer,
                     readers,
-                    current_fingerprint,
+                    current_fingerprints,
                     text,
                     direct: direct_serde(current),
                 },
@@ -229,7 +264,7 @@ impl Codec {
             None => {
                 let mut out = Vec::with_capacity(128);
                 out.extend_from_slice(&[0xC3, 0x01]);
-                out.extend_from_slice(&known.current_fingerprint.to_le_bytes());
+                out.extend_from_slice(&known.current_fingerprints[0].to_le_bytes());
                 if known.direct {
                     known.writer.write_ser(&mut out, item).map_err(avro)?;
                 } else {
@@ -298,7 +333,7 @@ impl Codec {
                 let trailing = |body: &[u8]| {
                     CodecError::Avro(format!("{} trailing bytes after the record", body.len()))
                 };
-                if fp == known.current_fingerprint && known.direct {
+                if known.current_fingerprints.contains(&fp) && known.direct {
                     // The current schema needs no resolution: deserialize
                     // straight into the struct, no Value tree.
                     let record = reader
@@ -356,6 +391,7 @@ fn registry_settings(
     if url.is_empty() {
         return Ok(None);
     }
+    crate::http::install_crypto();
     let mut builder = SrSettings::new_builder(url.to_string());
     if !registry.username.is_empty() {
         let password = std::env::var(REGISTRY_PASSWORD_ENV).ok();
@@ -448,6 +484,32 @@ mod tests {
         };
         let err = codec.encode("t", &u).await.unwrap_err().to_string();
         assert!(err.contains("tags"), "{err}");
+    }
+
+    /// The spec's fingerprint, as Java's SchemaNormalization and fastavro
+    /// compute it (`fastavro.schema.fingerprint(parse_schema(s),
+    /// "CRC-64-AVRO")` gives `589b200c3773fa75` for UserUpsert v1), is what
+    /// records carry; the legacy one is still read.
+    #[tokio::test]
+    async fn fingerprints_follow_the_spec_and_the_old_ones_still_read() {
+        let codec = Codec::single_object().unwrap();
+        let u = UserUpsert {
+            event_id: None,
+            phone: "+14155550100".into(),
+            attributes: Default::default(),
+            occurred_at: 1,
+        };
+        let bytes = codec.encode("t", &u).await.unwrap();
+        assert_eq!(hex(&bytes[2..10]), "589b200c3773fa75");
+        let legacy = codec.known(Kind::UserUpsert).current_fingerprints[1];
+        let mut old = bytes.clone();
+        old[2..10].copy_from_slice(&legacy.to_le_bytes());
+        assert_eq!(hex(&old[2..10]), "aaea680068a3c2c1");
+        assert_eq!(codec.decode::<UserUpsert>(&old).await.unwrap(), u);
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
     #[tokio::test]

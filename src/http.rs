@@ -2,14 +2,19 @@
 
 use std::sync::Once;
 
-/// A reqwest client builder with a TLS crypto provider installed. (A
-/// dependency enables reqwest's `rustls-no-provider`, so without this a
-/// client panics when built.)
-pub fn client_builder() -> reqwest::ClientBuilder {
+/// Installs the process's TLS crypto provider, once. A dependency enables
+/// reqwest's `rustls-no-provider`, so without it any reqwest client (ours,
+/// or the schema registry client's) panics when built.
+pub fn install_crypto() {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
         // Err only if a provider was installed already, which is what we want.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     });
+}
+
+/// A reqwest client builder, the crypto provider installed.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    install_crypto();
     reqwest::Client::builder()
 }

@@ -963,34 +963,17 @@ impl Cluster {
         static CLUSTER: OnceLock<Cluster> = OnceLock::new();
         CLUSTER.get_or_init(|| {
             let out = Self::script(&["up", "--brokers", "3", "--sasl-ssl"]);
-            let var = |name: &str| {
-                out.lines()
-                    .find_map(|l| l.strip_prefix(&format!("{name}=")))
-                    .unwrap_or_else(|| panic!("scripts/kafka up printed no {name}: {out}"))
-                    .to_string()
-            };
             Cluster {
-                brokers: var("KAFKA_BROKERS"),
-                sasl_ssl_brokers: var("KAFKA_SASL_SSL_BROKERS"),
-                ca: var("KAFKA_CA"),
+                brokers: printed(&out, "KAFKA_BROKERS"),
+                sasl_ssl_brokers: printed(&out, "KAFKA_SASL_SSL_BROKERS"),
+                ca: printed(&out, "KAFKA_CA"),
             }
         })
     }
 
     /// Runs `scripts/kafka ARGS…`; its stdout, or a panic with its stderr.
     pub fn script(args: &[&str]) -> String {
-        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka"))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run scripts/kafka");
-        assert!(
-            out.status.success(),
-            "scripts/kafka {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        project_script("kafka", args)
     }
 
     /// SIGKILL broker `id`.
@@ -1032,4 +1015,66 @@ impl Cluster {
         }
         led
     }
+}
+
+/// Runs a script of the project's `scripts/` folder; its stdout, or a panic
+/// with its stderr.
+pub fn project_script(name: &str, args: &[&str]) -> String {
+    let out = Command::new(format!("{}/scripts/{name}", env!("CARGO_MANIFEST_DIR")))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run scripts/{name}: {e}"));
+    assert!(
+        out.status.success(),
+        "scripts/{name} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value of `NAME=value` in a script's output.
+fn printed(out: &str, name: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name}= in: {out}"))
+        .to_string()
+}
+
+/// A real schema registry (`scripts/schema-registry up`: Apicurio with its
+/// Confluent-compatible API), started once per test binary or found running.
+pub struct Registry {
+    pub url: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl Registry {
+    pub fn get() -> &'static Registry {
+        static REGISTRY: OnceLock<Registry> = OnceLock::new();
+        REGISTRY.get_or_init(|| {
+            let out = project_script("schema-registry", &["up"]);
+            Registry {
+                url: printed(&out, "SCHEMA_REGISTRY_URL"),
+                username: printed(&out, "SCHEMA_REGISTRY_USERNAME"),
+                password: printed(&out, "SCHEMA_REGISTRY_PASSWORD"),
+            }
+        })
+    }
+}
+
+/// The Python of the examples' environment (`scripts/python-examples`).
+pub fn examples_python() -> String {
+    static PYTHON: OnceLock<String> = OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            project_script("python-examples", &[])
+                .lines()
+                .last()
+                .expect("scripts/python-examples prints the python")
+                .trim()
+                .to_string()
+        })
+        .clone()
 }

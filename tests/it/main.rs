@@ -7,6 +7,7 @@ mod apache;
 mod bridge;
 mod campaigns;
 mod deploy;
+mod examples;
 mod fixtures;
 mod harness;
 mod hostile;
