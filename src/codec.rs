@@ -21,44 +21,7 @@ use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
 
-use crate::records::Record;
-
-/// The record types the engine reads and writes; each has a schema file per version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    UserUpsert,
-    WebhookRaw,
-    ReceiptNormalized,
-    InboundNormalized,
-    SendRequest,
-    ConsentChange,
-    CampaignCommand,
-}
-
-impl Kind {
-    /// Every version's schema text, oldest first; the last is the one written.
-    fn versions(self) -> &'static [&'static str] {
-        match self {
-            Kind::UserUpsert => &[include_str!("../schemas/user_upsert.v1.avsc")],
-            Kind::WebhookRaw => &[include_str!("../schemas/webhook_raw.v1.avsc")],
-            Kind::ReceiptNormalized => &[include_str!("../schemas/receipt_normalized.v1.avsc")],
-            Kind::InboundNormalized => &[include_str!("../schemas/inbound_normalized.v1.avsc")],
-            Kind::SendRequest => &[include_str!("../schemas/send_request.v1.avsc")],
-            Kind::ConsentChange => &[include_str!("../schemas/consent_change.v1.avsc")],
-            Kind::CampaignCommand => &[include_str!("../schemas/campaign_command.v1.avsc")],
-        }
-    }
-
-    const ALL: &'static [Kind] = &[
-        Kind::UserUpsert,
-        Kind::WebhookRaw,
-        Kind::ReceiptNormalized,
-        Kind::InboundNormalized,
-        Kind::SendRequest,
-        Kind::ConsentChange,
-        Kind::CampaignCommand,
-    ];
-}
+use crate::records::{Kind, Record};
 
 /// Why a payload could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -442,7 +405,7 @@ mod tests {
             message_sid: "SM1".into(),
             status: "delivered".into(),
             error_code: Some(30003),
-            channel: "SMS".into(),
+            channel: crate::model::Channel::Sms,
             recipient: None,
             received_at: 1_700_000_000_000,
         };
@@ -518,47 +481,5 @@ mod tests {
         for bad in [&b""[..], b"hello", &[0xC3, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 1]] {
             assert!(codec.decode::<UserUpsert>(bad).await.is_err());
         }
-    }
-}
-
-/// Serde adapter for `map<union{null, boolean, long, double, string}>` fields
-/// held as JSON values: integers go out as Avro `long` (serde_json would send
-/// a non-negative one as `u64`, which Avro has no type for), other numbers as
-/// `double`; arrays and objects are refused with the key's name.
-pub mod scalar_map {
-    use std::collections::BTreeMap;
-
-    use serde::ser::{Error, SerializeMap};
-    use serde::{Deserialize, Deserializer, Serializer};
-    use serde_json::Value;
-
-    pub fn serialize<S: Serializer>(
-        map: &BTreeMap<String, Value>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(map.len()))?;
-        for (k, v) in map {
-            match v {
-                Value::Null => m.serialize_entry(k, &Option::<i64>::None)?,
-                Value::Bool(b) => m.serialize_entry(k, b)?,
-                Value::Number(n) => match n.as_i64() {
-                    Some(i) => m.serialize_entry(k, &i)?,
-                    None => m.serialize_entry(k, &n.as_f64().unwrap_or(f64::NAN))?,
-                },
-                Value::String(t) => m.serialize_entry(k, t)?,
-                Value::Array(_) | Value::Object(_) => {
-                    return Err(S::Error::custom(format!(
-                        "attribute {k:?}: values must be null, boolean, number or string"
-                    )));
-                }
-            }
-        }
-        m.end()
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<BTreeMap<String, Value>, D::Error> {
-        BTreeMap::<String, Value>::deserialize(d)
     }
 }

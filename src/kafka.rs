@@ -256,7 +256,8 @@ impl Producer {
         match future_producer(&self.cfg, &self.has_id) {
             Ok(p) => {
                 warn!(%code, %reason, "producer hit a fatal error; replaced it");
-                metrics::counter!("ese_kafka_producer_recreated_total").increment(1);
+                metrics::counter!(crate::metrics::names::KAFKA_PRODUCER_RECREATED_TOTAL)
+                    .increment(1);
                 *current = p;
             }
             Err(e) => warn!(error = %e, "producer hit a fatal error and cannot be recreated yet"),

@@ -4,11 +4,9 @@
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -38,7 +36,7 @@ pub fn handle() -> PrometheusHandle {
                 // A full-name matcher wins over the suffix one.
                 .and_then(|b| {
                     b.set_buckets_for_metric(
-                        Matcher::Full("ese_pipeline_end_to_end_seconds".into()),
+                        Matcher::Full(names::PIPELINE_END_TO_END_SECONDS.into()),
                         LATENCY_BUCKETS,
                     )
                 })
@@ -69,239 +67,298 @@ enum Kind {
 /// Every metric the engine exports, with its help text. Each is registered
 /// (at zero) when the recorder is installed, so `/metrics` names all of them
 /// from the start: dashboards and alerts see 0, not "no data".
+/// Every metric name the engine exports, one constant each; the
+/// catalogue below describes them all.
+pub mod names {
+    pub const ADMIN_UNAUTHORIZED_TOTAL: &str = "ese_admin_unauthorized_total";
+    pub const BRIDGE_IN_FLIGHT_REQUESTS: &str = "ese_bridge_in_flight_requests";
+    pub const BRIDGE_PRODUCE_DURATION_SECONDS: &str = "ese_bridge_produce_duration_seconds";
+    pub const BRIDGE_REQUESTS_TOTAL: &str = "ese_bridge_requests_total";
+    pub const BRIDGE_SIGNATURE_FAILURES_TOTAL: &str = "ese_bridge_signature_failures_total";
+    pub const DB_POOL_CONNECTIONS: &str = "ese_db_pool_connections";
+    pub const FANOUT_COMMANDS_TOTAL: &str = "ese_fanout_commands_total";
+    pub const FANOUT_ERRORS_TOTAL: &str = "ese_fanout_errors_total";
+    pub const FANOUT_MESSAGES_TOTAL: &str = "ese_fanout_messages_total";
+    pub const FANOUT_PRODUCE_SECONDS: &str = "ese_fanout_produce_seconds";
+    pub const FANOUT_SENDS_TOTAL: &str = "ese_fanout_sends_total";
+    pub const FANOUT_SKIPPED_TOTAL: &str = "ese_fanout_skipped_total";
+    pub const KAFKA_CONSUME_ERRORS_TOTAL: &str = "ese_kafka_consume_errors_total";
+    pub const KAFKA_CONSUMER_LAG_RECORDS: &str = "ese_kafka_consumer_lag_records";
+    pub const KAFKA_PRODUCER_RECREATED_TOTAL: &str = "ese_kafka_producer_recreated_total";
+    pub const PIPELINE_END_TO_END_SECONDS: &str = "ese_pipeline_end_to_end_seconds";
+    pub const RECEIPTS_CALLBACKS_TOTAL: &str = "ese_receipts_callbacks_total";
+    pub const RECEIPTS_PARKED: &str = "ese_receipts_parked";
+    pub const RECEIPTS_SENT_TO_DELIVERED_SECONDS: &str = "ese_receipts_sent_to_delivered_seconds";
+    pub const RECEIPTS_TRANSITIONS_TOTAL: &str = "ese_receipts_transitions_total";
+    pub const RECEIPTS_UNMATCHED: &str = "ese_receipts_unmatched";
+    pub const BUSINESS_REFRESH_ERRORS_TOTAL: &str = "ese_business_refresh_errors_total";
+    pub const SCHEDULER_COMMANDS_TOTAL: &str = "ese_scheduler_commands_total";
+    pub const SCHEDULER_ERRORS_TOTAL: &str = "ese_scheduler_errors_total";
+    pub const SENDER_HELD_TOTAL: &str = "ese_sender_held_total";
+    pub const SENDER_PROVIDER_SECONDS: &str = "ese_sender_provider_seconds";
+    pub const SENDER_PUMP_ERRORS_TOTAL: &str = "ese_sender_pump_errors_total";
+    pub const SENDER_RATE_LIMIT_WAIT_SECONDS: &str = "ese_sender_rate_limit_wait_seconds";
+    pub const SENDER_RECONCILED_TOTAL: &str = "ese_sender_reconciled_total";
+    pub const SENDER_RELEASED_TOTAL: &str = "ese_sender_released_total";
+    pub const SENDER_SENDS_TOTAL: &str = "ese_sender_sends_total";
+    pub const SIM_CALLBACKS_TOTAL: &str = "ese_sim_callbacks_total";
+    pub const SIM_REQUESTS_TOTAL: &str = "ese_sim_requests_total";
+    pub const STAGE_BATCH_DURATION_SECONDS: &str = "ese_stage_batch_duration_seconds";
+    pub const STAGE_PHASE_SECONDS: &str = "ese_stage_phase_seconds";
+    pub const STAGE_BATCH_SIZE_RECORDS: &str = "ese_stage_batch_size_records";
+    pub const STAGE_RECORDS_CONSUMED_TOTAL: &str = "ese_stage_records_consumed_total";
+    pub const STAGE_RECORDS_DEAD_LETTERED_TOTAL: &str = "ese_stage_records_dead_lettered_total";
+    pub const STAGE_RECORDS_FAILED_TOTAL: &str = "ese_stage_records_failed_total";
+    pub const STAGE_RECORDS_OUT_TOTAL: &str = "ese_stage_records_out_total";
+    pub const STAGE_RECORDS_PROCESSED_TOTAL: &str = "ese_stage_records_processed_total";
+    pub const STAGE_RETRIES_TOTAL: &str = "ese_stage_retries_total";
+    pub const BUSINESS_ACTIVE_CAMPAIGNS: &str = "ese_business_active_campaigns";
+    pub const BUSINESS_OPTED_IN_USERS: &str = "ese_business_opted_in_users";
+    pub const BUSINESS_DELIVERED_TODAY: &str = "ese_business_delivered_today";
+    pub const BUSINESS_INBOUND_LAST_HOUR: &str = "ese_business_inbound_last_hour";
+    pub const BUSINESS_RUNNING_RATE_LIMIT_PER_SECOND: &str =
+        "ese_business_running_rate_limit_per_second";
+    pub const DLQ_RECORDS: &str = "ese_dlq_records";
+}
+
 const CATALOGUE: &[(&str, Kind, &str)] = &[
     (
-        "ese_admin_unauthorized_total",
+        names::ADMIN_UNAUTHORIZED_TOTAL,
         Kind::Counter,
         "Admin API calls refused for a missing or wrong token.",
     ),
     (
-        "ese_bridge_in_flight_requests",
+        names::BRIDGE_IN_FLIGHT_REQUESTS,
         Kind::Gauge,
         "Webhook requests being handled.",
     ),
     (
-        "ese_bridge_produce_duration_seconds",
+        names::BRIDGE_PRODUCE_DURATION_SECONDS,
         Kind::Histogram,
         "Webhook record produce latency until the broker acknowledged, by route.",
     ),
     (
-        "ese_bridge_requests_total",
+        names::BRIDGE_REQUESTS_TOTAL,
         Kind::Counter,
         "Webhook requests by route and status code.",
     ),
     (
-        "ese_bridge_signature_failures_total",
+        names::BRIDGE_SIGNATURE_FAILURES_TOTAL,
         Kind::Counter,
         "Webhooks refused for their X-Twilio-Signature, by reason.",
     ),
     (
-        "ese_db_pool_connections",
+        names::DB_POOL_CONNECTIONS,
         Kind::Gauge,
         "Postgres pool connections by state (in_use, idle, max).",
     ),
     (
-        "ese_fanout_commands_total",
+        names::FANOUT_COMMANDS_TOTAL,
         Kind::Counter,
         "Campaign commands seen by the fanout stage.",
     ),
     (
-        "ese_fanout_errors_total",
+        names::FANOUT_ERRORS_TOTAL,
         Kind::Counter,
         "Fan-out passes interrupted by an error (resumed).",
     ),
     (
-        "ese_fanout_messages_total",
+        names::FANOUT_MESSAGES_TOTAL,
         Kind::Counter,
         "Message rows written by fan-out.",
     ),
     (
-        "ese_fanout_produce_seconds",
+        names::FANOUT_PRODUCE_SECONDS,
         Kind::Histogram,
         "Time to produce and acknowledge one fan-out page of sends.",
     ),
     (
-        "ese_fanout_sends_total",
+        names::FANOUT_SENDS_TOTAL,
         Kind::Counter,
         "Send records produced by fan-out.",
     ),
     (
-        "ese_fanout_skipped_total",
+        names::FANOUT_SKIPPED_TOTAL,
         Kind::Counter,
         "Recipients skipped by fan-out, by reason.",
     ),
     (
-        "ese_kafka_consume_errors_total",
+        names::KAFKA_CONSUME_ERRORS_TOTAL,
         Kind::Counter,
         "Consumer errors by stage.",
     ),
     (
-        "ese_kafka_consumer_lag_records",
+        names::KAFKA_CONSUMER_LAG_RECORDS,
         Kind::Gauge,
         "Consumer lag by stage, topic and partition.",
     ),
     (
-        "ese_kafka_producer_recreated_total",
+        names::KAFKA_PRODUCER_RECREATED_TOTAL,
         Kind::Counter,
         "Producers replaced after a fatal error.",
     ),
     (
-        "ese_pipeline_end_to_end_seconds",
+        names::PIPELINE_END_TO_END_SECONDS,
         Kind::Histogram,
         "Webhook received by the bridge to row committed, by stage.",
     ),
     (
-        "ese_receipts_callbacks_total",
+        names::RECEIPTS_CALLBACKS_TOTAL,
         Kind::Counter,
         "Status callbacks joined, by provider status.",
     ),
     (
-        "ese_receipts_parked",
+        names::RECEIPTS_PARKED,
         Kind::Gauge,
         "Status callbacks waiting for their message's provider SID.",
     ),
     (
-        "ese_receipts_sent_to_delivered_seconds",
+        names::RECEIPTS_SENT_TO_DELIVERED_SECONDS,
         Kind::Histogram,
         "Time from sent to delivered.",
     ),
     (
-        "ese_receipts_transitions_total",
+        names::RECEIPTS_TRANSITIONS_TOTAL,
         Kind::Counter,
         "Message status changes by new status.",
     ),
     (
-        "ese_receipts_unmatched",
+        names::RECEIPTS_UNMATCHED,
         Kind::Gauge,
         "Parked callbacks older than receipts.unmatched-after.",
     ),
     (
-        "ese_scheduler_commands_total",
+        names::BUSINESS_REFRESH_ERRORS_TOTAL,
+        Kind::Counter,
+        "Passes of the business and pool gauges that failed (database unreachable).",
+    ),
+    (
+        names::SCHEDULER_COMMANDS_TOTAL,
         Kind::Counter,
         "Campaigns started or completed by the scheduler.",
     ),
     (
-        "ese_scheduler_errors_total",
+        names::SCHEDULER_ERRORS_TOTAL,
         Kind::Counter,
         "Scheduler ticks that failed.",
     ),
     (
-        "ese_sender_held_total",
+        names::SENDER_HELD_TOTAL,
         Kind::Counter,
         "Sends held back (paused, quiet hours, not due), by reason.",
     ),
     (
-        "ese_sender_provider_seconds",
+        names::SENDER_PROVIDER_SECONDS,
         Kind::Histogram,
         "Provider API call latency.",
     ),
     (
-        "ese_sender_pump_errors_total",
+        names::SENDER_PUMP_ERRORS_TOTAL,
         Kind::Counter,
         "Sender pump passes that failed.",
     ),
     (
-        "ese_sender_rate_limit_wait_seconds",
+        names::SENDER_RATE_LIMIT_WAIT_SECONDS,
         Kind::Histogram,
         "Time sends waited for the rate limiters.",
     ),
     (
-        "ese_sender_reconciled_total",
+        names::SENDER_RECONCILED_TOTAL,
         Kind::Counter,
         "Claimed-but-unanswered sends reconciled, by outcome.",
     ),
     (
-        "ese_sender_released_total",
+        names::SENDER_RELEASED_TOTAL,
         Kind::Counter,
         "Held sends released when due.",
     ),
     (
-        "ese_sender_sends_total",
+        names::SENDER_SENDS_TOTAL,
         Kind::Counter,
         "Send attempts by outcome (sent, transient, permanent, unknown, skipped).",
     ),
     (
-        "ese_sim_callbacks_total",
+        names::SIM_CALLBACKS_TOTAL,
         Kind::Counter,
         "Provider simulator: status callbacks posted, by outcome.",
     ),
     (
-        "ese_sim_requests_total",
+        names::SIM_REQUESTS_TOTAL,
         Kind::Counter,
         "Provider simulator: API requests by outcome.",
     ),
     (
-        "ese_stage_batch_duration_seconds",
+        names::STAGE_BATCH_DURATION_SECONDS,
         Kind::Histogram,
         "Batch processing time by stage.",
     ),
     (
-        "ese_stage_phase_seconds",
+        names::STAGE_PHASE_SECONDS,
         Kind::Histogram,
         "Time per batch by stage and phase (gather: waiting for records; decode, begin, process, commit; acks: waiting for the previous batch's acknowledgements; produce).",
     ),
     (
-        "ese_stage_batch_size_records",
+        names::STAGE_BATCH_SIZE_RECORDS,
         Kind::Histogram,
         "Records per batch by stage.",
     ),
     (
-        "ese_stage_records_consumed_total",
+        names::STAGE_RECORDS_CONSUMED_TOTAL,
         Kind::Counter,
         "Records consumed by stage.",
     ),
     (
-        "ese_stage_records_dead_lettered_total",
+        names::STAGE_RECORDS_DEAD_LETTERED_TOTAL,
         Kind::Counter,
         "Records sent to the stage's dead-letter topic.",
     ),
     (
-        "ese_stage_records_failed_total",
+        names::STAGE_RECORDS_FAILED_TOTAL,
         Kind::Counter,
         "Record failures by stage and kind (poison, transient).",
     ),
     (
-        "ese_stage_records_out_total",
+        names::STAGE_RECORDS_OUT_TOTAL,
         Kind::Counter,
         "Records produced by stage.",
     ),
     (
-        "ese_stage_records_processed_total",
+        names::STAGE_RECORDS_PROCESSED_TOTAL,
         Kind::Counter,
         "Records processed and committed by stage.",
     ),
     (
-        "ese_stage_retries_total",
+        names::STAGE_RETRIES_TOTAL,
         Kind::Counter,
         "Batch retries after transient errors, by stage.",
     ),
     (
-        "ese_business_active_campaigns",
+        names::BUSINESS_ACTIVE_CAMPAIGNS,
         Kind::Gauge,
         "Campaigns RUNNING now.",
     ),
     (
-        "ese_business_opted_in_users",
+        names::BUSINESS_OPTED_IN_USERS,
         Kind::Gauge,
         "Users whose consent is OPT_IN.",
     ),
     (
-        "ese_business_delivered_today",
+        names::BUSINESS_DELIVERED_TODAY,
         Kind::Gauge,
         "Messages delivered since midnight UTC.",
     ),
     (
-        "ese_business_inbound_last_hour",
+        names::BUSINESS_INBOUND_LAST_HOUR,
         Kind::Gauge,
         "Inbound messages received in the last hour.",
     ),
     (
-        "ese_business_running_rate_limit_per_second",
+        names::BUSINESS_RUNNING_RATE_LIMIT_PER_SECOND,
         Kind::Gauge,
         "Sum of the rate limits of RUNNING campaigns.",
     ),
     (
-        "ese_dlq_records",
+        names::DLQ_RECORDS,
         Kind::Gauge,
         "Records on each stage's dead-letter topic.",
     ),
@@ -327,55 +384,6 @@ fn register_catalogue() {
     }
 }
 
-/// The business figures of the real-time dashboard, one row.
-const BUSINESS: &str = "
-SELECT (SELECT count(*) FROM campaigns WHERE status = 'RUNNING'),
-       (SELECT count(*) FROM users WHERE consent_state = 'OPT_IN'),
-       (SELECT count(*) FROM messages
-         WHERE delivered_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
-       (SELECT count(*) FROM inbound_events WHERE received_at > now() - interval '1 hour'),
-       (SELECT coalesce(sum(rate_limit_per_second), 0)::bigint FROM campaigns WHERE status = 'RUNNING')";
-
-/// Refreshes the business gauges from Postgres and each stage's DLQ depth
-/// from Kafka every `every`, until `shutdown`.
-pub async fn watch_business(
-    settings: crate::config::Settings,
-    pool: Pool,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(every);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        if let Err(e) = refresh_business(&settings, &pool).await {
-            tracing::debug!(error = %e, "business gauges not refreshed");
-        }
-    }
-}
-
-async fn refresh_business(settings: &crate::config::Settings, pool: &Pool) -> anyhow::Result<()> {
-    let row = pool.get().await?.query_one(BUSINESS, &[]).await?;
-    let names = [
-        "ese_business_active_campaigns",
-        "ese_business_opted_in_users",
-        "ese_business_delivered_today",
-        "ese_business_inbound_last_hour",
-        "ese_business_running_rate_limit_per_second",
-    ];
-    for (i, name) in names.into_iter().enumerate() {
-        metrics::gauge!(name).set(row.get::<_, i64>(i) as f64);
-    }
-    let reader = crate::kafka::TopicReader::new(&settings.kafka)?;
-    for (stage, p) in &settings.pipelines {
-        let depth = reader.depth(&p.dlq).await?;
-        metrics::gauge!("ese_dlq_records", "stage" => stage.clone()).set(depth as f64);
-    }
-    Ok(())
-}
-
 /// The router serving `/metrics` (for a process without the bridge) and `/healthz`.
 pub fn router() -> Router {
     let handle = handle();
@@ -393,20 +401,4 @@ pub async fn serve(listen: SocketAddr, shutdown: CancellationToken) -> anyhow::R
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
         .map_err(|e| anyhow::anyhow!("metrics server: {e}"))
-}
-
-/// Exports the pool's connection counts every few seconds until `shutdown`.
-pub async fn watch_pool(pool: Pool, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let status = pool.status();
-        let in_use = status.size.saturating_sub(status.available);
-        metrics::gauge!("ese_db_pool_connections", "state" => "in_use").set(in_use as f64);
-        metrics::gauge!("ese_db_pool_connections", "state" => "idle").set(status.available as f64);
-        metrics::gauge!("ese_db_pool_connections", "state" => "max").set(status.max_size as f64);
-    }
 }

@@ -2,23 +2,7 @@
 
 use phonenumber::{Mode, country};
 
-/// The channel an address belongs to: `whatsapp:+E164` is WhatsApp, the rest SMS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Channel {
-    Sms,
-    Whatsapp,
-}
-
-impl Channel {
-    /// The value stored in the `channel` columns.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Channel::Sms => "SMS",
-            Channel::Whatsapp => "WHATSAPP",
-        }
-    }
-}
+pub use crate::model::Channel;
 
 /// Why a number was refused.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

@@ -5,8 +5,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::Kind;
-
 /// Ties a record type to its schema.
 pub trait Record: Serialize + serde::de::DeserializeOwned {
     const KIND: Kind;
@@ -18,7 +16,7 @@ pub struct UserUpsert {
     pub event_id: Option<String>,
     /// As typed by a person or system; normalized by the users stage.
     pub phone: String,
-    #[serde(with = "crate::codec::scalar_map")]
+    #[serde(with = "scalar_map")]
     pub attributes: BTreeMap<String, serde_json::Value>,
     pub occurred_at: i64,
 }
@@ -114,7 +112,7 @@ pub struct ReceiptNormalized {
     pub message_sid: String,
     pub status: String,
     pub error_code: Option<i32>,
-    pub channel: String,
+    pub channel: crate::model::Channel,
     pub recipient: Option<String>,
     pub received_at: i64,
 }
@@ -130,7 +128,7 @@ pub struct InboundNormalized {
     pub message_sid: String,
     pub from: String,
     pub to: String,
-    pub channel: String,
+    pub channel: crate::model::Channel,
     pub body: String,
     pub profile_name: Option<String>,
     pub wa_id: Option<String>,
@@ -148,11 +146,10 @@ pub struct SendRequest {
     pub message_id: i64,
     pub campaign_id: Option<i64>,
     pub recipient: String,
-    pub channel: String,
+    pub channel: crate::model::Channel,
     pub body: String,
     pub attempt: i32,
-    /// `campaign`, `reply` or `opt_out_confirmation`.
-    pub kind: String,
+    pub kind: crate::model::SendKind,
     pub not_before: Option<i64>,
 }
 
@@ -164,7 +161,7 @@ impl Record for SendRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ConsentChange {
     pub phone: String,
-    pub state: String,
+    pub state: crate::model::ConsentState,
     pub source: String,
     pub keyword: Option<String>,
     pub source_event_id: String,
@@ -180,8 +177,8 @@ impl Record for ConsentChange {
 pub struct CampaignCommand {
     pub command_id: String,
     pub campaign_id: i64,
-    pub command: String,
-    pub status: String,
+    pub command: crate::model::CampaignAction,
+    pub status: crate::model::CampaignStatus,
     pub issued_by: String,
     pub issued_at: i64,
 }
@@ -218,5 +215,84 @@ mod tests {
                 "Body": "say \"hi\"\n",
             })
         );
+    }
+}
+
+/// The record types the engine reads and writes; each has a schema file per version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    UserUpsert,
+    WebhookRaw,
+    ReceiptNormalized,
+    InboundNormalized,
+    SendRequest,
+    ConsentChange,
+    CampaignCommand,
+}
+
+impl Kind {
+    /// Every version's schema text, oldest first; the last is the one written.
+    pub fn versions(self) -> &'static [&'static str] {
+        match self {
+            Kind::UserUpsert => &[include_str!("../schemas/user_upsert.v1.avsc")],
+            Kind::WebhookRaw => &[include_str!("../schemas/webhook_raw.v1.avsc")],
+            Kind::ReceiptNormalized => &[include_str!("../schemas/receipt_normalized.v1.avsc")],
+            Kind::InboundNormalized => &[include_str!("../schemas/inbound_normalized.v1.avsc")],
+            Kind::SendRequest => &[include_str!("../schemas/send_request.v1.avsc")],
+            Kind::ConsentChange => &[include_str!("../schemas/consent_change.v1.avsc")],
+            Kind::CampaignCommand => &[include_str!("../schemas/campaign_command.v1.avsc")],
+        }
+    }
+
+    pub const ALL: &'static [Kind] = &[
+        Kind::UserUpsert,
+        Kind::WebhookRaw,
+        Kind::ReceiptNormalized,
+        Kind::InboundNormalized,
+        Kind::SendRequest,
+        Kind::ConsentChange,
+        Kind::CampaignCommand,
+    ];
+}
+
+/// Serde adapter for `map<union{null, boolean, long, double, string}>` fields
+/// held as JSON values: integers go out as Avro `long` (serde_json would send
+/// a non-negative one as `u64`, which Avro has no type for), other numbers as
+/// `double`; arrays and objects are refused with the key's name.
+pub mod scalar_map {
+    use std::collections::BTreeMap;
+
+    use serde::ser::{Error, SerializeMap};
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_json::Value;
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<String, Value>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(map.len()))?;
+        for (k, v) in map {
+            match v {
+                Value::Null => m.serialize_entry(k, &Option::<i64>::None)?,
+                Value::Bool(b) => m.serialize_entry(k, b)?,
+                Value::Number(n) => match n.as_i64() {
+                    Some(i) => m.serialize_entry(k, &i)?,
+                    None => m.serialize_entry(k, &n.as_f64().unwrap_or(f64::NAN))?,
+                },
+                Value::String(t) => m.serialize_entry(k, t)?,
+                Value::Array(_) | Value::Object(_) => {
+                    return Err(S::Error::custom(format!(
+                        "attribute {k:?}: values must be null, boolean, number or string"
+                    )));
+                }
+            }
+        }
+        m.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Value>, D::Error> {
+        BTreeMap::<String, Value>::deserialize(d)
     }
 }

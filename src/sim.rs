@@ -32,138 +32,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::bridge::signature::sign;
-
-const API_VERSION: &str = "2010-04-01";
-/// Statuses `callback-statuses` may list; failures come from `failures`.
-const CONFIG_STATUSES: &[&str] = &["queued", "sent", "delivered"];
-/// Upper bound of every configured latency, so deadlines cannot overflow.
-const MAX_LATENCY: Duration = Duration::from_secs(3600);
+pub use crate::config::{FailureMix, SimConfig};
+use crate::twilio::API_VERSION;
+use crate::twilio::signature::sign;
 const MAX_SCRIPT_DELAY_MS: u64 = 600_000;
-
-/// `[provider-sim]`: how the simulator behaves.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct SimConfig {
-    /// Address the API listens on. Default `127.0.0.1:8099`.
-    pub listen: std::net::SocketAddr,
-    /// Seed of the one RNG behind every random choice; 0 = from entropy. Default 0.
-    pub seed: u64,
-    /// Sends per second accepted (token bucket); 0 = unlimited. Default 0.
-    pub rate_limit: u32,
-    /// Token bucket size when rate-limited; 0 = one second's worth. Default 0.
-    pub burst: u32,
-    /// Added before answering a send. Default 0ms.
-    #[serde(with = "humantime_serde")]
-    pub api_latency: Duration,
-    /// When the `sent` callback fires, from the send. Default 20ms.
-    #[serde(with = "humantime_serde")]
-    pub sent_after: Duration,
-    /// When the final (`delivered`/`undelivered`/`failed`) callback fires. Default 100ms.
-    #[serde(with = "humantime_serde")]
-    pub delivered_after: Duration,
-    /// ± uniform jitter on every callback time. Default 10ms.
-    #[serde(with = "humantime_serde")]
-    pub jitter: Duration,
-    /// Callbacks of a delivered message, in order (`queued`, `sent`, `delivered`).
-    /// Default `["sent", "delivered"]`.
-    pub callback_statuses: Vec<String>,
-    /// Probability that a callback is sent twice (same token and params). Default 0.
-    pub duplicate_rate: f64,
-    /// Probability that the last status is sent before the one before it. Default 0.
-    pub reorder_rate: f64,
-    /// Callback POSTs in flight at most. Default 64.
-    pub callback_concurrency: usize,
-    /// Retries of a callback on connection error or non-2xx (backoff 100ms·2^n). Default 5.
-    pub callback_retries: u32,
-    /// Random failure outcomes by error code. Default empty.
-    pub failures: Vec<FailureMix>,
-}
-
-/// One failure outcome: this share of sends ends `status` with `code`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct FailureMix {
-    pub code: i32,
-    /// `undelivered` or `failed`.
-    pub status: String,
-    pub rate: f64,
-}
-
-impl Default for SimConfig {
-    fn default() -> Self {
-        Self {
-            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8099)),
-            seed: 0,
-            rate_limit: 0,
-            burst: 0,
-            api_latency: Duration::ZERO,
-            sent_after: Duration::from_millis(20),
-            delivered_after: Duration::from_millis(100),
-            jitter: Duration::from_millis(10),
-            callback_statuses: vec!["sent".into(), "delivered".into()],
-            duplicate_rate: 0.0,
-            reorder_rate: 0.0,
-            callback_concurrency: 64,
-            callback_retries: 5,
-            failures: Vec::new(),
-        }
-    }
-}
-
-impl SimConfig {
-    /// Checks ranges and names; errors name the key.
-    pub fn validate(&self) -> anyhow::Result<()> {
-        for (key, rate) in [
-            ("duplicate-rate", self.duplicate_rate),
-            ("reorder-rate", self.reorder_rate),
-        ] {
-            if !(0.0..=1.0).contains(&rate) {
-                anyhow::bail!("provider-sim.{key} must be between 0 and 1 (got {rate})");
-            }
-        }
-        for (key, d) in [
-            ("api-latency", self.api_latency),
-            ("sent-after", self.sent_after),
-            ("delivered-after", self.delivered_after),
-            ("jitter", self.jitter),
-        ] {
-            if d > MAX_LATENCY {
-                anyhow::bail!("provider-sim.{key} must be at most 1h");
-            }
-        }
-        for s in &self.callback_statuses {
-            if !CONFIG_STATUSES.contains(&s.as_str()) {
-                anyhow::bail!(
-                    "provider-sim.callback-statuses: unknown status {s:?} (known: queued, sent, delivered)"
-                );
-            }
-        }
-        if !(1..=65_536).contains(&self.callback_concurrency) {
-            anyhow::bail!("provider-sim.callback-concurrency must be between 1 and 65536");
-        }
-        let mut sum = 0.0;
-        for (i, f) in self.failures.iter().enumerate() {
-            if !matches!(f.status.as_str(), "undelivered" | "failed") {
-                anyhow::bail!(
-                    "provider-sim.failures[{i}].status must be \"undelivered\" or \"failed\" (got {:?})",
-                    f.status
-                );
-            }
-            if !(0.0..=1.0).contains(&f.rate) {
-                anyhow::bail!("provider-sim.failures[{i}].rate must be between 0 and 1");
-            }
-            if f.code <= 0 {
-                anyhow::bail!("provider-sim.failures[{i}].code must be a positive error code");
-            }
-            sum += f.rate;
-        }
-        if sum > 1.0 + 1e-9 {
-            anyhow::bail!("provider-sim.failures rates sum to {sum}, more than 1");
-        }
-        Ok(())
-    }
-}
 
 /// A Twilio API error: `code` decides the HTTP status.
 #[derive(Debug, Clone, PartialEq)]
@@ -194,15 +66,12 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The HTTP status the provider answers an API error `code` with.
 fn http_status(code: i32) -> StatusCode {
-    match code {
-        20003 => StatusCode::UNAUTHORIZED,
-        20404 => StatusCode::NOT_FOUND,
-        20429 => StatusCode::TOO_MANY_REQUESTS,
-        20500 => StatusCode::INTERNAL_SERVER_ERROR,
-        20503 => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::BAD_REQUEST,
-    }
+    crate::twilio::errors::lookup(code)
+        .filter(|c| c.http_status > 0)
+        .and_then(|c| StatusCode::from_u16(c.http_status).ok())
+        .unwrap_or(StatusCode::BAD_REQUEST)
 }
 
 /// Twilio's error document.
@@ -218,40 +87,14 @@ fn error_body(code: i32, message: &str) -> (StatusCode, Value) {
 }
 
 fn default_message(code: i32) -> String {
-    let m = match code {
-        20003 => "Authenticate",
-        20404 => "The requested resource was not found",
-        20429 => "Too Many Requests",
-        20500 => "An internal server error has occurred",
-        20503 => "Service Unavailable",
-        21211 => "The 'To' number is not a valid phone number.",
-        21408 => {
-            "Permission to send an SMS has not been enabled for the region indicated by the 'To' number"
-        }
-        21602 => "Message body is required.",
-        21603 => "A 'From' phone number is required.",
-        21604 => "A 'To' phone number is required.",
-        21609 => "Invalid StatusCallback url",
-        21610 => "Attempt to send to unsubscribed recipient",
-        21614 => "'To' number is not a valid mobile number",
-        _ => return format!("Simulated error {code}"),
-    };
-    m.to_string()
+    match crate::twilio::errors::lookup(code) {
+        Some(c) => c.message.to_string(),
+        None => format!("Simulated error {code}"),
+    }
 }
 
 fn delivery_error_message(code: i32) -> &'static str {
-    match code {
-        30001 => "Queue overflow",
-        30002 => "Account suspended",
-        30003 => "Unreachable destination handset",
-        30004 => "Message blocked",
-        30005 => "Unknown destination handset",
-        30006 => "Landline or unreachable carrier",
-        30007 => "Carrier violation",
-        30008 => "Unknown error",
-        63016 => "Failed to send freeform message because you are outside the allowed window.",
-        _ => "Message delivery failed",
-    }
+    crate::twilio::errors::lookup(code).map_or("Message delivery failed", |c| c.message)
 }
 
 /// `SM` + 32 lowercase hex digits.
@@ -627,7 +470,7 @@ impl Ledger {
         } else {
             "rejected"
         };
-        counter!("ese_sim_requests_total", "outcome" => outcome).increment(1);
+        counter!(crate::metrics::names::SIM_REQUESTS_TOTAL, "outcome" => outcome).increment(1);
         Err(e)
     }
 
@@ -752,7 +595,8 @@ impl Simulator {
         if ok {
             return Ok(());
         }
-        counter!("ese_sim_requests_total", "outcome" => "unauthorized").increment(1);
+        counter!(crate::metrics::names::SIM_REQUESTS_TOTAL, "outcome" => "unauthorized")
+            .increment(1);
         let mut r = ApiError::new(20003).into_response();
         r.headers_mut().insert(
             header::WWW_AUTHENTICATE,
@@ -825,7 +669,7 @@ impl Simulator {
         lg.insert(message, now.timestamp());
         let cancel = lg.generation.clone();
         drop(lg);
-        counter!("ese_sim_requests_total", "outcome" => "accepted").increment(1);
+        counter!(crate::metrics::names::SIM_REQUESTS_TOTAL, "outcome" => "accepted").increment(1);
         self.schedule(target, plan, cancel);
         (Ok(answer), delay)
     }
@@ -901,7 +745,8 @@ impl Simulator {
     ) -> bool {
         for attempt in 0..=self.cfg.callback_retries {
             if attempt > 0 {
-                counter!("ese_sim_callbacks_total", "outcome" => "retried").increment(1);
+                counter!(crate::metrics::names::SIM_CALLBACKS_TOTAL, "outcome" => "retried")
+                    .increment(1);
                 let backoff = Duration::from_millis(100u64 << (attempt - 1).min(16));
                 tokio::select! {
                     _ = cancel.cancelled() => return false,
@@ -937,7 +782,7 @@ impl Simulator {
         }
         drop(lg);
         let outcome = if ok { "sent" } else { "failed" };
-        counter!("ese_sim_callbacks_total", "outcome" => outcome).increment(1);
+        counter!(crate::metrics::names::SIM_CALLBACKS_TOTAL, "outcome" => outcome).increment(1);
     }
 
     fn reset(&self) {
@@ -1106,7 +951,7 @@ pub async fn start(
     std::net::SocketAddr,
     tokio::task::JoinHandle<anyhow::Result<()>>,
 )> {
-    let creds = crate::stages::sender::Credentials::from_env()?;
+    let creds = crate::twilio::Credentials::from_env()?;
     let sim = Simulator::new(cfg.clone(), creds.account_sid, creds.auth_token)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await

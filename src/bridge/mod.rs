@@ -4,8 +4,6 @@
 //! Checks, in order: in-flight limit (503 + Retry-After), content type (415),
 //! body size (413), `X-Twilio-Signature` (403), required parameters (400).
 
-pub mod signature;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +24,7 @@ use crate::codec::Codec;
 use crate::config::{BridgeConfig, Settings};
 use crate::records::{Param, WebhookRaw};
 use crate::runner::RECEIVED_AT_HEADER;
+use crate::twilio::signature;
 
 /// Namespace of the bridge's UUIDv5 event ids.
 const EVENT_NS: uuid::Uuid = uuid::Uuid::from_u128(0x6e5e_b1d9_0c8e_4a7b_9d1f_2f0e_5c3a_7b11);
@@ -33,22 +32,14 @@ const EVENT_NS: uuid::Uuid = uuid::Uuid::from_u128(0x6e5e_b1d9_0c8e_4a7b_9d1f_2f
 /// Everything a request handler needs.
 pub struct Bridge {
     cfg: BridgeConfig,
+    /// Where raw status callbacks and inbound messages go.
+    status_topic: String,
+    inbound_topic: String,
     tokens: Vec<String>,
     producer: crate::kafka::Producer,
     codec: Codec,
     pool: Pool,
     in_flight: Arc<Semaphore>,
-}
-
-/// The auth tokens from `TWILIO_AUTH_TOKEN` (comma-separated, current first).
-pub fn tokens_from_env() -> Vec<String> {
-    std::env::var("TWILIO_AUTH_TOKEN")
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(str::to_string)
-        .collect()
 }
 
 impl Bridge {
@@ -57,6 +48,8 @@ impl Bridge {
     pub fn new(settings: &Settings, tokens: Vec<String>, pool: Pool) -> anyhow::Result<Arc<Self>> {
         Ok(Arc::new(Self {
             cfg: settings.bridge.clone(),
+            status_topic: settings.topic("webhooks-status")?.to_string(),
+            inbound_topic: settings.topic("webhooks-inbound")?.to_string(),
             tokens,
             producer: crate::kafka::Producer::new(&Self::producer_settings(settings))?,
             codec: Codec::new(&settings.schema_registry)?,
@@ -172,14 +165,14 @@ async fn webhook(
     let response = match b.in_flight.clone().try_acquire_owned() {
         Err(_) => busy("too many requests in flight"),
         Ok(permit) => {
-            gauge!("ese_bridge_in_flight_requests").increment(1.0);
+            gauge!(crate::metrics::names::BRIDGE_IN_FLIGHT_REQUESTS).increment(1.0);
             let r = accept(&b, kind, &uri, &headers, body).await;
-            gauge!("ese_bridge_in_flight_requests").decrement(1.0);
+            gauge!(crate::metrics::names::BRIDGE_IN_FLIGHT_REQUESTS).decrement(1.0);
             drop(permit);
             r
         }
     };
-    counter!("ese_bridge_requests_total", "route" => route, "status" => response.status().as_u16().to_string())
+    counter!(crate::metrics::names::BRIDGE_REQUESTS_TOTAL, "route" => route, "status" => response.status().as_u16().to_string())
         .increment(1);
     response
 }
@@ -345,8 +338,8 @@ async fn accept(
         received_at,
     };
     let topic = match kind {
-        Kind::Status => &b.cfg.status_topic,
-        Kind::Inbound => &b.cfg.inbound_topic,
+        Kind::Status => &b.status_topic,
+        Kind::Inbound => &b.inbound_topic,
     };
     let payload = match b.codec.encode(topic, &record).await {
         Ok(p) => p,
@@ -369,7 +362,7 @@ async fn accept(
         b.cfg.produce_timeout,
     );
     let result = tokio::time::timeout(b.cfg.produce_timeout + Duration::from_secs(1), send).await;
-    histogram!("ese_bridge_produce_duration_seconds", "route" => kind.route())
+    histogram!(crate::metrics::names::BRIDGE_PRODUCE_DURATION_SECONDS, "route" => kind.route())
         .record(started.elapsed().as_secs_f64());
     match result {
         Ok(Ok(_)) => match kind {
@@ -405,7 +398,8 @@ fn uuid_v5(name: &[u8]) -> uuid::Uuid {
 }
 
 fn refuse(f: signature::Failure) -> Response {
-    counter!("ese_bridge_signature_failures_total", "reason" => f.label()).increment(1);
+    counter!(crate::metrics::names::BRIDGE_SIGNATURE_FAILURES_TOTAL, "reason" => f.label())
+        .increment(1);
     plain(
         StatusCode::FORBIDDEN,
         format!("signature check failed: {}", f.label()),

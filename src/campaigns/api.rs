@@ -22,8 +22,9 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use super::{ACTIONS, Commands, TransitionError, segment, template};
+use super::{Commands, TransitionError, segment, template};
 use crate::db::{self, ErrorClass};
+use crate::model::{CampaignAction, CampaignStatus};
 
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("../../schemas/admin-api.openapi.json");
@@ -137,7 +138,7 @@ async fn auth(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Resp
     if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
         next.run(req).await
     } else {
-        metrics::counter!("ese_admin_unauthorized_total").increment(1);
+        metrics::counter!(crate::metrics::names::ADMIN_UNAUTHORIZED_TOTAL).increment(1);
         let msg = if given.is_empty() {
             "missing bearer token (Authorization: Bearer …)"
         } else {
@@ -399,7 +400,7 @@ async fn list_templates(State(a): State<Arc<Admin>>, Query(p): Query<Page>) -> A
 
 /// Campaigns that pin a template or segment: once past DRAFT and not final,
 /// their fan-out renders from it.
-const PINNED: &[&str] = &["READY", "RUNNING", "PAUSED"];
+const PINNED: &[CampaignStatus] = CampaignStatus::ACTIVE;
 
 async fn update_template(
     State(a): State<Arc<Admin>>,
@@ -430,10 +431,9 @@ async fn refuse_if_used(
     tx: &deadpool_postgres::Transaction<'_>,
     column: &str,
     id: i64,
-    statuses: &[&str],
+    statuses: &[CampaignStatus],
     verb: &str,
 ) -> Result<(), ApiError> {
-    let statuses: Vec<String> = statuses.iter().map(|s| s.to_string()).collect();
     let sql = format!(
         "SELECT id, status FROM campaigns WHERE {column} = $1 AND status = ANY($2) ORDER BY id LIMIT 5"
     );
@@ -443,7 +443,7 @@ async fn refuse_if_used(
     }
     let users: Vec<String> = rows
         .iter()
-        .map(|r| format!("{} ({})", r.get::<_, i64>(0), r.get::<_, String>(1)))
+        .map(|r| format!("{} ({})", r.get::<_, i64>(0), r.get::<_, CampaignStatus>(1)))
         .collect();
     Err(ApiError::conflict(
         "in_use",
@@ -465,7 +465,12 @@ async fn delete(a: &Admin, table: &str, column: &str, id: i64) -> ApiResult {
         &tx,
         column,
         id,
-        &["DRAFT", "READY", "RUNNING", "PAUSED"],
+        &[
+            CampaignStatus::Draft,
+            CampaignStatus::Ready,
+            CampaignStatus::Running,
+            CampaignStatus::Paused,
+        ],
         "deleted",
     )
     .await?;
@@ -815,16 +820,23 @@ async fn transition(
     State(a): State<Arc<Admin>>,
     Path((id, action)): Path<(i64, String)>,
 ) -> ApiResult {
-    if !ACTIONS.contains(&action.as_str()) {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("unknown action {action:?}; actions: {}", ACTIONS.join(", ")),
-        ));
-    }
+    let action = match action.parse::<CampaignAction>() {
+        Ok(a) if CampaignAction::OPERATOR.contains(&a) => a,
+        _ => {
+            let actions: Vec<&str> = CampaignAction::OPERATOR
+                .iter()
+                .map(|a| a.as_str())
+                .collect();
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("unknown action {action:?}; actions: {}", actions.join(", ")),
+            ));
+        }
+    };
     let mut client = a.pool.get().await?;
     let tx = client.transaction().await?;
-    a.commands.transition(&tx, id, &action, "api").await?;
+    a.commands.transition(&tx, id, action, "api").await?;
     tx.commit().await?;
     ok(StatusCode::OK, campaign_json(&client, id).await?)
 }

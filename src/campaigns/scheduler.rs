@@ -6,11 +6,14 @@
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
+use futures::future::BoxFuture;
 use metrics::counter;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::Commands;
+use crate::model::CampaignAction;
+use crate::runner::Deps;
 
 const DUE: &str = "
 SELECT id FROM campaigns
@@ -29,24 +32,40 @@ SELECT c.id FROM campaigns c JOIN fanout_progress f ON f.campaign_id = c.id
 /// Runs [`tick`] every `interval` until `shutdown`; errors are logged and retried.
 pub async fn run(pool: Pool, commands: Commands, interval: Duration, shutdown: CancellationToken) {
     info!(?interval, "scheduler running");
-    loop {
-        if let Err(e) = tick(&pool, &commands).await {
-            counter!("ese_scheduler_errors_total").increment(1);
-            warn!(error = %e, "scheduler tick failed; trying again");
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-    }
+    crate::periodic::Task::every(
+        "scheduler",
+        crate::metrics::names::SCHEDULER_ERRORS_TOTAL,
+        interval,
+    )
+    .run(shutdown, || async {
+        tick(&pool, &commands).await.map(|_| ())
+    })
+    .await
+}
+
+/// The scheduler as a stage of `ese run`, until `shutdown`.
+pub fn start(deps: Deps, shutdown: CancellationToken) -> BoxFuture<'static, anyhow::Result<()>> {
+    Box::pin(async move {
+        let commands = Commands::new(&deps)?;
+        run(
+            deps.pool,
+            commands,
+            deps.settings.campaigns.scheduler_interval,
+            shutdown,
+        )
+        .await;
+        Ok(())
+    })
 }
 
 /// One pass: start what is due, complete what is done. Returns both counts.
 pub async fn tick(pool: &Pool, commands: &Commands) -> anyhow::Result<(usize, usize)> {
-    let started = pass(pool, commands, DUE, "start").await?;
-    let completed = pass(pool, commands, DONE, "complete").await?;
-    counter!("ese_scheduler_commands_total", "command" => "start").increment(started as u64);
-    counter!("ese_scheduler_commands_total", "command" => "complete").increment(completed as u64);
+    let started = pass(pool, commands, DUE, CampaignAction::Start).await?;
+    let completed = pass(pool, commands, DONE, CampaignAction::Complete).await?;
+    counter!(crate::metrics::names::SCHEDULER_COMMANDS_TOTAL, "command" => "start")
+        .increment(started as u64);
+    counter!(crate::metrics::names::SCHEDULER_COMMANDS_TOTAL, "command" => "complete")
+        .increment(completed as u64);
     Ok((started, completed))
 }
 
@@ -54,7 +73,7 @@ async fn pass(
     pool: &Pool,
     commands: &Commands,
     query: &str,
-    action: &str,
+    action: CampaignAction,
 ) -> anyhow::Result<usize> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
@@ -66,7 +85,7 @@ async fn pass(
         .collect();
     for id in &ids {
         commands.transition(&tx, *id, action, "scheduler").await?;
-        info!(campaign = id, action, "scheduler");
+        info!(campaign = id, %action, "scheduler");
     }
     tx.commit().await?;
     Ok(ids.len())

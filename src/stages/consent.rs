@@ -1,17 +1,20 @@
 //! `consent`: inbound messages → consent. Keywords (whole message, case and
 //! trailing punctuation ignored) opt a number out or in, by event time, so a
 //! late-arriving older decision never undoes a newer one (`ese_apply_consent`,
-//! migration V3); every decision is kept in `consent_events`. Auto-replies
+//! `sql/functions/`); every decision is kept in `consent_events`. Auto-replies
 //! become `messages` rows keyed by the inbound event and go out on `sends`;
 //! decisions that took effect go out on `consent.changes`.
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 
-use crate::codec::Codec;
 use crate::config::ConsentConfig;
+use crate::model::SendKind;
 use crate::records::{ConsentChange, InboundNormalized, SendRequest};
-use crate::runner::{Collector, InRecord, Item, Stage, StageError};
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::runner::{Collector, Deps, InRecord, Item, Stage, StageError};
 
 /// What an inbound message means for consent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,7 +64,7 @@ ON CONFLICT (phone_number) DO UPDATE
    SET last_message_received = GREATEST(u.last_message_received, EXCLUDED.last_message_received)
  WHERE u.last_message_received IS DISTINCT FROM GREATEST(u.last_message_received, EXCLUDED.last_message_received)";
 
-const APPLY: &str = "SELECT ese_apply_consent($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[])";
+use crate::db::calls::APPLY_CONSENT as APPLY;
 
 const DECISIONS: &str = "
 SELECT source_event_id, phone_number, old_state, new_state, applied, keyword, source, occurred_at
@@ -96,10 +99,15 @@ SELECT id, recipient_phone, channel, body, idempotency_key FROM messages
 
 /// The consent stage.
 pub struct Consent {
-    pub codec: Codec,
     pub cfg: ConsentConfig,
-    pub sends_topic: String,
-    pub changes_topic: String,
+}
+
+/// The stage, until `shutdown`.
+pub fn start(deps: Deps, shutdown: CancellationToken) -> BoxFuture<'static, anyhow::Result<()>> {
+    Box::pin(async move {
+        let cfg = deps.settings.consent.clone();
+        deps.consume("consent", Consent { cfg }, shutdown).await
+    })
 }
 
 fn reply_key(event_id: &str) -> String {
@@ -109,20 +117,18 @@ fn reply_key(event_id: &str) -> String {
 impl Stage for Consent {
     type Input = InboundNormalized;
 
-    fn name(&self) -> &'static str {
-        "consent"
-    }
-
-    async fn decode(&self, record: &InRecord) -> Result<InboundNormalized, StageError> {
-        Ok(self.codec.decode(record.payload()).await?)
-    }
-
     async fn process(
         &self,
         tx: &Transaction<'_>,
         batch: &[Item<InboundNormalized>],
         out: &mut Collector,
     ) -> Result<(), StageError> {
+        // Outputs carry the tracing headers of the message they answer.
+        let source: std::collections::HashMap<&str, &InRecord> = batch
+            .iter()
+            .map(|i| (i.value.event_id.as_str(), &i.record))
+            .collect();
+        let from = |event: &str| source.get(event).copied().unwrap_or(&batch[0].record);
         let mut live = Vec::with_capacity(batch.len());
         for (i, item) in batch.iter().enumerate() {
             let m = &item.value;
@@ -222,8 +228,8 @@ impl Stage for Consent {
                 source_event_id: r.get(0),
                 occurred_at: at.timestamp_millis(),
             };
-            let payload = self.codec.encode(&self.changes_topic, &change).await?;
-            out.send(&self.changes_topic, phone, payload);
+            out.emit(from(&change.source_event_id), "changes", phone, &change)
+                .await?;
         }
 
         // Auto-replies: rows first (idempotent by the inbound event), then
@@ -289,15 +295,13 @@ impl Stage for Consent {
                     body: r.get(3),
                     attempt: 0,
                     kind: if is_opt_out {
-                        "opt_out_confirmation"
+                        SendKind::OptOutConfirmation
                     } else {
-                        "reply"
-                    }
-                    .to_string(),
+                        SendKind::Reply
+                    },
                     not_before: None,
                 };
-                let payload = self.codec.encode(&self.sends_topic, &send).await?;
-                out.send(&self.sends_topic, recipient, payload);
+                out.emit(from(event), "sends", recipient, &send).await?;
             }
         }
         Ok(())

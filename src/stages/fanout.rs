@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Pool, Transaction};
+use futures::future::BoxFuture;
 use metrics::{counter, histogram};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -31,28 +32,49 @@ use tracing::{info, warn};
 use crate::campaigns::{segment, template};
 use crate::codec::Codec;
 use crate::kafka::{Producer, TopicReader};
+use crate::model::SendKind;
 use crate::records::{CampaignCommand, SendRequest};
-use crate::runner::{Collector, InRecord, Item, Stage, StageError};
+use crate::runner::{Collector, Deps, Item, Stage, StageError};
 
 /// Advisory lock namespace of fan-outs (xor-ed with the campaign id).
 const LOCK_NS: i64 = 0x6573_6566_0000_0000;
 
 /// The stage: wakes the driver once the command's transaction is committed.
 pub struct Fanout {
-    pub codec: Codec,
     pub wake: Arc<Notify>,
 }
 
+/// The stage and its [`Driver`], until `shutdown`.
+pub fn start(deps: Deps, shutdown: CancellationToken) -> BoxFuture<'static, anyhow::Result<()>> {
+    Box::pin(async move {
+        let wake = Arc::new(Notify::new());
+        let settings = &deps.settings;
+        let driver = Driver {
+            pool: deps.pool.clone(),
+            producer: deps.producer.clone(),
+            codec: deps.codec.clone(),
+            reader: TopicReader::new(&settings.kafka)?,
+            sends_topic: deps.output(NAME, "sends")?,
+            page_size: settings.campaigns.fanout_page_size,
+            max_depth: settings.campaigns.max_filter_depth,
+            produce_timeout: settings.kafka.produce_timeout,
+            poll: settings.campaigns.scheduler_interval,
+            wake: wake.clone(),
+        };
+        let stop = shutdown.child_token();
+        let driving = tokio::spawn(driver.run(stop.clone()));
+        let result = deps.consume(NAME, Fanout { wake }, shutdown).await;
+        stop.cancel();
+        let _ = driving.await;
+        result
+    })
+}
+
+/// The stage's name: its pipeline is `pipelines/fanout.toml`.
+const NAME: &str = "fanout";
+
 impl Stage for Fanout {
     type Input = CampaignCommand;
-
-    fn name(&self) -> &'static str {
-        "fanout"
-    }
-
-    async fn decode(&self, record: &InRecord) -> Result<CampaignCommand, StageError> {
-        Ok(self.codec.decode(record.payload()).await?)
-    }
 
     async fn process(
         &self,
@@ -74,7 +96,7 @@ impl Stage for Fanout {
         for (i, item) in batch.iter().enumerate() {
             let c = &item.value;
             if found.contains(&c.campaign_id) {
-                counter!("ese_fanout_commands_total", "command" => c.command.clone()).increment(1);
+                counter!(crate::metrics::names::FANOUT_COMMANDS_TOTAL, "command" => c.command.as_str()).increment(1);
             } else {
                 out.dead_letter(i, format!("unknown campaign {}", c.campaign_id));
             }
@@ -152,7 +174,7 @@ struct Plan {
     id: i64,
     template: template::Template,
     defaults: serde_json::Map<String, serde_json::Value>,
-    channel: String,
+    channel: crate::model::Channel,
     page_sql: String,
     filter: segment::Compiled,
 }
@@ -160,17 +182,14 @@ struct Plan {
 impl Driver {
     /// Runs until `shutdown`; failures are logged and the work retried.
     pub async fn run(self, shutdown: CancellationToken) {
-        loop {
-            if let Err(e) = self.pass(&shutdown).await {
-                counter!("ese_fanout_errors_total").increment(1);
-                warn!(error = %e, "fan-out interrupted; resuming shortly");
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(self.poll) => {}
-            }
-        }
+        crate::periodic::Task::every(
+            "fan-out",
+            crate::metrics::names::FANOUT_ERRORS_TOTAL,
+            self.poll,
+        )
+        .woken_by(self.wake.clone())
+        .run(shutdown.clone(), || self.pass(&shutdown))
+        .await
     }
 
     /// Fans out every campaign that needs it and no other process holds.
@@ -362,7 +381,7 @@ impl Driver {
                     *reasons
                         .entry(format!("missing variable {var}"))
                         .or_default() += 1;
-                    counter!("ese_fanout_skipped_total", "reason" => "missing_variable")
+                    counter!(crate::metrics::names::FANOUT_SKIPPED_TOTAL, "reason" => "missing_variable")
                         .increment(1);
                 }
             }
@@ -424,10 +443,10 @@ impl Driver {
                 message_id: *message_id,
                 campaign_id: Some(plan.id),
                 recipient: recipient.clone(),
-                channel: plan.channel.clone(),
+                channel: plan.channel,
                 body: body.clone(),
                 attempt: 0,
-                kind: "campaign".to_string(),
+                kind: SendKind::Campaign,
                 not_before: None,
             })
             .collect();
@@ -439,7 +458,8 @@ impl Driver {
             self.produce_timeout,
         )
         .await?;
-        histogram!("ese_fanout_produce_seconds").record(started.elapsed().as_secs_f64());
+        histogram!(crate::metrics::names::FANOUT_PRODUCE_SECONDS)
+            .record(started.elapsed().as_secs_f64());
         Ok(sends.len() as i64)
     }
 
@@ -466,8 +486,8 @@ impl Driver {
                 ],
             )
             .await?;
-        counter!("ese_fanout_messages_total").increment(page.created as u64);
-        counter!("ese_fanout_sends_total").increment(produced as u64);
+        counter!(crate::metrics::names::FANOUT_MESSAGES_TOTAL).increment(page.created as u64);
+        counter!(crate::metrics::names::FANOUT_SENDS_TOTAL).increment(produced as u64);
         Ok(())
     }
 

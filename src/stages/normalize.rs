@@ -9,10 +9,12 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use tokio_postgres::types::{ToSql, Type};
 
-use crate::codec::Codec;
 use crate::phone::{Channel, Normalizer};
 use crate::records::{InboundNormalized, ParamsJson, ReceiptNormalized, WebhookRaw};
-use crate::runner::{Collector, InRecord, Item, RECEIVED_AT_HEADER, Stage, StageError};
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::runner::{Collector, Deps, Item, Stage, StageError};
 
 /// Status values the engine knows (the provider's, lowercased).
 pub const STATUSES: &[&str] = &[
@@ -56,12 +58,16 @@ ON CONFLICT (event_id) DO NOTHING";
 
 /// The normalize stage.
 pub struct Normalize {
-    pub codec: Codec,
     pub phones: Normalizer,
-    /// Output topic of normalized status callbacks.
-    pub receipts_topic: String,
-    /// Output topic of normalized inbound messages.
-    pub inbound_topic: String,
+}
+
+/// The stage, until `shutdown`.
+pub fn start(deps: Deps, shutdown: CancellationToken) -> BoxFuture<'static, anyhow::Result<()>> {
+    Box::pin(async move {
+        let phones = Normalizer::new(&deps.settings.phone.default_region);
+        deps.consume("normalize", Normalize { phones }, shutdown)
+            .await
+    })
 }
 
 #[derive(Default)]
@@ -82,7 +88,7 @@ struct InboundRows<'a> {
     from: Vec<Option<String>>,
     raw_from: Vec<String>,
     to: Vec<String>,
-    channel: Vec<String>,
+    channel: Vec<Channel>,
     body: Vec<String>,
     raw: Vec<ParamsJson<'a>>,
     status: Vec<String>,
@@ -167,7 +173,7 @@ impl Normalize {
             message_sid: sid,
             status,
             error_code,
-            channel: channel.as_str().to_string(),
+            channel,
             recipient,
             received_at: raw.received_at,
         })
@@ -196,7 +202,7 @@ impl Normalize {
         rows.from.push(parsed.as_ref().ok().map(|(_, p)| p.clone()));
         rows.raw_from.push(raw_from.clone());
         rows.to.push(to.clone());
-        rows.channel.push(channel.as_str().to_string());
+        rows.channel.push(channel);
         rows.body.push(body.clone());
         rows.raw.push(ParamsJson(&raw.params));
         rows.status
@@ -208,7 +214,7 @@ impl Normalize {
             message_sid: sid,
             from,
             to,
-            channel: channel.as_str().to_string(),
+            channel,
             body,
             profile_name: raw.param("ProfileName").map(str::to_string),
             wa_id: raw.param("WaId").map(str::to_string),
@@ -223,14 +229,6 @@ impl Normalize {
 
 impl Stage for Normalize {
     type Input = WebhookRaw;
-
-    fn name(&self) -> &'static str {
-        "normalize"
-    }
-
-    async fn decode(&self, record: &InRecord) -> Result<WebhookRaw, StageError> {
-        Ok(self.codec.decode(record.payload()).await?)
-    }
 
     async fn process(
         &self,
@@ -253,28 +251,18 @@ impl Stage for Normalize {
                 );
                 continue;
             };
-            let headers: Vec<(String, Vec<u8>)> = item
-                .record
-                .header(RECEIVED_AT_HEADER)
-                .map(|v| vec![(RECEIVED_AT_HEADER.to_string(), v.to_vec())])
-                .unwrap_or_default();
             match raw.kind.as_str() {
                 "status" => match self.status(raw, event_id, at, &mut receipts) {
                     Ok(r) => {
-                        let payload = self.codec.encode(&self.receipts_topic, &r).await?;
-                        out.send_with_headers(
-                            &self.receipts_topic,
-                            r.message_sid,
-                            payload,
-                            headers,
-                        );
+                        out.emit(&item.record, "receipts", r.message_sid.clone(), &r)
+                            .await?
                     }
                     Err(reason) => out.dead_letter(i, reason),
                 },
                 "inbound" => match self.inbound(raw, event_id, at, &mut inbound) {
                     Ok(r) => {
-                        let payload = self.codec.encode(&self.inbound_topic, &r).await?;
-                        out.send_with_headers(&self.inbound_topic, r.from, payload, headers);
+                        out.emit(&item.record, "inbound", r.from.clone(), &r)
+                            .await?
                     }
                     Err(reason) => out.dead_letter(i, reason),
                 },

@@ -1,6 +1,6 @@
 //! `receipts`: normalized status callbacks joined to their messages by
-//! provider SID. The fold lives in SQL (`ese_apply_receipts`, migrations V3
-//! and V6): status never moves backwards, duplicates change nothing, and a
+//! provider SID. The fold lives in SQL (`ese_apply_receipts`,
+//! `sql/functions/`): status never moves backwards, duplicates change nothing, and a
 //! callback that arrived before the sender wrote its SID is parked (listed in
 //! `receipts_unmatched`) until the sender's fold of that SID applies it.
 
@@ -11,11 +11,13 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use metrics::{counter, gauge, histogram};
 
-use crate::codec::Codec;
 use crate::records::ReceiptNormalized;
-use crate::runner::{Collector, InRecord, Item, Stage, StageError};
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
 
-const APPLY: &str = "SELECT message_id, old_status, new_status, sent_at, delivered_at FROM ese_apply_receipts($1::text[])";
+use crate::runner::{Collector, Deps, Item, Stage, StageError};
+
+use crate::db::calls::APPLY_RECEIPTS as APPLY;
 /// Parked SIDs a message has meanwhile: a fold that parked one can commit
 /// after the sender's fold of that SID looked for it.
 const MATCHED: &str =
@@ -25,23 +27,25 @@ const PARKED: &str = "SELECT count(*), count(*) FILTER (WHERE first_received_at 
 
 /// The receipts stage.
 pub struct Receipts {
-    pub codec: Codec,
     /// A parked receipt older than this counts as unmatched.
     pub unmatched_after: Duration,
     /// When the parked gauges were last refreshed.
     pub last_gauge: Mutex<Option<Instant>>,
 }
 
+/// The stage, until `shutdown`.
+pub fn start(deps: Deps, shutdown: CancellationToken) -> BoxFuture<'static, anyhow::Result<()>> {
+    Box::pin(async move {
+        let stage = Receipts {
+            unmatched_after: deps.settings.receipts.unmatched_after,
+            last_gauge: Default::default(),
+        };
+        deps.consume("receipts", stage, shutdown).await
+    })
+}
+
 impl Stage for Receipts {
     type Input = ReceiptNormalized;
-
-    fn name(&self) -> &'static str {
-        "receipts"
-    }
-
-    async fn decode(&self, record: &InRecord) -> Result<ReceiptNormalized, StageError> {
-        Ok(self.codec.decode(record.payload()).await?)
-    }
 
     async fn process(
         &self,
@@ -55,19 +59,21 @@ impl Stage for Receipts {
         let stmt = tx.prepare_cached(APPLY).await?;
         let changed = tx.query(&stmt, &[&sids]).await?;
         for i in batch {
-            counter!("ese_receipts_callbacks_total", "status" => i.value.status.clone())
+            counter!(crate::metrics::names::RECEIPTS_CALLBACKS_TOTAL, "status" => i.value.status.clone())
                 .increment(1);
         }
         for row in &changed {
             let old: String = row.get(1);
             let new: String = row.get(2);
-            counter!("ese_receipts_transitions_total", "to" => new.clone()).increment(1);
+            counter!(crate::metrics::names::RECEIPTS_TRANSITIONS_TOTAL, "to" => new.clone())
+                .increment(1);
             if new == "DELIVERED" && old != "DELIVERED" {
                 let sent: Option<DateTime<Utc>> = row.get(3);
                 let delivered: Option<DateTime<Utc>> = row.get(4);
                 if let (Some(s), Some(d)) = (sent, delivered) {
                     let secs = (d - s).num_milliseconds().max(0) as f64 / 1000.0;
-                    histogram!("ese_receipts_sent_to_delivered_seconds").record(secs);
+                    histogram!(crate::metrics::names::RECEIPTS_SENT_TO_DELIVERED_SECONDS)
+                        .record(secs);
                 }
             }
         }
@@ -89,8 +95,8 @@ impl Receipts {
         let age = self.unmatched_after.as_secs_f64();
         tx.execute(MATCHED, &[]).await?;
         let row = tx.query_one(PARKED, &[&age]).await?;
-        gauge!("ese_receipts_parked").set(row.get::<_, i64>(0) as f64);
-        gauge!("ese_receipts_unmatched").set(row.get::<_, i64>(1) as f64);
+        gauge!(crate::metrics::names::RECEIPTS_PARKED).set(row.get::<_, i64>(0) as f64);
+        gauge!(crate::metrics::names::RECEIPTS_UNMATCHED).set(row.get::<_, i64>(1) as f64);
         Ok(())
     }
 }

@@ -5,9 +5,11 @@
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 
-use crate::codec::Codec;
 use crate::phone::Normalizer;
-use crate::runner::{Collector, InRecord, Item, Stage, StageError};
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::runner::{Collector, Deps, Item, Stage, StageError};
 
 pub use crate::records::UserUpsert;
 
@@ -22,20 +24,19 @@ ON CONFLICT (phone_number) DO UPDATE SET
 
 /// The users stage.
 pub struct Users {
-    pub codec: Codec,
     pub phones: Normalizer,
+}
+
+/// The stage, until `shutdown`.
+pub fn start(deps: Deps, shutdown: CancellationToken) -> BoxFuture<'static, anyhow::Result<()>> {
+    Box::pin(async move {
+        let phones = Normalizer::new(&deps.settings.phone.default_region);
+        deps.consume("users", Users { phones }, shutdown).await
+    })
 }
 
 impl Stage for Users {
     type Input = UserUpsert;
-
-    fn name(&self) -> &'static str {
-        "users"
-    }
-
-    async fn decode(&self, record: &InRecord) -> Result<UserUpsert, StageError> {
-        Ok(self.codec.decode(record.payload()).await?)
-    }
 
     async fn process(
         &self,

@@ -345,7 +345,7 @@ async fn limits_answer_413_415_400_and_503() {
         .filter(|(k, _)| *k != "MessageStatus")
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let sig = ese::bridge::signature::sign(
+    let sig = ese::twilio::signature::sign(
         fixtures::TOKEN,
         &format!("{}{STATUS}", fixtures::PUBLIC_URL),
         &params,

@@ -563,7 +563,7 @@ async fn scheduler_starts_each_due_campaign_once_even_when_two_run() {
     )
     .await
     .unwrap();
-    let commands = app.deps().commands().unwrap();
+    let commands = ese::campaigns::Commands::new(&app.deps()).unwrap();
     let mut tasks = Vec::new();
     for _ in 0..2 {
         let (pool, commands) = (app.pool.clone(), commands.clone());
@@ -697,7 +697,7 @@ async fn fanout_pauses_resumes_skips_missing_variables_and_completes() {
     }
 
     // Completed once every message is final.
-    let commands = app.deps().commands().unwrap();
+    let commands = ese::campaigns::Commands::new(&app.deps()).unwrap();
     let (_, completed) = ese::campaigns::scheduler::tick(&app.pool, &commands)
         .await
         .unwrap();

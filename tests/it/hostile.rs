@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use ese::bridge::signature;
 use ese::campaigns::{segment, template};
+use ese::twilio::signature;
 use proptest::prelude::*;
 use serde_json::Value;
 

@@ -352,7 +352,7 @@ async fn later_consent_decision_stands_whatever_the_arrival_order() {
             .decode(s.payload.as_deref().unwrap())
             .await
             .unwrap();
-        got.push((r.recipient, r.kind));
+        got.push((r.recipient, r.kind.to_string()));
     }
     got.sort();
     assert_eq!(
@@ -377,7 +377,7 @@ async fn later_consent_decision_stands_whatever_the_arrival_order() {
             .decode(ch.payload.as_deref().unwrap())
             .await
             .unwrap();
-        states.push((r.phone, r.state));
+        states.push((r.phone, r.state.to_string()));
     }
     states.sort();
     assert_eq!(

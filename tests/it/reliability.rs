@@ -46,7 +46,7 @@ async fn send_text(l: &Loop, from: &str, body: &str, until: Instant) -> bool {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let signature = ese::bridge::signature::sign(crate::fixtures::TOKEN, &url, &params);
+    let signature = ese::twilio::signature::sign(crate::fixtures::TOKEN, &url, &params);
     let form = url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(&params)
         .finish();
@@ -440,8 +440,8 @@ async fn poison_mixed_into_the_load_is_dead_lettered_and_the_rest_unaffected() {
         let start = ese::records::CampaignCommand {
             command_id: uuid::Uuid::new_v4().to_string(),
             campaign_id: 987_654,
-            command: "start".into(),
-            status: "RUNNING".into(),
+            command: ese::model::CampaignAction::Start,
+            status: ese::model::CampaignStatus::Running,
             issued_by: "test".into(),
             issued_at: 0,
         };
@@ -452,10 +452,10 @@ async fn poison_mixed_into_the_load_is_dead_lettered_and_the_rest_unaffected() {
             message_id: 987_654_321,
             campaign_id: Some(987_654),
             recipient: "+14155550100".into(),
-            channel: "SMS".into(),
+            channel: ese::model::Channel::Sms,
             body: "hello".into(),
             attempt: 0,
-            kind: "campaign".into(),
+            kind: ese::model::SendKind::Campaign,
             not_before: None,
         };
         let payload = app.codec.encode(&sends, &send).await.unwrap();

@@ -15,11 +15,13 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_util::sync::CancellationToken;
 
 use super::{Scratch, rate};
-use crate::bridge::{Bridge, signature};
-use crate::codec::Codec;
-use crate::config::Settings;
-use crate::records::{Param, WebhookRaw};
-use crate::stages::{Deps, normalize};
+use ese::bridge::Bridge;
+use ese::codec::Codec;
+use ese::config::Settings;
+use ese::records::{Param, WebhookRaw};
+use ese::runner::Deps;
+use ese::stages::normalize;
+use ese::twilio::signature;
 
 pub(super) const PATH: &str = "/webhooks/twilio/status";
 pub(super) const TOKEN: &str = "bench-auth-token";
@@ -102,7 +104,7 @@ pub(super) async fn drive(
     concurrency: usize,
     per_second: Option<f64>,
 ) -> anyhow::Result<Run> {
-    let client = crate::http::client_builder()
+    let client = ese::http::client_builder()
         .pool_max_idle_per_host(concurrency)
         .build()?;
     let next = Arc::new(AtomicUsize::new(0));
@@ -195,9 +197,9 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
     let addr = listener.local_addr()?;
     settings.bridge.public_url = format!("http://{addr}");
     settings.bridge.max_in_flight = conc * 4;
-    let pool = crate::db::pool(&settings.database)?;
+    let pool = ese::db::pool(&settings.database)?;
     let bridge = Bridge::new(&settings, vec![TOKEN.to_string()], pool.clone())?;
-    tokio::spawn(crate::bridge::serve_on(
+    tokio::spawn(ese::bridge::serve_on(
         listener,
         bridge.router(),
         shutdown.clone(),
@@ -234,7 +236,7 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
     // Ceiling 2: the broker's produce rate for same-size records with the
     // bridge's producer settings.
     let codec = Codec::single_object()?;
-    let topic = settings.bridge.status_topic.clone();
+    let topic = settings.topic("webhooks-status")?.to_string();
     let sample = WebhookRaw {
         event_id: uuid::Uuid::new_v4().to_string(),
         kind: "status".into(),
@@ -252,8 +254,8 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
     };
     let payload = codec.encode(&topic, &sample).await?;
     let ceiling_topic = format!("{topic}.ceiling");
-    crate::kafka::create_topics(&settings.kafka, std::slice::from_ref(&ceiling_topic)).await?;
-    let producer = crate::kafka::Producer::new(&Bridge::producer_settings(&settings))?;
+    ese::kafka::create_topics(&settings.kafka, std::slice::from_ref(&ceiling_topic)).await?;
+    let producer = ese::kafka::Producer::new(&Bridge::producer_settings(&settings))?;
     let produce = super::produce_ceiling(&producer, &ceiling_topic, n, |i| {
         (Some(format!("SM{i:032x}").into_bytes()), payload.as_slice())
     })
@@ -300,7 +302,12 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
     let accepted = (full.ok + paced.ok) as i64;
     let consume = rate(
         accepted as usize,
-        super::consume_ceiling(&settings, &settings.bridge.status_topic, accepted as usize).await?,
+        super::consume_ceiling(
+            &settings,
+            settings.topic("webhooks-status")?,
+            accepted as usize,
+        )
+        .await?,
     );
     println!(
         "  {:<28} {consume:>9.0} rec/s",
@@ -315,7 +322,7 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
     let stage_deps = Deps {
         settings: settings.clone(),
         pool: pool.clone(),
-        producer: crate::kafka::Producer::new(&settings.kafka)?,
+        producer: ese::kafka::Producer::new(&settings.kafka)?,
         codec,
     };
     let mut ratios = Vec::with_capacity(ROUNDS);
@@ -366,7 +373,7 @@ async fn copy_ceiling(
     let sink = client.copy_in(normalize::COPY_RECEIPTS).await?;
     let writer = BinaryCopyInWriter::new(sink, normalize::RECEIPT_TYPES);
     futures::pin_mut!(writer);
-    let raw = crate::records::ParamsJson(&sample.params);
+    let raw = ese::records::ParamsJson(&sample.params);
     let now = chrono::Utc::now();
     for i in 0..n {
         let id = uuid::Uuid::new_v4();

@@ -14,8 +14,8 @@ use tokio_postgres::types::Type;
 
 use super::webhooks::{PATH, TOKEN, callback, drive};
 use super::{Scratch, bench_phone, consume_ceiling, rate};
-use crate::config::Settings;
-use crate::kafka::TopicReader;
+use ese::config::Settings;
+use ese::kafka::TopicReader;
 
 const ADMIN: &str = "bench-admin-token";
 
@@ -140,7 +140,7 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
         "e2e bench: {n} status webhooks at {per_second}/s, then a {users}-user campaign; broker {}, postgres db {}",
         settings.kafka.brokers, scratch.db_name
     );
-    let pool = crate::db::pool(&settings.database)?;
+    let pool = ese::db::pool(&settings.database)?;
     let client = pool.get().await?;
 
     // The messages the callbacks belong to; their COPY is the Postgres ceiling.
@@ -187,9 +187,9 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
             .map(|i| callback(&settings.bridge.public_url, i))
             .collect(),
     );
-    let ceiling_topic = format!("{}.ceiling", settings.bridge.status_topic);
-    crate::kafka::create_topics(&settings.kafka, std::slice::from_ref(&ceiling_topic)).await?;
-    let producer = crate::kafka::Producer::new(&settings.kafka)?;
+    let ceiling_topic = format!("{}.ceiling", settings.topic("webhooks-status")?);
+    ese::kafka::create_topics(&settings.kafka, std::slice::from_ref(&ceiling_topic)).await?;
+    let producer = ese::kafka::Producer::new(&settings.kafka)?;
     let produce = super::produce_ceiling(&producer, &ceiling_topic, n, |i| {
         (None, bodies[i].0.as_bytes())
     })
@@ -212,7 +212,7 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
     )?;
     let engine = Engine(child);
     let pid = engine.0.id();
-    let http = crate::http::client_builder().build()?;
+    let http = ese::http::client_builder().build()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while http
         .get(format!("http://{bridge}/healthz"))

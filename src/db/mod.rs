@@ -8,9 +8,14 @@ use postgres_openssl::MakeTlsConnector;
 
 use crate::config::DatabaseConfig;
 
+pub mod calls;
+
 mod embedded {
     refinery::embed_migrations!("migrations");
 }
+
+// `FUNCTIONS`: every `sql/functions/*.sql`, embedded by build.rs.
+include!(concat!(env!("OUT_DIR"), "/functions.rs"));
 
 /// `sslmode` in `database.url`, read as libpq reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,14 +172,23 @@ pub fn pool(cfg: &DatabaseConfig) -> anyhow::Result<Pool> {
         .map_err(|e| anyhow::anyhow!("database pool: {e}"))
 }
 
-/// Applies pending migrations from `migrations/`; a no-op when none are pending.
-/// Returns the names of the migrations applied now.
+/// Applies pending migrations from `migrations/`, then every SQL function's
+/// live definition from `sql/functions/` (`CREATE OR REPLACE`, so a function
+/// is changed in its one file and never copied into a migration). Returns
+/// the names of the migrations applied now.
 pub async fn migrate(url: &str) -> anyhow::Result<Vec<String>> {
     let mut client = connect(url).await?;
     let report = embedded::migrations::runner()
         .run_async(&mut client)
         .await
         .map_err(|e| anyhow::anyhow!("migration failed: {e}"))?;
+    let tx = client.transaction().await?;
+    for (file, text) in FUNCTIONS {
+        tx.batch_execute(text)
+            .await
+            .map_err(|e| anyhow::anyhow!("sql/functions/{file}: {}", describe(&e)))?;
+    }
+    tx.commit().await?;
     Ok(report
         .applied_migrations()
         .iter()

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::{Scratch, rate};
-use crate::config::Settings;
+use ese::config::Settings;
 
 const ACCOUNT: &str = "ACbench00000000000000000000000000";
 const TOKEN: &str = "bench-token";
@@ -35,15 +35,15 @@ async fn run(scratch: &Scratch, limit: i32, n: i64) -> anyhow::Result<()> {
     let mut sim_cfg = settings.provider_sim.clone();
     sim_cfg.callback_statuses = Vec::new(); // sends only: no bridge in this bench
     sim_cfg.rate_limit = 0;
-    let sim = crate::sim::Simulator::new(sim_cfg, ACCOUNT.into(), TOKEN.into())?;
+    let sim = ese::sim::Simulator::new(sim_cfg, ACCOUNT.into(), TOKEN.into())?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(crate::sim::serve_on(sim, listener, stop.clone()));
+    tokio::spawn(ese::sim::serve_on(sim, listener, stop.clone()));
     let _stop = stop.drop_guard();
     settings.provider.base_url = base.clone();
 
-    let pool = crate::db::pool(&settings.database)?;
+    let pool = ese::db::pool(&settings.database)?;
     let client = pool.get().await?;
     client
         .execute(
@@ -77,16 +77,16 @@ async fn run(scratch: &Scratch, limit: i32, n: i64) -> anyhow::Result<()> {
     )?;
     // Let the sender join its group before the first send exists.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let deps = crate::stages::Deps::new(&settings)?;
+    let deps = ese::runner::Deps::new(&settings)?;
     {
         let mut c = pool.get().await?;
         let tx = c.transaction().await?;
-        deps.commands()?
-            .transition(&tx, campaign, "start", "bench")
+        ese::campaigns::Commands::new(&deps)?
+            .transition(&tx, campaign, ese::model::CampaignAction::Start, "bench")
             .await?;
         tx.commit().await?;
     }
-    let http = crate::http::client_builder().build()?;
+    let http = ese::http::client_builder().build()?;
     let started = Instant::now();
     let stats = loop {
         tokio::time::sleep(Duration::from_millis(500)).await;

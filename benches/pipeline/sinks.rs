@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 use rdkafka::producer::FutureRecord;
 
 use super::{Scratch, rate};
-use crate::config::Settings;
-use crate::records::{InboundNormalized, ReceiptNormalized, Record};
-use crate::runner::{Collector, InRecord, Item, Stage};
-use crate::stages::Deps;
-use crate::stages::consent::Consent;
-use crate::stages::receipts::Receipts;
+use ese::config::Settings;
+use ese::records::{InboundNormalized, ReceiptNormalized, Record};
+use ese::runner::Deps;
+use ese::runner::{Collector, InRecord, Item, Stage};
+use ese::stages::consent::Consent;
+use ese::stages::receipts::Receipts;
 
 /// `ese bench receipts --records N`.
 pub async fn receipts(settings: Settings, n: usize) -> anyhow::Result<()> {
@@ -40,16 +40,18 @@ fn item<T>(value: T) -> Item<T> {
 /// Applies `items` with `stage.process` in batches of `batch`, one transaction each.
 async fn bare<S: Stage>(
     stage: &S,
+    name: &str,
     deps: &Deps,
     items: Vec<S::Input>,
     batch: usize,
 ) -> anyhow::Result<Duration> {
+    let outputs = std::sync::Arc::new(deps.settings.pipeline(name)?.outputs.clone());
     let items: Vec<Item<S::Input>> = items.into_iter().map(item).collect();
     let mut client = deps.pool.get().await?;
     let started = Instant::now();
     for chunk in items.chunks(batch) {
         let tx = client.transaction().await?;
-        let mut out = Collector::default();
+        let mut out = Collector::new(deps.codec.clone(), outputs.clone());
         stage
             .process(&tx, chunk, &mut out)
             .await
@@ -122,18 +124,17 @@ async fn run(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
             message_sid: format!("SM{i}"),
             status: "delivered".into(),
             error_code: None,
-            channel: "SMS".into(),
+            channel: ese::model::Channel::Sms,
             recipient: None,
             received_at: now.timestamp_millis() + 1000,
         })
         .collect();
     let batch = settings.pipeline("receipts")?.batch_size;
     let stage = Receipts {
-        codec: deps.codec.clone(),
         unmatched_after: settings.receipts.unmatched_after,
         last_gauge: Default::default(),
     };
-    let ceiling = bare(&stage, &deps, callbacks.clone(), batch).await?;
+    let ceiling = bare(&stage, "receipts", &deps, callbacks.clone(), batch).await?;
     let delivered: i64 = client
         .query_one(
             "SELECT count(*) FROM messages WHERE status = 'DELIVERED'",
@@ -179,20 +180,7 @@ async fn run(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
     // Consent: STOP/START from n distinct numbers, twice (the ceiling and
     // the stage each get events of their own, so neither finds the work done).
     let consent = Consent {
-        codec: deps.codec.clone(),
         cfg: settings.consent.clone(),
-        sends_topic: settings
-            .pipeline("consent")?
-            .outputs
-            .get("sends")
-            .cloned()
-            .unwrap_or_default(),
-        changes_topic: settings
-            .pipeline("consent")?
-            .outputs
-            .get("changes")
-            .cloned()
-            .unwrap_or_default(),
     };
     let make = |round: i64| -> Vec<InboundNormalized> {
         (0..n)
@@ -201,7 +189,7 @@ async fn run(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
                 message_sid: format!("SMin{round}x{i}"),
                 from: format!("+1415{:07}", 3_000_000 + i),
                 to: "+14155550123".into(),
-                channel: "SMS".into(),
+                channel: ese::model::Channel::Sms,
                 body: if i % 2 == 0 {
                     "STOP".into()
                 } else {
@@ -215,7 +203,7 @@ async fn run(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
             .collect()
     };
     let batch = settings.pipeline("consent")?.batch_size;
-    let ceiling = bare(&consent, &deps, make(1), batch).await?;
+    let ceiling = bare(&consent, "consent", &deps, make(1), batch).await?;
     let inbound = make(2);
     let topic = settings.pipeline("consent")?.inputs[0].clone();
     let keyed: Vec<(String, InboundNormalized)> =

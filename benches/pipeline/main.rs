@@ -1,6 +1,8 @@
-//! `ese bench …`: throughput benchmarks that measure, in the same run, the
-//! bare ceilings a stage stands on, and print the ratio. Run them from a
-//! release build (`cargo run --release -- bench users`).
+//! The pipeline benchmarks: throughput measured against, in the same run,
+//! the bare ceilings a stage stands on, and the ratio printed. Outside the
+//! engine's library: `cargo bench --bench pipeline -- users` (a release
+//! build; `-- --help` lists them). Each runs on a fresh database and fresh
+//! topics, on the embedded broker unless `KAFKA_BROKERS` is set.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -13,28 +15,149 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::Codec;
-use crate::config::Settings;
-use crate::stages::Deps;
-use crate::stages::users::UserUpsert;
+use ese::codec::Codec;
+use ese::config::Settings;
+use ese::runner::Deps;
+use ese::stages::users::UserUpsert;
 
 mod e2e;
 mod fanout;
 mod sender;
 mod sinks;
 mod webhooks;
-pub use e2e::e2e;
-pub use fanout::fanout;
-pub use sender::sender;
-pub use sinks::receipts;
-pub use webhooks::webhooks;
+use e2e::e2e;
+use fanout::fanout;
+use sender::sender;
+use sinks::receipts;
+use webhooks::webhooks;
+
+use clap::{Parser, Subcommand};
+
+/// Throughput benchmarks with their ceilings measured in the same run.
+#[derive(Debug, Parser)]
+#[command(name = "pipeline")]
+struct Args {
+    /// Extra TOML config file (over the embedded defaults, under the environment).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    /// `cargo bench` passes it; ignored.
+    #[arg(long, hide = true, global = true)]
+    bench: bool,
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tansu=off")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    ese::http::install_crypto();
+    let run = async {
+        let settings = Settings::load(args.config.as_deref())?;
+        match args.command {
+            BenchCommand::E2e {
+                rate,
+                seconds,
+                campaign_users,
+            } => e2e(settings, rate, seconds, campaign_users).await,
+            BenchCommand::Users { records } => users(settings, records).await,
+            BenchCommand::Webhooks {
+                requests,
+                concurrency,
+            } => webhooks(settings, requests, concurrency).await,
+            BenchCommand::Sender {
+                seconds,
+                ceiling_sends,
+            } => sender(settings, seconds, ceiling_sends).await,
+            BenchCommand::Fanout { users } => fanout(settings, &users).await,
+            BenchCommand::Receipts { records } => receipts(settings, records).await,
+        }
+    };
+    let result = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(run),
+        Err(e) => Err(e.into()),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// The engine as one process: signed status webhooks at a rate through
+    /// bridge → normalize → receipts (latency, lag, CPU, RSS), then a campaign
+    /// through fan-out → sender → simulator → callbacks → DELIVERED, with the
+    /// broker and COPY ceilings.
+    E2e {
+        /// Webhooks per second.
+        #[arg(long, default_value_t = 5000)]
+        rate: u32,
+        /// Seconds of webhook load.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Recipients of the campaign run.
+        #[arg(long, default_value_t = 100_000)]
+        campaign_users: i64,
+    },
+    /// sender against the provider simulator: rate accuracy at 100/s and
+    /// 1,000/s, then the ceiling with limits off.
+    Sender {
+        /// Seconds at each configured rate.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Sends in the limits-off run.
+        #[arg(long, default_value_t = 50_000)]
+        ceiling_sends: u64,
+    },
+    /// fanout stage: a campaign over N users → messages and acknowledged send
+    /// records, in a child process (peak RSS reported), against COPY.
+    Fanout {
+        /// Audience sizes, one run each.
+        #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+        users: Vec<i64>,
+    },
+    /// users stage: topic → committed rows, against bare consume and COPY.
+    Users {
+        /// Upserts to push through.
+        #[arg(long, default_value_t = 100_000)]
+        records: usize,
+    },
+    /// receipts and consent stages: topic → rows, against the same stage SQL without Kafka.
+    Receipts {
+        /// Callbacks (and consent decisions) to push through.
+        #[arg(long, default_value_t = 50_000)]
+        records: usize,
+    },
+    /// Signed status callbacks over HTTP into the bridge, against bare HTTP
+    /// and bare produce; then normalize into Postgres against COPY.
+    Webhooks {
+        /// Requests in the closed-loop run.
+        #[arg(long, default_value_t = 50_000)]
+        requests: usize,
+        /// Requests in flight. Each answer waits for the broker's
+        /// acknowledgement (~2 ms), so a closed loop of C requests cannot pass
+        /// C / 2 ms whatever the CPU: 64 tops out near 32 k/s. The ceilings
+        /// are rates at saturation, and so must the bridge's be.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+    },
+}
 
 /// A throwaway database and topic prefix for one benchmark run, dropped at the end.
 pub struct Scratch {
     pub settings: Settings,
     pub db_name: String,
     admin_url: String,
-    _broker: Option<crate::broker::EmbeddedBroker>,
+    _broker: Option<ese::broker::EmbeddedBroker>,
 }
 
 impl Scratch {
@@ -42,7 +165,7 @@ impl Scratch {
     /// database and prefixes every topic and group with a fresh name.
     pub async fn new(mut settings: Settings) -> anyhow::Result<Self> {
         let broker = if settings.kafka.brokers.trim().is_empty() {
-            let b = crate::broker::start("127.0.0.1:0", "memory://ese-bench/").await?;
+            let b = ese::broker::start("127.0.0.1:0", "memory://ese-bench/").await?;
             settings.kafka.brokers = b.bootstrap.clone();
             Some(b)
         } else {
@@ -59,7 +182,7 @@ impl Scratch {
         let mut url = url::Url::parse(&admin_url)?;
         url.set_path(&format!("/{db_name}"));
         settings.database.url = url.to_string();
-        crate::db::migrate(&settings.database.url).await?;
+        ese::db::migrate(&settings.database.url).await?;
         let prefix = format!("bench{}", &id[..8]);
         for p in settings.pipelines.values_mut() {
             p.group_id = format!("{prefix}.{}", p.group_id);
@@ -68,13 +191,10 @@ impl Scratch {
             }
             p.dlq = format!("{prefix}.{}", p.dlq);
         }
-        for t in [
-            &mut settings.bridge.status_topic,
-            &mut settings.bridge.inbound_topic,
-        ] {
+        for t in settings.topics.values_mut() {
             *t = format!("{prefix}.{t}");
         }
-        crate::kafka::create_topics(&settings.kafka, &settings.all_topics()).await?;
+        ese::kafka::create_topics(&settings.kafka, &settings.all_topics()).await?;
         Ok(Self {
             settings,
             db_name,
@@ -99,7 +219,7 @@ impl Scratch {
 
 /// Starts this binary as `ese ARGS…` on `settings` (written to a temp config
 /// file named after `name`, returned for removal), stdout discarded.
-pub(crate) fn spawn_ese(
+pub fn spawn_ese(
     settings: &Settings,
     name: &str,
     args: &[&str],
@@ -107,7 +227,7 @@ pub(crate) fn spawn_ese(
 ) -> anyhow::Result<(std::process::Child, std::path::PathBuf)> {
     let config = std::env::temp_dir().join(format!("{name}.toml"));
     std::fs::write(&config, toml::to_string(settings)?)?;
-    let child = std::process::Command::new(std::env::current_exe()?)
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ese"))
         .arg("--config")
         .arg(&config)
         .args(args)
@@ -131,8 +251,8 @@ fn bench_phone(i: usize) -> String {
 /// Records/s of producing `n` records (record `i` is `record(i)`: key,
 /// payload) to `topic` once `producer` holds its id, with 5,000 sends in
 /// flight throughout: the broker's rate, not one batch's latency.
-pub(crate) async fn produce_ceiling<'a>(
-    producer: &crate::kafka::Producer,
+pub async fn produce_ceiling<'a>(
+    producer: &ese::kafka::Producer,
     topic: &str,
     n: usize,
     record: impl Fn(usize) -> (Option<Vec<u8>>, &'a [u8]),
@@ -161,7 +281,7 @@ pub(crate) async fn produce_ceiling<'a>(
 }
 
 /// Rate in records per second.
-pub(crate) fn rate(n: usize, d: Duration) -> f64 {
+pub fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
 }
 
@@ -173,7 +293,7 @@ pub async fn consume_ceiling(
 ) -> anyhow::Result<Duration> {
     let group = format!("ceiling-{}", uuid::Uuid::new_v4().simple());
     let consumer: StreamConsumer =
-        crate::kafka::consumer_config(&settings.kafka, &group)?.create()?;
+        ese::kafka::consumer_config(&settings.kafka, &group)?.create()?;
     consumer.subscribe(&[topic])?;
     let started = Instant::now();
     let mut seen = 0usize;
@@ -203,7 +323,7 @@ async fn users_in(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
     let settings = &scratch.settings;
     let topic = settings.pipeline("users")?.inputs[0].clone();
     let codec = Codec::single_object()?;
-    let producer = crate::kafka::Producer::new(&settings.kafka)?;
+    let producer = ese::kafka::Producer::new(&settings.kafka)?;
 
     println!(
         "users bench: {n} upserts, broker {}, postgres db {}",
@@ -253,7 +373,7 @@ async fn users_in(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
     );
 
     // Ceiling 2: binary COPY of the same rows into the same table.
-    let pool = crate::db::pool(&settings.database)?;
+    let pool = ese::db::pool(&settings.database)?;
     let client = pool.get().await?;
     let started = Instant::now();
     let sink = client
@@ -303,7 +423,7 @@ async fn users_in(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
 
 /// The samples of metric `name` on a rendered Prometheus page: (labels as
 /// written between the braces, value).
-pub(crate) fn samples<'a>(page: &'a str, name: &str) -> impl Iterator<Item = (&'a str, f64)> {
+pub fn samples<'a>(page: &'a str, name: &str) -> impl Iterator<Item = (&'a str, f64)> {
     let prefix = format!("{name}{{");
     page.lines().filter_map(move |line| {
         let (labels, value) = line.strip_prefix(prefix.as_str())?.split_once("} ")?;
@@ -312,7 +432,7 @@ pub(crate) fn samples<'a>(page: &'a str, name: &str) -> impl Iterator<Item = (&'
 }
 
 /// The value of label `key` in `labels` (as [`samples`] gives them).
-pub(crate) fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
+pub fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
     labels
         .split(',')
         .find_map(|l| l.strip_prefix(key)?.strip_prefix("=\"")?.strip_suffix('"'))
@@ -320,7 +440,7 @@ pub(crate) fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
 
 /// `ese_stage_phase_seconds` of `stage` from a rendered metrics page: phase →
 /// (sum of seconds, count).
-pub(crate) fn phase_totals(page: &str, stage: &str) -> HashMap<String, (f64, f64)> {
+pub fn phase_totals(page: &str, stage: &str) -> HashMap<String, (f64, f64)> {
     let mut totals: HashMap<String, (f64, f64)> = HashMap::new();
     for (part, is_sum) in [("sum", true), ("count", false)] {
         for (labels, v) in samples(page, &format!("ese_stage_phase_seconds_{part}")) {
@@ -338,7 +458,7 @@ pub(crate) fn phase_totals(page: &str, stage: &str) -> HashMap<String, (f64, f64
 
 /// `<stage> batches: N, mean ms per batch: gather … produce …` between two
 /// [`phase_totals`] readings.
-pub(crate) fn phase_line(
+pub fn phase_line(
     stage: &str,
     before: &HashMap<String, (f64, f64)>,
     after: &HashMap<String, (f64, f64)>,
@@ -367,7 +487,7 @@ pub(crate) fn phase_line(
 /// printed apart. So does getting the producer's id: a new idempotent
 /// producer has it only after ~0.5 s, and the first batches would wait for it
 /// inside the timing.
-pub(crate) async fn time_stage(
+pub async fn time_stage(
     deps: &Deps,
     stage: &str,
     done: &str,
@@ -379,7 +499,7 @@ pub(crate) async fn time_stage(
         "{stage}: the producer got no producer id from the broker within 30 s"
     );
     let ready = ready.elapsed();
-    let handle = crate::metrics::handle();
+    let handle = ese::metrics::handle();
     let count = |metric: &str| {
         samples(&handle.render(), metric)
             .find(|(labels, _)| label(labels, "stage") == Some(stage))
@@ -392,7 +512,7 @@ pub(crate) async fn time_stage(
     let token = CancellationToken::new();
     let (d, t, name) = (deps.clone(), token.clone(), stage.to_string());
     let started = Instant::now();
-    let task = tokio::spawn(async move { crate::stages::run(&name, d, t).await });
+    let task = tokio::spawn(async move { ese::stages::run(&name, d, t).await });
     let mut first: Option<Instant> = None;
     loop {
         if first.is_none() && consumed() > consumed_before {

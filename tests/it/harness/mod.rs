@@ -1,5 +1,16 @@
 //! `TestApp`: a fresh database and fresh topic names per test, the real
-//! config, and helpers that read like what a user would check.
+//! config, and helpers that read like what a user would check. Beside it:
+//! child processes and the services the project's scripts run
+//! ([`processes`]), the HTTP surfaces in the test process ([`http`]), and
+//! the whole loop on one machine ([`full_loop`]).
+
+mod full_loop;
+mod http;
+mod processes;
+
+pub use full_loop::Loop;
+pub use http::{RunningApi, RunningBridge};
+pub use processes::*;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -10,7 +21,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Pool;
 use ese::codec::Codec;
 use ese::config::Settings;
-use ese::stages::Deps;
+use ese::runner::Deps;
 use figment::providers::{Format, Serialized};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -125,21 +136,11 @@ impl TestApp {
         for (name, p) in &defaults.pipelines {
             let mut t = toml::Table::new();
             t.insert("group-id".into(), format!("{prefix}.{}", p.group_id).into());
-            t.insert(
-                "inputs".into(),
-                p.inputs
-                    .iter()
-                    .map(|i| format!("{prefix}.{i}"))
-                    .collect::<Vec<_>>()
-                    .into(),
-            );
-            t.insert("dlq".into(), format!("{prefix}.{}", p.dlq).into());
-            let mut outs = toml::Table::new();
-            for (k, v) in &p.outputs {
-                outs.insert(k.clone(), format!("{prefix}.{v}").into());
-            }
-            t.insert("outputs".into(), outs.into());
             pipelines.insert(name.clone(), t.into());
+        }
+        let mut topics = toml::Table::new();
+        for (key, name) in &defaults.topics {
+            topics.insert(key.clone(), format!("{prefix}.{name}").into());
         }
         let mut doc: toml::Table = toml::from_str(&format!(
             r#"
@@ -155,8 +156,6 @@ impl TestApp {
             listen = "127.0.0.1:0"
             [bridge]
             public-url = "{}"
-            status-topic = "{prefix}.webhooks.status.raw"
-            inbound-topic = "{prefix}.webhooks.inbound.raw"
             produce-timeout = "3s"
             "#,
             brokers(),
@@ -164,6 +163,7 @@ impl TestApp {
         ))
         .expect("test config");
         doc.insert("pipelines".into(), pipelines.into());
+        doc.insert("topics".into(), topics.into());
         merge(&mut doc, extra);
         let text = toml::to_string(&doc).expect("config serializes");
         let config_path = std::env::temp_dir().join(format!("{prefix}.toml"));
@@ -250,7 +250,7 @@ impl TestApp {
         let deps = self.deps();
         let admin = ese::campaigns::api::Admin::new(
             self.pool.clone(),
-            deps.commands().expect("commands"),
+            ese::campaigns::Commands::new(&deps).expect("commands"),
             Some(ADMIN_TOKEN.to_string()),
             self.settings.campaigns.max_filter_depth,
         );
@@ -600,335 +600,10 @@ fn merge(into: &mut toml::Table, extra: toml::Table) {
     }
 }
 
-/// Sends SIGKILL to a child and reaps it.
-pub fn kill9(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// The log filter of child processes: `warn`, or `ESE_TEST_RUST_LOG` when
-/// set (to see a failing scenario's rebalances, say).
-fn child_log() -> String {
-    std::env::var("ESE_TEST_RUST_LOG").unwrap_or_else(|_| "warn".into())
-}
-
-/// A SQLite file for `ese broker --storage` (durable across a broker
-/// restart), removed with its WAL files when dropped.
-pub struct BrokerDb(PathBuf);
-
-impl BrokerDb {
-    pub fn new() -> Self {
-        Self(std::env::temp_dir().join(format!("ese-broker-{}.db", uuid::Uuid::new_v4().simple())))
-    }
-
-    /// The `--storage` URL.
-    pub fn storage(&self) -> String {
-        format!("sqlite://{}", self.0.display())
-    }
-}
-
-impl Drop for BrokerDb {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
-        }
-    }
-}
-
-/// `ese broker` in a child process on `port` with `storage` (`memory://…`,
-/// `sqlite://…`), returned once it accepts connections.
-pub fn spawn_broker(port: u16, storage: &str) -> Proc {
-    let broker = Proc::new(
-        Command::new(env!("CARGO_BIN_EXE_ese"))
-            .args(["broker", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--storage", storage])
-            .env("RUST_LOG", child_log())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn broker"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "broker did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    broker
-}
-
-/// `kill SIG PID`, e.g. `-STOP` to freeze a process and `-CONT` to resume it.
-pub fn signal(pid: &str, sig: &str) {
-    let status = Command::new("kill")
-        .args([sig, pid])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill {sig} {pid}");
-}
-
-/// A child `ese` killed when the test ends, however it ends.
-pub struct Proc(Option<Child>);
-
-impl Proc {
-    pub fn new(child: Child) -> Proc {
-        Proc(Some(child))
-    }
-
-    pub fn child(&mut self) -> &mut Child {
-        self.0.as_mut().expect("running")
-    }
-
-    pub fn kill9(&mut self) {
-        if let Some(c) = &mut self.0 {
-            kill9(c);
-        }
-    }
-
-    /// SIGTERM and wait for a clean exit.
-    pub async fn terminate(mut self) {
-        if let Some(c) = self.0.take() {
-            terminate(c).await;
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// SIGTERM (a graceful stop: drain, commit, leave the group) and wait for the exit.
-pub async fn terminate(mut child: Child) {
-    let pid = child.id().to_string();
-    tokio::task::spawn_blocking(move || {
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let status = child.wait().expect("wait for ese");
-        assert!(status.success(), "ese exited with {status} after SIGTERM");
-    })
-    .await
-    .expect("join");
-}
-
-/// The bridge running in the test process.
-pub struct RunningBridge {
-    /// `http://127.0.0.1:PORT`
-    pub base: String,
-    pub token: CancellationToken,
-    pub http: reqwest::Client,
-}
-
-impl RunningBridge {
-    /// POSTs a form body with an `X-Twilio-Signature`.
-    pub async fn post_form(
-        &self,
-        path: &str,
-        body: String,
-        signature: Option<&str>,
-    ) -> reqwest::Response {
-        let mut req = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(body);
-        if let Some(sig) = signature {
-            req = req.header("x-twilio-signature", sig);
-        }
-        req.send().await.expect("bridge answers")
-    }
-
-    /// POSTs a fixture as the provider would.
-    pub async fn deliver(&self, f: &crate::fixtures::Fixture) -> reqwest::Response {
-        self.post_form(f.path, f.form(), Some(f.signature)).await
-    }
-}
-
-impl Drop for RunningBridge {
-    fn drop(&mut self) {
-        self.token.cancel();
-    }
-}
-
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
 /// The account the provider simulator accepts in tests.
 pub const SIM_ACCOUNT: &str = "ACtest0000000000000000000000000000";
-
-/// A free local port (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// The whole loop on one machine: API, bridge, simulator; senders as child processes.
-pub struct Loop {
-    pub app: TestApp,
-    pub api: RunningApi,
-    pub bridge: RunningBridge,
-    pub sim_base: String,
-    sim_token: CancellationToken,
-}
-
-impl Loop {
-    /// Simulator config: 10% of messages end UNDELIVERED with 30006.
-    pub const SOME_UNDELIVERED: &str = r#"
-        [provider-sim]
-        failures = [{ code = 30006, status = "undelivered", rate = 0.1 }]
-        "#;
-
-    /// `extra` config on top of short retry delays and quick simulator callbacks.
-    pub async fn start(extra: &str) -> Loop {
-        let (bridge_port, sim_port) = (free_port(), free_port());
-        let mut doc: toml::Table = toml::from_str(&format!(
-            r#"
-            [bridge]
-            public-url = "http://127.0.0.1:{bridge_port}"
-            [provider]
-            base-url = "http://127.0.0.1:{sim_port}"
-            timeout = "1s"
-            [sender]
-            retry-delays = ["1s", "1s", "1s", "1s"]
-            reconcile-after = "3s"
-            pump-interval = "200ms"
-            [provider-sim]
-            seed = 7
-            sent-after = "10ms"
-            delivered-after = "50ms"
-            jitter = "5ms"
-            [campaigns]
-            scheduler-interval = "200ms"
-            "#
-        ))
-        .expect("loop config");
-        let extra: toml::Table = toml::from_str(extra).expect("extra config");
-        merge(&mut doc, extra);
-        let app = TestApp::spawn_with(doc).await;
-        let api = app.start_api().await;
-        let bridge = app
-            .start_bridge_on(&format!("127.0.0.1:{bridge_port}"))
-            .await;
-        let sim = ese::sim::Simulator::new(
-            app.settings.provider_sim.clone(),
-            SIM_ACCOUNT.to_string(),
-            crate::fixtures::TOKEN.to_string(),
-        )
-        .expect("simulator");
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", sim_port))
-            .await
-            .expect("bind simulator");
-        let sim_token = CancellationToken::new();
-        tokio::spawn(ese::sim::serve_on(sim, listener, sim_token.clone()));
-        Loop {
-            app,
-            api,
-            bridge,
-            sim_base: format!("http://127.0.0.1:{sim_port}"),
-            sim_token,
-        }
-    }
-
-    /// Runs a scheduler tick and checks campaign `id` became COMPLETED.
-    pub async fn assert_completes(&self, id: i64) {
-        let commands = self.app.deps().commands().expect("commands producer");
-        ese::campaigns::scheduler::tick(&self.app.pool, &commands)
-            .await
-            .expect("scheduler tick");
-        let c = self
-            .api
-            .expect(200, "GET", &format!("/api/v1/campaigns/{id}"), None)
-            .await;
-        assert_eq!(c["status"], "COMPLETED");
-    }
-
-    /// `GET /sim/stats`.
-    pub async fn stats(&self) -> serde_json::Value {
-        self.bridge
-            .http
-            .get(format!("{}/sim/stats", self.sim_base))
-            .send()
-            .await
-            .expect("stats")
-            .json()
-            .await
-            .expect("stats json")
-    }
-
-    /// Scripts the next outcomes for `to` (`{"api_error": 20429}`, …).
-    pub async fn script(&self, to: &str, outcomes: serde_json::Value) {
-        let r = self
-            .bridge
-            .http
-            .post(format!("{}/sim/script", self.sim_base))
-            .json(&serde_json::json!({"to": to, "outcomes": outcomes}))
-            .send()
-            .await
-            .expect("script");
-        assert!(
-            r.status().is_success(),
-            "script refused: {}",
-            r.text().await.unwrap_or_default()
-        );
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        self.sim_token.cancel();
-    }
-}
-
-/// The admin API running in the test process.
-pub struct RunningApi {
-    pub base: String,
-    pub token: CancellationToken,
-    pub http: reqwest::Client,
-}
-
-impl RunningApi {
-    /// `METHOD path` with the admin token and an optional JSON body → (status, JSON or Null).
-    pub async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<serde_json::Value>,
-    ) -> (u16, serde_json::Value) {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(ADMIN_TOKEN);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("api answers");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-        )
-    }
-
-    /// Like [`RunningApi::call`], expecting `status`; returns the JSON.
-    pub async fn expect(
-        &self,
-        status: u16,
-        method: &str,
-        path: &str,
-        body: Option<serde_json::Value>,
-    ) -> serde_json::Value {
-        let (got, json) = self.call(method, path, body).await;
-        assert_eq!(got, status, "{method} {path}: {json}");
-        json
-    }
-}
-
-impl Drop for RunningApi {
-    fn drop(&mut self) {
-        self.token.cancel();
-    }
-}
 
 /// Records of `topics` not yet committed by `group` (None if it cannot tell yet).
 pub async fn group_lag(settings: &Settings, group: &str, topics: &[String]) -> Option<i64> {
@@ -940,141 +615,4 @@ pub async fn group_lag(settings: &Settings, group: &str, topics: &[String]) -> O
         }
     }
     Some(behind)
-}
-
-/// The Apache Kafka cluster of `scripts/kafka`: three brokers with a
-/// SASL_SSL listener, started once per test binary (or found running).
-pub struct Cluster {
-    /// PLAINTEXT bootstrap list.
-    pub brokers: String,
-    /// SASL_SSL bootstrap list (user `ese`, [`Cluster::PASSWORD`]).
-    pub sasl_ssl_brokers: String,
-    /// The test CA that signed the brokers' certificates.
-    pub ca: String,
-}
-
-impl Cluster {
-    /// The script's default SASL password for user `ese`.
-    pub const PASSWORD: &str = "ese-secret";
-    pub const USER: &str = "ese";
-
-    /// `scripts/kafka up --brokers 3 --sasl-ssl` (idempotent), once.
-    pub fn get() -> &'static Cluster {
-        static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-        CLUSTER.get_or_init(|| {
-            let out = Self::script(&["up", "--brokers", "3", "--sasl-ssl"]);
-            Cluster {
-                brokers: printed(&out, "KAFKA_BROKERS"),
-                sasl_ssl_brokers: printed(&out, "KAFKA_SASL_SSL_BROKERS"),
-                ca: printed(&out, "KAFKA_CA"),
-            }
-        })
-    }
-
-    /// Runs `scripts/kafka ARGS…`; its stdout, or a panic with its stderr.
-    pub fn script(args: &[&str]) -> String {
-        project_script("kafka", args)
-    }
-
-    /// SIGKILL broker `id`.
-    pub fn kill(&self, id: i32) {
-        Self::script(&["kill", &id.to_string()]);
-    }
-
-    /// Starts broker `id` again and waits until it is back in the cluster.
-    pub fn start(&self, id: i32) {
-        Self::script(&["start", &id.to_string()]);
-    }
-
-    /// The node id of the active KRaft controller.
-    pub fn controller(&self) -> i32 {
-        Self::script(&["controller"])
-            .trim()
-            .parse()
-            .expect("scripts/kafka controller prints a node id")
-    }
-
-    /// Per broker id, how many partitions of `topics` it leads.
-    pub fn leaders(&self, topics: &[String]) -> std::collections::BTreeMap<i32, usize> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .create()
-            .expect("metadata client");
-        let md = consumer
-            .fetch_metadata(None, Duration::from_secs(10))
-            .expect("cluster metadata");
-        let mut led = std::collections::BTreeMap::new();
-        for t in md
-            .topics()
-            .iter()
-            .filter(|t| topics.iter().any(|n| n == t.name()))
-        {
-            for p in t.partitions() {
-                *led.entry(p.leader()).or_insert(0) += 1;
-            }
-        }
-        led
-    }
-}
-
-/// Runs a script of the project's `scripts/` folder; its stdout, or a panic
-/// with its stderr.
-pub fn project_script(name: &str, args: &[&str]) -> String {
-    let out = Command::new(format!("{}/scripts/{name}", env!("CARGO_MANIFEST_DIR")))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("run scripts/{name}: {e}"));
-    assert!(
-        out.status.success(),
-        "scripts/{name} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The value of `NAME=value` in a script's output.
-fn printed(out: &str, name: &str) -> String {
-    out.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}=")))
-        .unwrap_or_else(|| panic!("no {name}= in: {out}"))
-        .to_string()
-}
-
-/// A real schema registry (`scripts/schema-registry up`: Apicurio with its
-/// Confluent-compatible API), started once per test binary or found running.
-pub struct Registry {
-    pub url: String,
-    pub username: String,
-    pub password: String,
-}
-
-impl Registry {
-    pub fn get() -> &'static Registry {
-        static REGISTRY: OnceLock<Registry> = OnceLock::new();
-        REGISTRY.get_or_init(|| {
-            let out = project_script("schema-registry", &["up"]);
-            Registry {
-                url: printed(&out, "SCHEMA_REGISTRY_URL"),
-                username: printed(&out, "SCHEMA_REGISTRY_USERNAME"),
-                password: printed(&out, "SCHEMA_REGISTRY_PASSWORD"),
-            }
-        })
-    }
-}
-
-/// The Python of the examples' environment (`scripts/python-examples`).
-pub fn examples_python() -> String {
-    static PYTHON: OnceLock<String> = OnceLock::new();
-    PYTHON
-        .get_or_init(|| {
-            project_script("python-examples", &[])
-                .lines()
-                .last()
-                .expect("scripts/python-examples prints the python")
-                .trim()
-                .to_string()
-        })
-        .clone()
 }

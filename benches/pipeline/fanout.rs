@@ -9,8 +9,8 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 
 use super::{Scratch, rate};
-use crate::codec::Codec;
-use crate::config::Settings;
+use ese::codec::Codec;
+use ese::config::Settings;
 
 /// `ese bench fanout --users N[,M…]`: one run per audience size.
 pub async fn fanout(settings: Settings, sizes: &[i64]) -> anyhow::Result<()> {
@@ -29,7 +29,7 @@ async fn run(scratch: &Scratch, n: i64) -> anyhow::Result<()> {
         "fanout bench: {n} users, page size {}, broker {}, postgres db {}",
         settings.campaigns.fanout_page_size, settings.kafka.brokers, scratch.db_name
     );
-    let pool = crate::db::pool(&settings.database)?;
+    let pool = ese::db::pool(&settings.database)?;
     let client = pool.get().await?;
     let started = Instant::now();
     client
@@ -98,18 +98,20 @@ async fn run(scratch: &Scratch, n: i64) -> anyhow::Result<()> {
     // The fan-out in its own process.
     let (mut child, config) =
         super::spawn_ese(settings, &scratch.db_name, &["run", "fanout"], &[])?;
-    let deps = crate::stages::Deps {
+    let deps = ese::runner::Deps {
         settings: settings.clone(),
         pool: pool.clone(),
-        producer: crate::kafka::Producer::new(&settings.kafka)?,
+        producer: ese::kafka::Producer::new(&settings.kafka)?,
         codec: Codec::single_object()?,
     };
-    let commands = deps.commands()?;
+    let commands = ese::campaigns::Commands::new(&deps)?;
     let started = Instant::now();
     {
         let mut c = pool.get().await?;
         let tx = c.transaction().await?;
-        commands.transition(&tx, campaign, "start", "bench").await?;
+        commands
+            .transition(&tx, campaign, ese::model::CampaignAction::Start, "bench")
+            .await?;
         tx.commit().await?;
     }
     let mut peak = 0u64;

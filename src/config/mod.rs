@@ -15,17 +15,13 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+mod simulator;
+pub use simulator::{FailureMix, MAX_LATENCY, SimConfig};
 
-/// Every embedded pipeline definition, one per stage.
-const PIPELINES: &[(&str, &str)] = &[
-    ("users", include_str!("../pipelines/users.toml")),
-    ("normalize", include_str!("../pipelines/normalize.toml")),
-    ("consent", include_str!("../pipelines/consent.toml")),
-    ("receipts", include_str!("../pipelines/receipts.toml")),
-    ("fanout", include_str!("../pipelines/fanout.toml")),
-    ("sender", include_str!("../pipelines/sender.toml")),
-];
+const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+// `PIPELINES`: every `pipelines/<stage>.toml`, embedded by build.rs.
+include!(concat!(env!("OUT_DIR"), "/pipelines.rs"));
 
 /// The whole configuration of one `ese` process.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,8 +40,12 @@ pub struct Settings {
     pub provider: ProviderConfig,
     pub sender: SenderConfig,
     /// `ese provider-sim`: the Twilio-compatible simulator.
-    pub provider_sim: crate::sim::SimConfig,
-    /// Stage definitions keyed by stage name (`pipelines/<stage>.toml`).
+    pub provider_sim: SimConfig,
+    /// Every topic, by the key pipelines and components name it with
+    /// (`users = "users.upserts"`): topics are named here only.
+    pub topics: BTreeMap<String, String>,
+    /// Stage definitions keyed by stage name (`pipelines/<stage>.toml`);
+    /// after loading, their topic keys are resolved to topic names.
     pub pipelines: BTreeMap<String, Pipeline>,
 }
 
@@ -211,10 +211,6 @@ pub struct BridgeConfig {
     /// How long a webhook waits for the broker's acknowledgement before 503. Default 10s.
     #[serde(with = "humantime_serde")]
     pub produce_timeout: Duration,
-    /// Topic of raw status callbacks (keyed by MessageSid). Default `webhooks.status.raw`.
-    pub status_topic: String,
-    /// Topic of raw inbound messages (keyed by From). Default `webhooks.inbound.raw`.
-    pub inbound_topic: String,
 }
 
 /// Consent keywords and auto-replies. Keywords match the whole message,
@@ -316,12 +312,12 @@ pub struct SenderConfig {
 pub struct Pipeline {
     /// Consumer group id; replay resets this group.
     pub group_id: String,
-    /// Topics consumed.
+    /// Topics consumed, by `[topics]` key (their names once loaded).
     pub inputs: Vec<String>,
-    /// Named output topics the stage writes to (`name = "topic"`).
+    /// The stage's outputs: output name → `[topics]` key (topic name once loaded).
     #[serde(default)]
     pub outputs: BTreeMap<String, String>,
-    /// Dead-letter topic for poison records.
+    /// Dead-letter topic for poison records, by `[topics]` key (name once loaded).
     pub dlq: String,
     /// Records per batch (one Postgres transaction each). Default 500.
     #[serde(default = "default_batch_size")]
@@ -420,10 +416,11 @@ impl Settings {
             )
             .merge(Env::prefixed("ESE__").map(|key| env_key(key.as_str()).into()))
             .merge(overrides);
-        let settings: Settings = figment.extract().map_err(|e| {
+        let mut settings: Settings = figment.extract().map_err(|e| {
             let errors: Vec<String> = e.into_iter().map(|e| describe(&e)).collect();
             anyhow::anyhow!("invalid configuration: {}", errors.join("; "))
         })?;
+        settings.resolve_topics()?;
         settings.validate()?;
         Ok(settings)
     }
@@ -466,6 +463,41 @@ impl Settings {
         Ok(())
     }
 
+    /// Replaces every pipeline's topic keys with the topic names of
+    /// `[topics]`. A name already (settings written back out) stays.
+    fn resolve_topics(&mut self) -> anyhow::Result<()> {
+        let topics = &self.topics;
+        let name = |stage: &str, field: &str, key: &str| -> anyhow::Result<String> {
+            if topics.values().any(|n| n == key) && !topics.contains_key(key) {
+                return Ok(key.to_string());
+            }
+            topics.get(key).cloned().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "pipelines.{stage}.{field}: {key:?} is not a key of [topics] (keys: {})",
+                    topics.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
+            })
+        };
+        for (stage, p) in &mut self.pipelines {
+            for input in &mut p.inputs {
+                *input = name(stage, "inputs", input)?;
+            }
+            for (out, key) in &mut p.outputs {
+                *key = name(stage, &format!("outputs.{out}"), key)?;
+            }
+            p.dlq = name(stage, "dlq", &p.dlq)?;
+        }
+        Ok(())
+    }
+
+    /// The name of the topic `key` of `[topics]`.
+    pub fn topic(&self, key: &str) -> anyhow::Result<&str> {
+        self.topics
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| anyhow::anyhow!("topics.{key} is not set"))
+    }
+
     /// The pipeline of `stage`, or an error naming it.
     pub fn pipeline(&self, stage: &str) -> anyhow::Result<&Pipeline> {
         self.pipelines
@@ -473,30 +505,14 @@ impl Settings {
             .ok_or_else(|| anyhow::anyhow!("no pipeline configured for stage {stage:?}"))
     }
 
-    /// The topic campaign transitions go to: the fanout stage's first input.
+    /// The topic campaign transitions go to.
     pub fn commands_topic(&self) -> anyhow::Result<String> {
-        self.pipeline("fanout")?
-            .inputs
-            .first()
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("pipelines.fanout.inputs is empty"))
+        Ok(self.topic("campaign-commands")?.to_string())
     }
 
-    /// Every topic any pipeline reads, writes or dead-letters to.
+    /// Every topic of `[topics]`, sorted.
     pub fn all_topics(&self) -> Vec<String> {
-        let mut topics: Vec<String> = self
-            .pipelines
-            .values()
-            .flat_map(|p| {
-                p.inputs
-                    .iter()
-                    .chain(p.outputs.values())
-                    .chain(std::iter::once(&p.dlq))
-                    .cloned()
-            })
-            .collect();
-        topics.push(self.bridge.status_topic.clone());
-        topics.push(self.bridge.inbound_topic.clone());
+        let mut topics: Vec<String> = self.topics.values().cloned().collect();
         topics.sort();
         topics.dedup();
         topics

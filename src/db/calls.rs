@@ -1,0 +1,11 @@
+//! The calls of the SQL functions in `sql/functions/`, one constant each, so
+//! every caller runs the same text.
+
+/// `ese_apply_receipts(sids)`: folds every receipt of the SIDs into its
+/// message; one row per message whose row changed: (message id, old status,
+/// new status, sent at, delivered at).
+pub const APPLY_RECEIPTS: &str = "SELECT message_id, old_status, new_status, sent_at, delivered_at FROM ese_apply_receipts($1::text[])";
+
+/// `ese_apply_consent(phones, states, at, sources, keywords, event ids)`:
+/// consent decisions by event time, every one kept in `consent_events`.
+pub const APPLY_CONSENT: &str = "SELECT ese_apply_consent($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[])";

@@ -1,0 +1,194 @@
+//! Wiring one process: shared clients, the stages it runs, signals.
+
+pub mod gauges;
+pub mod up;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::Settings;
+use crate::runner::Deps;
+use crate::stages;
+
+/// The HTTP surface of `ese serve` and `ese up`: webhooks, probes, metrics
+/// and the admin API. Returns once the bridge's producer can deliver (at most
+/// `bridge.produce-timeout`), so the first webhooks do not wait for it.
+pub async fn http_router(
+    settings: &Settings,
+    deps: &Deps,
+    tokens: Vec<String>,
+) -> anyhow::Result<axum::Router> {
+    let bridge = crate::bridge::Bridge::new(settings, tokens, deps.pool.clone())?;
+    if !bridge.producer_ready(settings.bridge.produce_timeout).await {
+        tracing::warn!(
+            "the bridge's producer has no producer id yet (broker unreachable?); serving anyway, webhooks get 503 until it has"
+        );
+    }
+    let admin = crate::campaigns::api::Admin::new(
+        deps.pool.clone(),
+        crate::campaigns::Commands::new(deps)?,
+        crate::campaigns::api::token_from_env(),
+        settings.campaigns.max_filter_depth,
+    );
+    Ok(bridge.router().merge(admin.router()))
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        info!("signal received, draining");
+        token.cancel();
+    });
+}
+
+/// Runs `names` (stages) until `shutdown`; the first fatal error stops them all
+/// and is returned.
+pub async fn run_stages(
+    names: &[String],
+    deps: &Deps,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    for n in names {
+        if !stages::names().contains(&n.as_str()) {
+            anyhow::bail!(
+                "unknown stage {n:?}; stages: {}",
+                stages::names().join(", ")
+            );
+        }
+    }
+    tokio::spawn(gauges::watch_pool(deps.pool.clone(), shutdown.clone()));
+    tokio::spawn(gauges::watch_business(
+        deps.settings.clone(),
+        deps.pool.clone(),
+        deps.settings.metrics.business_interval,
+        shutdown.clone(),
+    ));
+    let mut set = JoinSet::new();
+    for n in names {
+        let (n, deps, token) = (n.clone(), deps.clone(), shutdown.clone());
+        set.spawn(async move { stages::run(&n, deps, token).await });
+    }
+    let mut first_err = None;
+    while let Some(done) = set.join_next().await {
+        let result = done.map_err(anyhow::Error::from).and_then(|r| r);
+        if let Err(e) = result {
+            shutdown.cancel();
+            first_err.get_or_insert(e);
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// `ese migrate`.
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let applied = crate::db::migrate(&settings.database.url).await?;
+    if applied.is_empty() {
+        println!("database is up to date");
+    }
+    for m in applied {
+        println!("applied {m}");
+    }
+    Ok(())
+}
+
+/// `ese topics create`.
+pub async fn create_topics(settings: &Settings) -> anyhow::Result<()> {
+    let topics = settings.all_topics();
+    let created = crate::kafka::create_topics(&settings.kafka, &topics).await?;
+    println!(
+        "{} topics ({} created now): {}",
+        topics.len(),
+        created.len(),
+        topics.join(", ")
+    );
+    Ok(())
+}
+
+/// `ese run STAGE…`: the stages and `/metrics` until SIGINT/SIGTERM.
+pub async fn run(settings: &Settings, stages: &[String]) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    let deps = Deps::new(settings)?;
+    let metrics = tokio::spawn(crate::metrics::serve(
+        settings.metrics.listen,
+        shutdown.clone(),
+    ));
+    let result = run_stages(stages, &deps, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = metrics.await;
+    result
+}
+
+/// `ese serve`: the webhook bridge and the admin API until SIGINT/SIGTERM.
+pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    let deps = Deps::new(settings)?;
+    let tokens = crate::twilio::tokens_from_env();
+    if tokens.is_empty() {
+        eprintln!(
+            "ese: warning: TWILIO_AUTH_TOKEN is not set; every webhook will be refused (403)"
+        );
+    }
+    let router = http_router(settings, &deps, tokens).await?;
+    println!(
+        "ese serve: webhooks and admin API on http://{}",
+        settings.bridge.listen
+    );
+    crate::bridge::serve(settings.bridge.listen, router, shutdown).await
+}
+
+/// `ese broker`: the embedded broker alone until SIGINT/SIGTERM.
+pub async fn broker(listen: &str, storage: &str) -> anyhow::Result<()> {
+    // tansu resolves sqlite paths against the working directory; from "/" an
+    // absolute `sqlite:///var/lib/ese/broker.db` means what it says.
+    if storage.starts_with("sqlite:///") {
+        std::env::set_current_dir("/")
+            .map_err(|e| anyhow::anyhow!("cannot change to / for an absolute sqlite path: {e}"))?;
+    }
+    let broker = crate::broker::start(listen, storage).await?;
+    println!(
+        "ese broker: Kafka API on {} (storage {storage})",
+        broker.bootstrap
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    shutdown.cancelled().await;
+    drop(broker);
+    Ok(())
+}
+
+/// `ese provider-sim`: the simulator alone until SIGINT/SIGTERM.
+pub async fn provider_sim(
+    settings: &crate::config::Settings,
+    listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    let mut cfg = settings.provider_sim.clone();
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    let (addr, task) = crate::sim::start(cfg, shutdown).await?;
+    println!(
+        "ese provider-sim: http://{addr}/{}/Accounts/{{AccountSid}}/Messages.json, stats at /sim/stats",
+        crate::twilio::API_VERSION
+    );
+    task.await?
+}

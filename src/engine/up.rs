@@ -1,0 +1,100 @@
+//! `ese up`: everything in one process.
+
+use tokio_util::sync::CancellationToken;
+
+use super::{cancel_on_signal, http_router, run_stages};
+use crate::config::Settings;
+use crate::runner::Deps;
+use crate::stages;
+
+/// Migrations, topics, the bridge with the admin API, every stage and the
+/// scheduler, and the embedded broker when no brokers are configured; the
+/// provider simulator too with `with_provider_sim`. Until SIGINT/SIGTERM.
+pub async fn up(mut settings: Settings, with_provider_sim: bool) -> anyhow::Result<()> {
+    let _broker = if settings.kafka.brokers.trim().is_empty() {
+        let b = crate::broker::start(&settings.broker.listen, &settings.broker.storage).await?;
+        settings.kafka.brokers = b.bootstrap.clone();
+        Some(b)
+    } else {
+        None
+    };
+    let applied = crate::db::migrate(&settings.database.url).await?;
+    let topics = settings.all_topics();
+    crate::kafka::create_topics(&settings.kafka, &topics).await?;
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    let sim = if with_provider_sim {
+        let (addr, task) =
+            crate::sim::start(settings.provider_sim.clone(), shutdown.clone()).await?;
+        if settings.provider.base_url == crate::config::TWILIO_API {
+            settings.provider.base_url = format!("http://{addr}");
+        }
+        Some((addr, task))
+    } else {
+        None
+    };
+    let deps = Deps::new(&settings)?;
+    let metrics = tokio::spawn(crate::metrics::serve(
+        settings.metrics.listen,
+        shutdown.clone(),
+    ));
+    let tokens = crate::twilio::tokens_from_env();
+    let signed = !tokens.is_empty();
+    let admin = crate::campaigns::api::token_from_env().is_some();
+    let router = http_router(&settings, &deps, tokens).await?;
+    let bridge_task = tokio::spawn(crate::bridge::serve(
+        settings.bridge.listen,
+        router,
+        shutdown.clone(),
+    ));
+    println!("ese up");
+    match &_broker {
+        Some(b) => println!(
+            "  kafka      {} (embedded broker, storage {})",
+            b.bootstrap, settings.broker.storage
+        ),
+        None => println!("  kafka      {}", settings.kafka.brokers),
+    }
+    println!(
+        "  postgres   {} ({} migrations applied now)",
+        crate::db::redact(&settings.database.url),
+        applied.len()
+    );
+    println!(
+        "  webhooks   http://{}/webhooks/twilio/{{status,inbound}} (public URL {}){}",
+        settings.bridge.listen,
+        settings.bridge.public_url,
+        if signed {
+            ""
+        } else {
+            " — TWILIO_AUTH_TOKEN unset: every webhook is refused"
+        }
+    );
+    println!(
+        "  admin API  http://{}/api/v1 (OpenAPI at /api/v1/openapi.json){}",
+        settings.bridge.listen,
+        if admin {
+            ""
+        } else {
+            " — ESE_ADMIN_TOKEN unset: every admin call is refused"
+        }
+    );
+    println!("  metrics    http://{}/metrics", settings.metrics.listen);
+    match &sim {
+        Some((addr, _)) => println!(
+            "  provider   {} (simulator on http://{addr}, stats at /sim/stats)",
+            settings.provider.base_url
+        ),
+        None => println!("  provider   {}", settings.provider.base_url),
+    }
+    println!("  stages     {}", stages::names().join(", "));
+    println!("  topics     {}", topics.len());
+    let names: Vec<String> = stages::names().iter().map(|s| s.to_string()).collect();
+    let result = run_stages(&names, &deps, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = metrics.await;
+    if let Ok(Err(e)) = bridge_task.await {
+        return result.and(Err(e));
+    }
+    result
+}

@@ -1,0 +1,48 @@
+//! The sender's statements, one constant each.
+
+pub const LOOKUP: &str = "
+SELECT m.id, m.status, m.recipient_phone, m.channel, m.body, m.retry_count, m.campaign_id,
+       c.status, c.rate_limit_per_second, c.quiet_hours_start, c.quiet_hours_end,
+       u.consent_state, u.attributes ->> 'timezone'
+  FROM messages m
+  LEFT JOIN campaigns c ON c.id = m.campaign_id
+  LEFT JOIN users u ON u.phone_number = m.recipient_phone
+ WHERE m.id = ANY($1)";
+
+/// Claims a few messages right before their calls; a campaign message only
+/// while its campaign runs and its recipient has not opted out, so a pause or
+/// an opt-out committed after the batch was looked up still stops the send
+/// (within ~100 ms of sends, not after the batch).
+pub const CLAIM: &str = "
+UPDATE messages m SET status = 'SENDING', claimed_at = now(), updated_at = now(),
+                      parked_until = NULL, parked_reason = NULL, send_kind = NULL
+ WHERE m.id = ANY($1) AND m.status = 'QUEUED'
+   AND (m.campaign_id IS NULL
+        OR (EXISTS (SELECT 1 FROM campaigns c WHERE c.id = m.campaign_id AND c.status = 'RUNNING')
+            AND NOT EXISTS (SELECT 1 FROM users u
+                             WHERE u.phone_number = m.recipient_phone AND u.consent_state = 'OPT_OUT')))
+RETURNING id";
+
+pub const PARK: &str = "
+UPDATE messages m SET parked_until = x.t, parked_reason = x.r, send_kind = x.k, updated_at = now()
+  FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::text[]) AS x(id, t, r, k)
+ WHERE m.id = x.id AND m.status = 'QUEUED'";
+
+pub const FAIL: &str = "
+UPDATE messages m SET status = 'FAILED', error_code = x.c, failure_reason = x.r,
+                      parked_until = NULL, updated_at = now()
+  FROM unnest($1::bigint[], $2::int[], $3::text[]) AS x(id, c, r)
+ WHERE m.id = x.id AND m.status IN ('QUEUED', 'SENDING')";
+
+pub const SENT: &str = "
+UPDATE messages m SET status = 'SENT', provider_sid = x.sid, sent_at = now(), updated_at = now()
+  FROM unnest($1::bigint[], $2::text[]) AS x(id, sid)
+ WHERE m.id = x.id AND m.status = 'SENDING'";
+
+pub const REQUEUE: &str = "
+UPDATE messages m SET status = 'QUEUED', retry_count = m.retry_count + 1, error_code = x.c,
+                      failure_reason = x.r, claimed_at = NULL, updated_at = now()
+  FROM unnest($1::bigint[], $2::int[], $3::text[]) AS x(id, c, r)
+ WHERE m.id = x.id AND m.status = 'SENDING'";
+
+pub use crate::db::calls::{APPLY_CONSENT as OPT_OUT, APPLY_RECEIPTS};
