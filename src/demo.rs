@@ -13,9 +13,6 @@ use crate::config::Settings;
 use crate::kafka::Producer;
 use crate::records::UserUpsert;
 
-/// Final message states.
-const FINAL: [&str; 4] = ["DELIVERED", "READ", "UNDELIVERED", "FAILED"];
-
 struct Admin {
     http: reqwest::Client,
     base: String,
@@ -162,7 +159,10 @@ pub async fn run(settings: &Settings, users: u32, timeout: Duration) -> anyhow::
             .call(Method::GET, &format!("/campaigns/{id}"), None)
             .await?;
         let counts = c["counts"].clone();
-        let done: u64 = FINAL.iter().map(|s| counts[*s].as_u64().unwrap_or(0)).sum();
+        let done: u64 = crate::model::MessageStatus::FINAL
+            .iter()
+            .map(|s| counts[s.as_str()].as_u64().unwrap_or(0))
+            .sum();
         bar.set_position(done);
         bar.set_message(counts.to_string());
         if done >= users as u64 {

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 
 use crate::config::ConsentConfig;
-use crate::model::SendKind;
+use crate::model::{ConsentState, SendKind};
 use crate::records::{ConsentChange, InboundNormalized, SendRequest};
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
@@ -151,8 +151,8 @@ impl Stage for Consent {
         // Decisions, in rounds so a phone appears once per call.
         let decisions = live.iter().filter_map(|(m, at, _, intent)| {
             let (state, kw) = match intent {
-                Intent::OptOut(k) => ("OPT_OUT", k),
-                Intent::OptIn(k) => ("OPT_IN", k),
+                Intent::OptOut(k) => (ConsentState::OptOut, k),
+                Intent::OptIn(k) => (ConsentState::OptIn, k),
                 _ => return None,
             };
             Some((
@@ -169,7 +169,7 @@ impl Stage for Consent {
         let apply = tx.prepare_cached(APPLY).await?;
         for round in crate::db::rounds(decisions) {
             let p: Vec<&str> = round.iter().map(|r| r.0).collect();
-            let s: Vec<&str> = round.iter().map(|r| r.1).collect();
+            let s: Vec<ConsentState> = round.iter().map(|r| r.1).collect();
             let t: Vec<DateTime<Utc>> = round.iter().map(|r| r.2).collect();
             let src: Vec<&str> = round.iter().map(|_| "keyword").collect();
             let k: Vec<&str> = round.iter().map(|r| r.3).collect();
@@ -194,15 +194,15 @@ impl Stage for Consent {
         let rows = tx
             .query(&tx.prepare_cached(DECISIONS).await?, &[&ids])
             .await?;
-        let decided: std::collections::HashMap<String, (Option<String>, String, bool)> = rows
-            .iter()
-            .map(|r| (r.get::<_, String>(0), (r.get(2), r.get(3), r.get(4))))
-            .collect();
+        let decided: std::collections::HashMap<String, (Option<ConsentState>, ConsentState, bool)> =
+            rows.iter()
+                .map(|r| (r.get::<_, String>(0), (r.get(2), r.get(3), r.get(4))))
+                .collect();
         let asking: Vec<_> = live
             .iter()
             .filter(|(.., i)| matches!(i, Intent::Help(_) | Intent::Rule(..)))
             .collect();
-        let states: std::collections::HashMap<String, String> = if asking.is_empty() {
+        let states: std::collections::HashMap<String, ConsentState> = if asking.is_empty() {
             Default::default()
         } else {
             let p: Vec<&str> = asking.iter().map(|(m, ..)| m.from.as_str()).collect();
@@ -236,18 +236,14 @@ impl Stage for Consent {
         // every still-queued reply of this batch goes to the sender.
         let mut replies: Vec<(&str, &str, String, String)> = Vec::new();
         for (m, _, _, intent) in &live {
-            let opted_in = states.get(&m.event_id).is_some_and(|s| s == "OPT_IN");
+            let opted_in = states.get(&m.event_id) == Some(&ConsentState::OptIn);
             let text = match intent {
                 Intent::OptOut(_) => match decided.get(&m.event_id) {
-                    Some((old, new, true)) if old.as_deref() != Some(new.as_str()) => {
-                        &self.cfg.opt_out_reply
-                    }
+                    Some((old, new, true)) if *old != Some(*new) => &self.cfg.opt_out_reply,
                     _ => continue,
                 },
                 Intent::OptIn(_) => match decided.get(&m.event_id) {
-                    Some((old, new, true)) if old.as_deref() != Some(new.as_str()) => {
-                        &self.cfg.opt_in_reply
-                    }
+                    Some((old, new, true)) if *old != Some(*new) => &self.cfg.opt_in_reply,
                     _ => continue,
                 },
                 Intent::Help(_) if opted_in => &self.cfg.help_reply,

@@ -32,7 +32,7 @@ use tracing::{info, warn};
 use crate::campaigns::{segment, template};
 use crate::codec::Codec;
 use crate::kafka::{Producer, TopicReader};
-use crate::model::SendKind;
+use crate::model::{CampaignStatus, SendKind};
 use crate::records::{CampaignCommand, SendRequest};
 use crate::runner::{Collector, Deps, Item, Stage, StageError};
 
@@ -286,11 +286,11 @@ impl Driver {
         };
         let mut in_flight: Option<Page> = None;
         loop {
-            let status: Option<String> = client
+            let status: Option<CampaignStatus> = client
                 .query_opt("SELECT status FROM campaigns WHERE id = $1", &[&id])
                 .await?
                 .map(|r| r.get(0));
-            let stop = status.as_deref() != Some("RUNNING") || shutdown.is_cancelled();
+            let stop = status != Some(CampaignStatus::Running) || shutdown.is_cancelled();
             let next = if stop {
                 None
             } else {

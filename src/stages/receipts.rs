@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use metrics::{counter, gauge, histogram};
 
+use crate::model::MessageStatus;
 use crate::records::ReceiptNormalized;
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
@@ -63,11 +64,11 @@ impl Stage for Receipts {
                 .increment(1);
         }
         for row in &changed {
-            let old: String = row.get(1);
-            let new: String = row.get(2);
-            counter!(crate::metrics::names::RECEIPTS_TRANSITIONS_TOTAL, "to" => new.clone())
+            let old: MessageStatus = row.get(1);
+            let new: MessageStatus = row.get(2);
+            counter!(crate::metrics::names::RECEIPTS_TRANSITIONS_TOTAL, "to" => new.as_str())
                 .increment(1);
-            if new == "DELIVERED" && old != "DELIVERED" {
+            if new == MessageStatus::Delivered && old != MessageStatus::Delivered {
                 let sent: Option<DateTime<Utc>> = row.get(3);
                 let delivered: Option<DateTime<Utc>> = row.get(4);
                 if let (Some(s), Some(d)) = (sent, delivered) {

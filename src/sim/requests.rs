@@ -1,0 +1,334 @@
+//! The Messages API as the simulator answers it: validation, Twilio's
+//! error documents, HTTP Basic auth, the token bucket, the handlers.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde_json::{Value, json};
+
+use super::plan::*;
+use super::*;
+use crate::twilio::API_VERSION;
+
+pub(super) const MAX_SCRIPT_DELAY_MS: u64 = 600_000;
+
+/// A Twilio API error: `code` decides the HTTP status.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct ApiError {
+    pub(super) code: i32,
+    pub(super) message: String,
+}
+
+impl ApiError {
+    pub(super) fn new(code: i32) -> Self {
+        Self {
+            code,
+            message: default_message(code),
+        }
+    }
+    pub(super) fn with(code: i32, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = error_body(self.code, &self.message);
+        (status, Json(body)).into_response()
+    }
+}
+
+/// The HTTP status the provider answers an API error `code` with.
+pub(super) fn http_status(code: i32) -> StatusCode {
+    crate::twilio::errors::lookup(code)
+        .filter(|c| c.http_status > 0)
+        .and_then(|c| StatusCode::from_u16(c.http_status).ok())
+        .unwrap_or(StatusCode::BAD_REQUEST)
+}
+
+/// Twilio's error document.
+pub(super) fn error_body(code: i32, message: &str) -> (StatusCode, Value) {
+    let status = http_status(code);
+    let body = json!({
+        "code": code,
+        "message": message,
+        "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
+        "status": status.as_u16(),
+    });
+    (status, body)
+}
+
+pub(super) fn default_message(code: i32) -> String {
+    match crate::twilio::errors::lookup(code) {
+        Some(c) => c.message.to_string(),
+        None => format!("Simulated error {code}"),
+    }
+}
+
+pub(super) fn delivery_error_message(code: i32) -> &'static str {
+    crate::twilio::errors::lookup(code).map_or("Message delivery failed", |c| c.message)
+}
+
+/// `SM` + 32 lowercase hex digits.
+pub(super) fn new_sid() -> String {
+    format!("SM{}", uuid::Uuid::new_v4().simple())
+}
+
+/// `+` and 8–15 digits, the first 1–9, optionally prefixed `whatsapp:`.
+pub(super) fn valid_to(to: &str) -> bool {
+    let number = to.strip_prefix("whatsapp:").unwrap_or(to);
+    let Some(digits) = number.strip_prefix('+') else {
+        return false;
+    };
+    (8..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+}
+
+/// The first non-empty value of `name`.
+pub(super) fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, v)| k == name && !v.is_empty())
+        .map(|(_, v)| v.as_str())
+}
+
+/// `Authorization: Basic …` → (user, password).
+pub(super) fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = String::from_utf8(STANDARD.decode(encoded.trim()).ok()?).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some((user.to_string(), password.to_string()))
+}
+
+/// A validated send request.
+#[derive(Debug)]
+pub(super) struct SendRequest {
+    pub(super) to: String,
+    pub(super) from: Option<String>,
+    pub(super) messaging_service_sid: Option<String>,
+    pub(super) body: String,
+    pub(super) num_media: usize,
+    pub(super) status_callback: Option<String>,
+}
+
+pub(super) fn validate_send(params: &[(String, String)]) -> Result<SendRequest, ApiError> {
+    let to = param(params, "To").ok_or_else(|| ApiError::new(21604))?;
+    if !valid_to(to) {
+        return Err(ApiError::with(
+            21211,
+            format!("The 'To' number {to} is not a valid phone number."),
+        ));
+    }
+    let from = param(params, "From");
+    let messaging_service_sid = param(params, "MessagingServiceSid");
+    if from.is_none() && messaging_service_sid.is_none() {
+        return Err(ApiError::new(21603));
+    }
+    let num_media = params
+        .iter()
+        .filter(|(k, v)| k == "MediaUrl" && !v.is_empty())
+        .count();
+    let body = param(params, "Body");
+    if body.is_none() && num_media == 0 {
+        return Err(ApiError::new(21602));
+    }
+    let status_callback = param(params, "StatusCallback");
+    if let Some(u) = status_callback
+        && !url::Url::parse(u).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+    {
+        return Err(ApiError::new(21609));
+    }
+    Ok(SendRequest {
+        to: to.to_string(),
+        from: from.map(str::to_string),
+        messaging_service_sid: messaging_service_sid.map(str::to_string),
+        body: body.unwrap_or("").to_string(),
+        num_media,
+        status_callback: status_callback.map(str::to_string),
+    })
+}
+
+/// Token bucket: `rate` tokens/s up to `capacity`; rate 0 = unlimited.
+#[derive(Debug)]
+pub(super) struct TokenBucket {
+    pub(super) rate: f64,
+    pub(super) capacity: f64,
+    pub(super) tokens: f64,
+    pub(super) last: Instant,
+}
+
+impl TokenBucket {
+    pub(super) fn new(rate: u32, burst: u32, now: Instant) -> Self {
+        let capacity = f64::from(if burst == 0 { rate.max(1) } else { burst });
+        Self {
+            rate: f64::from(rate),
+            capacity,
+            tokens: capacity,
+            last: now,
+        }
+    }
+
+    pub(super) fn try_take(&mut self, now: Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+pub(super) async fn send(
+    State(sim): State<Arc<Simulator>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = sim.authorize(&account, &headers) {
+        return *r;
+    }
+    let params: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
+    let (result, delay) = sim.accept(&params);
+    let wait = sim.cfg.api_latency.saturating_add(delay);
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+    match result {
+        Ok(v) => (StatusCode::CREATED, Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub(super) async fn list(
+    State(sim): State<Arc<Simulator>>,
+    Path(account): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = sim.authorize(&account, &headers) {
+        return *r;
+    }
+    let query = query.unwrap_or_default();
+    let q: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let page_size = param(&q, "PageSize")
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(50)
+        .clamp(1, 1000);
+    let messages: Vec<Value> = {
+        let lg = sim.ledger();
+        let indexes: Vec<usize> = match param(&q, "To") {
+            Some(to) => lg
+                .by_to
+                .get(to)
+                .map(|v| v.iter().rev().take(page_size).copied().collect())
+                .unwrap_or_default(),
+            None => (0..lg.messages.len()).rev().take(page_size).collect(),
+        };
+        indexes
+            .into_iter()
+            .filter_map(|i| lg.messages.get(i).map(|m| m.json(&sim.account_sid)))
+            .collect()
+    };
+    let uri = if query.is_empty() {
+        format!("/{API_VERSION}/Accounts/{account}/Messages.json")
+    } else {
+        format!("/{API_VERSION}/Accounts/{account}/Messages.json?{query}")
+    };
+    Json(json!({
+        "end": messages.len().saturating_sub(1),
+        "first_page_uri": uri,
+        "next_page_uri": null,
+        "page": 0,
+        "page_size": page_size,
+        "previous_page_uri": null,
+        "start": 0,
+        "uri": uri,
+        "messages": messages,
+    }))
+    .into_response()
+}
+
+pub(super) async fn fetch(
+    State(sim): State<Arc<Simulator>>,
+    Path((account, file)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = sim.authorize(&account, &headers) {
+        return *r;
+    }
+    let sid = file.strip_suffix(".json").unwrap_or("");
+    let found = {
+        let lg = sim.ledger();
+        lg.index
+            .get(sid)
+            .and_then(|&i| lg.messages.get(i))
+            .map(|m| m.json(&sim.account_sid))
+    };
+    match found {
+        Some(v) => Json(v).into_response(),
+        None => ApiError::with(
+            20404,
+            format!("The requested resource /{API_VERSION}/Accounts/{account}/Messages/{file} was not found"),
+        )
+        .into_response(),
+    }
+}
+
+pub(super) fn bad_request(message: String) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response()
+}
+
+pub(super) async fn script(State(sim): State<Arc<Simulator>>, body: Bytes) -> Response {
+    let req: ScriptRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(format!("invalid script: {e}")),
+    };
+    if !valid_to(&req.to) {
+        return bad_request(format!("invalid script: {:?} is not a valid 'To'", req.to));
+    }
+    for (i, o) in req.outcomes.iter().enumerate() {
+        if let Err(e) = o.validate() {
+            return bad_request(format!("invalid script: outcomes[{i}]: {e}"));
+        }
+    }
+    let pending = {
+        let mut lg = sim.ledger();
+        let queue = lg.scripts.entry(req.to.clone()).or_default();
+        queue.extend(req.outcomes);
+        queue.len()
+    };
+    Json(json!({ "to": req.to, "pending": pending })).into_response()
+}
+
+pub(super) async fn reset(State(sim): State<Arc<Simulator>>) -> Response {
+    sim.reset();
+    Json(json!({ "reset": true })).into_response()
+}
+
+pub(super) async fn stats(State(sim): State<Arc<Simulator>>) -> Response {
+    let lg = sim.ledger();
+    Json(&lg.stats).into_response()
+}
