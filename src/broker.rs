@@ -6,17 +6,45 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use url::Url;
 
-/// A broker running on a task of this process; stopped when dropped.
+/// A broker running on a task of this process; [`EmbeddedBroker::stop`] stops
+/// it cleanly, dropping it aborts it.
 pub struct EmbeddedBroker {
     /// `host:port` for `bootstrap.servers`.
     pub bootstrap: String,
     task: JoinHandle<()>,
+    /// Stops tansu's accept loop and its storage's request loop.
+    cancel: CancellationToken,
+}
+
+impl EmbeddedBroker {
+    /// Stops accepting connections and waits up to `patience` for the broker
+    /// to finish: tansu serves each connection until its client closes it, so
+    /// this is quick once this process's clients (stage consumers, which made
+    /// their final commits, and the producer) are gone; what is left after
+    /// `patience` is aborted. Aborting loses nothing acknowledged: a write is
+    /// committed to the storage before it is answered.
+    pub async fn stop(mut self, patience: Duration) {
+        self.cancel.cancel();
+        if tokio::time::timeout(patience, &mut self.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?patience,
+                "embedded broker: clients still connected at stop; aborting"
+            );
+            self.task.abort();
+            let _ = (&mut self.task).await;
+        }
+    }
 }
 
 impl Drop for EmbeddedBroker {
     fn drop(&mut self) {
+        self.cancel.cancel();
         self.task.abort();
     }
 }
@@ -39,10 +67,12 @@ pub async fn start(listen: &str, storage: &str) -> anyhow::Result<EmbeddedBroker
     let url = Url::parse(&format!("tcp://{addr}"))?;
     let storage_url =
         Url::parse(storage).map_err(|e| anyhow::anyhow!("broker.storage {storage:?}: {e}"))?;
-    let task = spawn(url, storage_url).await?;
+    let cancel = CancellationToken::new();
+    let task = spawn(url, storage_url, cancel.clone()).await?;
     let broker = EmbeddedBroker {
         bootstrap: addr.to_string(),
         task,
+        cancel,
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -60,7 +90,11 @@ pub async fn start(listen: &str, storage: &str) -> anyhow::Result<EmbeddedBroker
 }
 
 #[cfg(feature = "embedded-broker")]
-async fn spawn(url: Url, storage: Url) -> anyhow::Result<JoinHandle<()>> {
+async fn spawn(
+    url: Url,
+    storage: Url,
+    cancel: CancellationToken,
+) -> anyhow::Result<JoinHandle<()>> {
     use tansu_broker::broker::Broker;
     use tansu_broker::coordinator::group::administrator::Controller;
     use tansu_storage::StorageContainer;
@@ -73,6 +107,7 @@ async fn spawn(url: Url, storage: Url) -> anyhow::Result<JoinHandle<()>> {
         .storage(storage.clone())
         .listener(url)
         .silent(true)
+        .cancellation(cancel)
         .build()
         .await
         .map_err(|e| anyhow::anyhow!("embedded broker (storage {storage}): {e}"))?;
@@ -84,6 +119,6 @@ async fn spawn(url: Url, storage: Url) -> anyhow::Result<JoinHandle<()>> {
 }
 
 #[cfg(not(feature = "embedded-broker"))]
-async fn spawn(_: Url, _: Url) -> anyhow::Result<JoinHandle<()>> {
+async fn spawn(_: Url, _: Url, _: CancellationToken) -> anyhow::Result<JoinHandle<()>> {
     anyhow::bail!("this ese was built without the embedded-broker feature; set KAFKA_BROKERS")
 }

@@ -170,7 +170,8 @@ pub async fn broker(listen: &str, storage: &str) -> anyhow::Result<()> {
     let shutdown = tokio_util::sync::CancellationToken::new();
     cancel_on_signal(shutdown.clone());
     shutdown.cancelled().await;
-    drop(broker);
+    // Clients still connected get up to 5 s to go (`EmbeddedBroker::stop`).
+    broker.stop(std::time::Duration::from_secs(5)).await;
     Ok(())
 }
 

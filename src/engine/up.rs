@@ -1,5 +1,7 @@
 //! `ese up`: everything in one process.
 
+use std::time::Duration;
+
 use tokio_util::sync::CancellationToken;
 
 use super::{cancel_on_signal, http_router, run_stages};
@@ -11,7 +13,7 @@ use crate::stages;
 /// scheduler, and the embedded broker when no brokers are configured; the
 /// provider simulator too with `with_provider_sim`. Until SIGINT/SIGTERM.
 pub async fn up(mut settings: Settings, with_provider_sim: bool) -> anyhow::Result<()> {
-    let _broker = if settings.kafka.brokers.trim().is_empty() {
+    let broker = if settings.kafka.brokers.trim().is_empty() {
         let b = crate::broker::start(&settings.broker.listen, &settings.broker.storage).await?;
         settings.kafka.brokers = b.bootstrap.clone();
         Some(b)
@@ -48,7 +50,7 @@ pub async fn up(mut settings: Settings, with_provider_sim: bool) -> anyhow::Resu
         shutdown.clone(),
     ));
     println!("ese up");
-    match &_broker {
+    match &broker {
         Some(b) => println!(
             "  kafka      {} (embedded broker, storage {})",
             b.bootstrap, settings.broker.storage
@@ -93,7 +95,15 @@ pub async fn up(mut settings: Settings, with_provider_sim: bool) -> anyhow::Resu
     let result = run_stages(&names, &deps, shutdown.clone()).await;
     shutdown.cancel();
     let _ = metrics.await;
-    if let Ok(Err(e)) = bridge_task.await {
+    let bridge = bridge_task.await;
+    // The stages have returned, each after its final synchronous offset
+    // commit, and the bridge has stopped; with the engine's producer gone
+    // too, the embedded broker is stopped last (it answers until then).
+    drop(deps);
+    if let Some(broker) = broker {
+        broker.stop(Duration::from_secs(5)).await;
+    }
+    if let Ok(Err(e)) = bridge {
         return result.and(Err(e));
     }
     result

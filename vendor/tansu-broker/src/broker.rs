@@ -590,6 +590,17 @@ impl<N, C, I, A, S, L> Builder<N, C, I, A, S, L> {
     pub fn silent(self, silent: bool) -> Self {
         Self { silent, ..self }
     }
+
+    /// ese patch: the token that stops `serve` (and the storage's request
+    /// loop), so that an embedder that handles signals itself can stop the
+    /// broker cleanly instead of aborting its task. `main` cancels it on
+    /// SIGINT/SIGTERM as before.
+    pub fn cancellation(self, cancellation: CancellationToken) -> Self {
+        Self {
+            cancellation,
+            ..self
+        }
+    }
 }
 
 impl Builder<i32, String, Uuid, Url, Url, Url> {

@@ -444,11 +444,16 @@ where
                 if inner.missed_heartbeat(group_id, now) {
                     info!("missed heartbeat for {group_id} in {}", inner.generation_id);
 
+                    // ese patch: a member expired, so the group rebalances in a
+                    // new generation, as in Kafka. With the same generation the
+                    // survivors' heartbeats still succeeded and a rejoin or
+                    // sync at that generation kept the old assignment, which
+                    // gave partitions to dead members for good.
                     Self::Forming(Inner {
                         session_timeout_ms: inner.session_timeout_ms,
                         rebalance_timeout_ms: inner.rebalance_timeout_ms,
                         members: inner.members,
-                        generation_id: inner.generation_id,
+                        generation_id: inner.generation_id + 1,
                         state: Forming {
                             protocol_type: Some(inner.state.protocol_type),
                             protocol_name: Some(inner.state.protocol_name),
@@ -1177,13 +1182,21 @@ where
 
             let now = SystemTime::now();
 
-            let (mut wrapper, body) = wrapper
+            // ese patch: expire members before the heartbeat, through the
+            // wrapper, which moves a formed group that lost a member to a new
+            // forming generation. After the heartbeat it was too late: the
+            // formed group's own heartbeat had already dropped the dead members
+            // but stayed formed with their assignment, so the survivor kept
+            // its share (10 of 30 partitions with two dead members) for good.
+            let wrapper = if group_instance_id.is_none() {
+                wrapper.missed_heartbeat(group_id, now)
+            } else {
+                wrapper
+            };
+
+            let (wrapper, body) = wrapper
                 .heartbeat(now, group_id, generation_id, member_id, group_instance_id)
                 .await;
-
-            if group_instance_id.is_none() {
-                wrapper = wrapper.missed_heartbeat(group_id, now);
-            }
 
             debug!(group_id, ?wrapper, ?version, iteration,);
 
@@ -1370,7 +1383,13 @@ where
             _ = self.state.leader.take();
         }
 
-        original > self.members.len()
+        // ese patch: members that joined or synced with the expired ones must
+        // join again (the leader's assignment named dead members).
+        let expired = original > self.members.len();
+        if expired {
+            self.generation_id += 1;
+        }
+        expired
     }
 }
 
@@ -1824,6 +1843,10 @@ where
         debug!(?member_id, ?self.members);
 
         if let Some(member) = self.members.get_mut(&member_id) {
+            // ese patch: a rejoin is contact; without it a live member waiting
+            // through forming rounds (no heartbeats then) expired itself.
+            _ = member.last_contact.replace(now);
+
             if member.join_response.metadata == protocol.metadata {
                 debug!(
                     member_metadata = "existing",
@@ -1921,7 +1944,7 @@ where
 
     async fn sync(
         mut self,
-        _now: SystemTime,
+        now: SystemTime,
         group_id: &str,
         generation_id: i32,
         member_id: &str,
@@ -1939,6 +1962,11 @@ where
             protocol_name,
             ?assignments
         );
+
+        // ese patch: a sync is contact too (see join).
+        if let Some(member) = self.members.get_mut(member_id) {
+            _ = member.last_contact.replace(now);
+        }
 
         if !self.members.contains_key(member_id) {
             debug!(?self.members, sync_outcome = ?ErrorCode::UnknownMemberId);
@@ -1981,12 +2009,14 @@ where
             return (self.into(), sync_group_response.into());
         }
 
-        if self
-            .state
-            .leader
-            .as_ref()
-            .is_some_and(|leader_id| member_id != leader_id.as_str())
-        {
+        // ese patch: only the leader's sync forms the group. With no leader
+        // (the leader had just expired in this very request) a follower's sync,
+        // whose assignments are empty, was taken as the leader's: the group
+        // formed with that follower as leader and no assignment at all, and
+        // its member consumed nothing for good (observed: a consumer killed
+        // and restarted three times got 0 of 30 partitions). Without a leader
+        // the member rejoins, becomes the leader and assigns.
+        if self.state.leader.as_deref() != Some(member_id) {
             debug!(?self.state.leader, sync_outcome = ?ErrorCode::RebalanceInProgress);
 
             let sync_group_response = SyncGroupResponse::default()
@@ -2689,7 +2719,11 @@ where
             );
         }
 
-        if self.missed_heartbeat(group_id, now) || (generation_id < self.generation_id) {
+        // ese patch: expired members are removed by the controller before the
+        // heartbeat (`Wrapper::missed_heartbeat`), which starts a new forming
+        // generation. Removing them here kept the group formed, at the same
+        // generation and with the dead members' assignment.
+        if generation_id < self.generation_id {
             return (
                 self,
                 HeartbeatResponse::default()
