@@ -119,6 +119,8 @@ pub mod names {
     pub const BUSINESS_RUNNING_RATE_LIMIT_PER_SECOND: &str =
         "ese_business_running_rate_limit_per_second";
     pub const DLQ_RECORDS: &str = "ese_dlq_records";
+    pub const DLQ_UNREPLAYED_RECORDS: &str = "ese_dlq_unreplayed_records";
+    pub const SENDER_SENDING_OLDEST_SECONDS: &str = "ese_sender_sending_oldest_seconds";
 }
 
 const CATALOGUE: &[(&str, Kind, &str)] = &[
@@ -356,6 +358,16 @@ const CATALOGUE: &[(&str, Kind, &str)] = &[
         names::BUSINESS_RUNNING_RATE_LIMIT_PER_SECOND,
         Kind::Gauge,
         "Sum of the rate limits of RUNNING campaigns.",
+    ),
+    (
+        names::DLQ_UNREPLAYED_RECORDS,
+        Kind::Gauge,
+        "Dead letters `ese dlq replay` has not put back yet (by stage).",
+    ),
+    (
+        names::SENDER_SENDING_OLDEST_SECONDS,
+        Kind::Gauge,
+        "Age of the oldest message claimed for sending and not yet answered (0: none).",
     ),
     (
         names::DLQ_RECORDS,

@@ -15,7 +15,9 @@ SELECT (SELECT count(*) FROM campaigns WHERE status = 'RUNNING'),
        (SELECT count(*) FROM messages
          WHERE delivered_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
        (SELECT count(*) FROM inbound_events WHERE received_at > now() - interval '1 hour'),
-       (SELECT coalesce(sum(rate_limit_per_second), 0)::bigint FROM campaigns WHERE status = 'RUNNING')";
+       (SELECT coalesce(sum(rate_limit_per_second), 0)::bigint FROM campaigns WHERE status = 'RUNNING'),
+       (SELECT coalesce(extract(epoch FROM now() - min(claimed_at)), 0)::bigint
+          FROM messages WHERE status = 'SENDING')";
 
 /// Refreshes the business gauges from Postgres and each stage's DLQ depth
 /// from Kafka every `every`, until `shutdown`.
@@ -42,6 +44,7 @@ async fn refresh_business(settings: &crate::config::Settings, pool: &Pool) -> an
         names::BUSINESS_DELIVERED_TODAY,
         names::BUSINESS_INBOUND_LAST_HOUR,
         names::BUSINESS_RUNNING_RATE_LIMIT_PER_SECOND,
+        names::SENDER_SENDING_OLDEST_SECONDS,
     ];
     for (i, name) in names.into_iter().enumerate() {
         metrics::gauge!(name).set(row.get::<_, i64>(i) as f64);
@@ -50,6 +53,8 @@ async fn refresh_business(settings: &crate::config::Settings, pool: &Pool) -> an
     for (stage, p) in &settings.pipelines {
         let depth = reader.depth(&p.dlq).await?;
         metrics::gauge!(names::DLQ_RECORDS, "stage" => stage.clone()).set(depth as f64);
+        let left = crate::ops::dlq_unreplayed(&reader, p).await?;
+        metrics::gauge!(names::DLQ_UNREPLAYED_RECORDS, "stage" => stage.clone()).set(left as f64);
     }
     Ok(())
 }

@@ -187,13 +187,14 @@ pub async fn dlq_replay_command(
     dry_run: bool,
 ) -> anyhow::Result<()> {
     let filter = filter.map(str::to_lowercase);
-    let chosen: Vec<_> = dead_letters(settings, stage)
-        .await?
-        .into_iter()
+    let all = dead_letters(settings, stage).await?;
+    let chosen: Vec<DeadLetter> = all
+        .iter()
         .filter(|d| match &filter {
             None => true,
             Some(f) => d.reason().unwrap_or_default().to_lowercase().contains(f),
         })
+        .cloned()
         .collect();
     for d in &chosen {
         println!(
@@ -208,6 +209,38 @@ pub async fn dlq_replay_command(
     if !dry_run {
         let n = replay_dead_letters(settings, stage, &chosen).await?;
         println!("{n} dead letter(s) back on their source topics");
+        mark_replayed(settings, stage, &all, &chosen).await?;
     }
     Ok(())
+}
+
+/// Commits, for the stage's DLQ replay group, each partition's first dead
+/// letter not replayed (its end when all were): the unreplayed backlog
+/// (`ese_dlq_unreplayed_records`) then counts only what is left.
+async fn mark_replayed(
+    settings: &Settings,
+    stage: &str,
+    all: &[DeadLetter],
+    chosen: &[DeadLetter],
+) -> anyhow::Result<()> {
+    let pipeline = settings.pipeline(stage)?;
+    let replayed: std::collections::HashSet<(i32, i64)> = chosen
+        .iter()
+        .map(|d| (d.message.partition(), d.message.offset()))
+        .collect();
+    let ends = TopicReader::new(&settings.kafka)?
+        .end_offsets(&pipeline.dlq)
+        .await?;
+    let mut offsets = Vec::new();
+    for (partition, end) in ends {
+        let first_left = all
+            .iter()
+            .filter(|d| d.message.partition() == partition)
+            .map(|d| d.message.offset())
+            .filter(|o| !replayed.contains(&(partition, *o)))
+            .min()
+            .unwrap_or(end);
+        offsets.push((pipeline.dlq.clone(), partition, first_left));
+    }
+    super::commit_offsets(settings, &super::dlq_replay_group(pipeline), &offsets).await
 }

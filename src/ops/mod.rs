@@ -8,6 +8,7 @@
 
 mod dlq;
 mod replay;
+pub mod schemas;
 mod status;
 
 pub use dlq::*;
@@ -75,4 +76,64 @@ pub async fn describe_group(settings: &Settings, group: &str) -> anyhow::Result<
         })
     })
     .await?
+}
+
+/// Commits `offsets` (topic, partition, next offset) for `group`, which must
+/// have no members (the caller checks): `ese replay` moving a stage, `ese
+/// dlq replay` marking what it put back.
+pub async fn commit_offsets(
+    settings: &Settings,
+    group: &str,
+    offsets: &[(String, i32, i64)],
+) -> anyhow::Result<()> {
+    let mut list = rdkafka::TopicPartitionList::new();
+    for (topic, partition, offset) in offsets {
+        list.add_partition_offset(topic, *partition, rdkafka::Offset::Offset(*offset))?;
+    }
+    let mut config = client_config(&settings.kafka)?;
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false");
+    let consumer: rdkafka::consumer::BaseConsumer = config
+        .create()
+        .map_err(|e| anyhow::anyhow!("cannot create Kafka client: {e}"))?;
+    let group = group.to_string();
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::Consumer;
+        consumer
+            .commit(&list, rdkafka::consumer::CommitMode::Sync)
+            .map_err(|e| anyhow::anyhow!("committing offsets for group {group}: {e}"))
+    })
+    .await?
+}
+
+/// The consumer group whose committed offsets on a stage's DLQ mark what
+/// `ese dlq replay` has put back: everything before them is handled.
+pub fn dlq_replay_group(pipeline: &crate::config::Pipeline) -> String {
+    format!("{}.dlq-replay", pipeline.group_id)
+}
+
+/// Dead letters of `pipeline` not yet replayed: per DLQ partition, the end
+/// minus the later of the replay group's commit and the log start.
+pub async fn dlq_unreplayed(
+    reader: &crate::kafka::TopicReader,
+    pipeline: &crate::config::Pipeline,
+) -> anyhow::Result<i64> {
+    let starts: std::collections::BTreeMap<i32, i64> = reader
+        .start_offsets(&pipeline.dlq)
+        .await?
+        .into_iter()
+        .collect();
+    Ok(reader
+        .group_offsets(&dlq_replay_group(pipeline), &pipeline.dlq)
+        .await?
+        .iter()
+        .map(|p| {
+            let done = p
+                .committed
+                .unwrap_or(0)
+                .max(starts.get(&p.partition).copied().unwrap_or(0));
+            (p.end - done).max(0)
+        })
+        .sum())
 }

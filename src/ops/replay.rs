@@ -2,12 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use serde::Serialize;
 
 use super::describe_group;
 use crate::config::Settings;
-use crate::kafka::{PartitionOffsets, TopicReader, client_config};
+use crate::kafka::{PartitionOffsets, TopicReader};
 
 /// Where `replay` moves a group.
 #[derive(Debug, Clone, PartialEq)]
@@ -206,24 +205,12 @@ pub async fn replay_plan(
 /// members: a running stage would overwrite them with its own commits.
 pub async fn apply_replay(settings: &Settings, plan: &Plan) -> anyhow::Result<()> {
     refuse_if_active(settings, &plan.group, &plan.stage).await?;
-    let mut list = rdkafka::TopicPartitionList::new();
-    for r in &plan.rows {
-        list.add_partition_offset(&r.topic, r.partition, rdkafka::Offset::Offset(r.new))?;
-    }
-    let mut config = client_config(&settings.kafka)?;
-    config
-        .set("group.id", &plan.group)
-        .set("enable.auto.commit", "false");
-    let consumer: BaseConsumer = config
-        .create()
-        .map_err(|e| anyhow::anyhow!("cannot create Kafka client: {e}"))?;
-    let group = plan.group.clone();
-    tokio::task::spawn_blocking(move || {
-        consumer
-            .commit(&list, CommitMode::Sync)
-            .map_err(|e| anyhow::anyhow!("committing new offsets for group {group}: {e}"))
-    })
-    .await?
+    let offsets: Vec<(String, i32, i64)> = plan
+        .rows
+        .iter()
+        .map(|r| (r.topic.clone(), r.partition, r.new))
+        .collect();
+    super::commit_offsets(settings, &plan.group, &offsets).await
 }
 
 async fn refuse_if_active(settings: &Settings, group: &str, stage: &str) -> anyhow::Result<()> {

@@ -327,3 +327,19 @@ fn compose_mounts_exist_and_its_environment_is_valid_engine_config() {
             .any(|f| f.as_str().unwrap().ends_with("alerts.yml"))
     );
 }
+
+/// Every alert rule passes `promtool check rules` and its unit tests in
+/// `config/alerts.test.yml` (fires on its condition, stays quiet otherwise,
+/// clears after recovery), and links a runbook section that exists.
+#[test]
+fn alert_rules_pass_promtool_and_each_alert_fires_and_clears() {
+    let out = std::process::Command::new(repo("scripts/promtool"))
+        .output()
+        .expect("run scripts/promtool");
+    assert!(
+        out.status.success(),
+        "scripts/promtool failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
