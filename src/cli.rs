@@ -102,15 +102,21 @@ pub enum Command {
         #[arg(long, default_value = "120s", value_parser = humantime_serde::re::humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// The Avro schemas against the schema registry.
+    Schemas {
+        #[command(subcommand)]
+        command: SchemasCommand,
+    },
     /// Run the embedded Kafka-API broker alone.
     Broker {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:9092")]
-        listen: String,
+        /// Address to listen on (default `broker.listen`, 127.0.0.1:9092).
+        #[arg(long)]
+        listen: Option<String>,
         /// `memory://NAME/` (lost on exit), `sqlite://RELATIVE/PATH` or
         /// `sqlite:///ABSOLUTE/PATH` (both survive kill -9 and restart).
-        #[arg(long, default_value = "memory://ese/")]
-        storage: String,
+        /// Default `broker.storage`: durable, in `broker.data-dir`.
+        #[arg(long)]
+        storage: Option<String>,
     },
 }
 
@@ -137,6 +143,13 @@ pub enum DlqCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum SchemasCommand {
+    /// Whether `schemas/` is BACKWARD compatible with what the schema
+    /// registry holds for each topic (`<topic>-value`); non-zero exit if not.
+    Check,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum TopicsCommand {
     /// Create every topic the pipelines name (idempotent).
     Create,
@@ -154,13 +167,18 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(cli)) {
+    let code = match runtime.block_on(execute(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ese: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Whatever still runs once the command has returned (a metrics refresh
+    // waiting on a broker that is gone) is abandoned, not waited for: the
+    // command already finished its work in order.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    code
 }
 
 fn init_tracing() {
@@ -176,7 +194,7 @@ fn init_tracing() {
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<()> {
-    let settings = Settings::load(cli.config.as_deref())?;
+    let mut settings = Settings::load(cli.config.as_deref())?;
     let uses_kafka = matches!(
         cli.command,
         Command::Topics { .. }
@@ -186,7 +204,17 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             | Command::Replay { .. }
             | Command::Status { .. }
             | Command::Dlq { .. }
+            | Command::Demo { .. }
     );
+    let talks_to_a_running_engine = uses_kafka && !matches!(cli.command, Command::Up { .. });
+    if talks_to_a_running_engine && settings.kafka.brokers.trim().is_empty() {
+        // No brokers configured: the embedded broker of a running `ese up`.
+        settings.kafka.brokers = settings.broker.listen.clone();
+        eprintln!(
+            "ese: no kafka.brokers (KAFKA_BROKERS) set; using the embedded broker of `ese up` at {}",
+            settings.kafka.brokers
+        );
+    }
     if uses_kafka && !settings.kafka.brokers.trim().is_empty() {
         // Refused credentials or an untrusted certificate end the command
         // here, with the broker's words, instead of being retried forever.
@@ -229,7 +257,17 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                     dry_run,
                 },
         } => crate::ops::dlq_replay_command(&settings, &stage, filter.as_deref(), dry_run).await,
-        Command::Broker { listen, storage } => engine::broker(&listen, &storage).await,
+        Command::Schemas {
+            command: SchemasCommand::Check,
+        } => crate::ops::schemas::check_command(&settings).await,
+        Command::Broker { listen, storage } => {
+            let listen = listen.unwrap_or_else(|| settings.broker.listen.clone());
+            let storage = match storage {
+                Some(s) => s,
+                None => settings.broker.storage_url()?,
+            };
+            engine::broker(&listen, &storage).await
+        }
     }
 }
 

@@ -253,6 +253,26 @@ impl Kind {
         Kind::ConsentChange,
         Kind::CampaignCommand,
     ];
+
+    /// The record type on the topic named `key` in `[topics]`; `None` for
+    /// dead-letter topics, which carry their source topic's records as they were.
+    pub fn of_topic(key: &str) -> Option<Kind> {
+        Some(match key {
+            "users" => Kind::UserUpsert,
+            "webhooks-status" | "webhooks-inbound" => Kind::WebhookRaw,
+            "receipts" => Kind::ReceiptNormalized,
+            "inbound" => Kind::InboundNormalized,
+            "consent-changes" => Kind::ConsentChange,
+            "campaign-commands" => Kind::CampaignCommand,
+            k if k == "sends" || k.starts_with("sends-retry-") => Kind::SendRequest,
+            _ => return None,
+        })
+    }
+
+    /// The schema written now (the newest version).
+    pub fn current(self) -> &'static str {
+        self.versions().last().copied().unwrap_or_default()
+    }
 }
 
 /// Serde adapter for `map<union{null, boolean, long, double, string}>` fields

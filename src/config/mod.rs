@@ -33,6 +33,7 @@ pub struct Settings {
     pub metrics: MetricsConfig,
     pub phone: PhoneConfig,
     pub broker: BrokerConfig,
+    pub engine: EngineConfig,
     pub bridge: BridgeConfig,
     pub consent: ConsentConfig,
     pub receipts: ReceiptsConfig,
@@ -185,11 +186,63 @@ pub struct PhoneConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct EngineConfig {
+    /// On SIGTERM/SIGINT, how long the stages may take to finish their
+    /// batches and commit before the process gives up on them (and exits
+    /// non-zero, naming them). Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// Where the embedded broker listens. Default `127.0.0.1:9092`.
+    /// Where the embedded broker listens; also where `ese status`, `replay`,
+    /// `dlq`, `demo` and `run` look for it when no brokers are configured.
+    /// Default `127.0.0.1:9092`.
     pub listen: String,
-    /// Embedded broker storage: `memory://ese/` or `sqlite://PATH` (durable). Default memory.
+    /// Embedded broker storage. Empty (the default): durable, a SQLite file
+    /// `broker.db` in `data-dir`, which survives kill -9 and restarts with
+    /// every acknowledged record. `memory://NAME/` keeps nothing (for
+    /// throwaway runs); `sqlite:///ABSOLUTE/PATH.db` another file.
     pub storage: String,
+    /// The embedded broker's data folder, created on first run. Empty (the
+    /// default): `$XDG_DATA_HOME/ese`, else `$HOME/.local/share/ese`.
+    pub data_dir: String,
+}
+
+impl BrokerConfig {
+    /// The data folder (see `data-dir`).
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        if !self.data_dir.trim().is_empty() {
+            return std::path::PathBuf::from(self.data_dir.trim());
+        }
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .filter(|d| !d.is_empty())
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .filter(|h| !h.is_empty())
+                    .map(|h| std::path::PathBuf::from(h).join(".local/share"))
+            })
+            .unwrap_or_else(|| std::path::PathBuf::from(".ese"));
+        base.join("ese")
+    }
+
+    /// The storage URL the embedded broker runs on: `storage`, or the
+    /// durable default in the data folder (created now).
+    pub fn storage_url(&self) -> anyhow::Result<String> {
+        if !self.storage.trim().is_empty() {
+            return Ok(self.storage.trim().to_string());
+        }
+        let dir = self.data_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            anyhow::anyhow!("broker.data-dir {}: cannot create it: {e}", dir.display())
+        })?;
+        let dir = std::path::absolute(&dir)
+            .map_err(|e| anyhow::anyhow!("broker.data-dir {}: {e}", dir.display()))?;
+        Ok(format!("sqlite://{}", dir.join("broker.db").display()))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -34,24 +34,33 @@ pub async fn http_router(
     Ok(bridge.router().merge(admin.router()))
 }
 
-/// Cancels `token` on SIGINT or SIGTERM.
+/// Cancels `token` on SIGINT or SIGTERM; a second one ends the process at
+/// once (exit status 130).
 pub fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term => {}
-        }
-        info!("signal received, draining");
+        signal().await;
+        info!("signal received, stopping (a second signal exits at once)");
         token.cancel();
+        signal().await;
+        eprintln!("ese: second signal: exiting at once, without draining");
+        std::process::exit(130);
     });
+}
+
+/// The next SIGINT or SIGTERM.
+async fn signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
 }
 
 /// Runs `names` (stages) until `shutdown`; the first fatal error stops them all
@@ -156,12 +165,6 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
 
 /// `ese broker`: the embedded broker alone until SIGINT/SIGTERM.
 pub async fn broker(listen: &str, storage: &str) -> anyhow::Result<()> {
-    // tansu resolves sqlite paths against the working directory; from "/" an
-    // absolute `sqlite:///var/lib/ese/broker.db` means what it says.
-    if storage.starts_with("sqlite:///") {
-        std::env::set_current_dir("/")
-            .map_err(|e| anyhow::anyhow!("cannot change to / for an absolute sqlite path: {e}"))?;
-    }
     let broker = crate::broker::start(listen, storage).await?;
     println!(
         "ese broker: Kafka API on {} (storage {storage})",

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 use super::{cancel_on_signal, http_router, run_stages};
 use crate::config::Settings;
@@ -13,8 +14,9 @@ use crate::stages;
 /// scheduler, and the embedded broker when no brokers are configured; the
 /// provider simulator too with `with_provider_sim`. Until SIGINT/SIGTERM.
 pub async fn up(mut settings: Settings, with_provider_sim: bool) -> anyhow::Result<()> {
+    let storage = settings.broker.storage_url()?;
     let broker = if settings.kafka.brokers.trim().is_empty() {
-        let b = crate::broker::start(&settings.broker.listen, &settings.broker.storage).await?;
+        let b = crate::broker::start(&settings.broker.listen, &storage).await?;
         settings.kafka.brokers = b.bootstrap.clone();
         Some(b)
     } else {
@@ -23,11 +25,15 @@ pub async fn up(mut settings: Settings, with_provider_sim: bool) -> anyhow::Resu
     let applied = crate::db::migrate(&settings.database.url).await?;
     let topics = settings.all_topics();
     crate::kafka::create_topics(&settings.kafka, &topics).await?;
-    let shutdown = CancellationToken::new();
-    cancel_on_signal(shutdown.clone());
+    // The stop, in order: webhooks (`stop`), then the stages (`stages`),
+    // then what they may still call (`last`: simulator, metrics), then the
+    // embedded broker.
+    let stop = CancellationToken::new();
+    cancel_on_signal(stop.clone());
+    let stages_stop = CancellationToken::new();
+    let last = CancellationToken::new();
     let sim = if with_provider_sim {
-        let (addr, task) =
-            crate::sim::start(settings.provider_sim.clone(), shutdown.clone()).await?;
+        let (addr, task) = crate::sim::start(settings.provider_sim.clone(), last.clone()).await?;
         if settings.provider.base_url == crate::config::TWILIO_API {
             settings.provider.base_url = format!("http://{addr}");
         }
@@ -36,10 +42,7 @@ pub async fn up(mut settings: Settings, with_provider_sim: bool) -> anyhow::Resu
         None
     };
     let deps = Deps::new(&settings)?;
-    let metrics = tokio::spawn(crate::metrics::serve(
-        settings.metrics.listen,
-        shutdown.clone(),
-    ));
+    let metrics = tokio::spawn(crate::metrics::serve(settings.metrics.listen, last.clone()));
     let tokens = crate::twilio::tokens_from_env();
     let signed = !tokens.is_empty();
     let admin = crate::campaigns::api::token_from_env().is_some();
@@ -47,13 +50,18 @@ pub async fn up(mut settings: Settings, with_provider_sim: bool) -> anyhow::Resu
     let bridge_task = tokio::spawn(crate::bridge::serve(
         settings.bridge.listen,
         router,
-        shutdown.clone(),
+        stop.clone(),
     ));
     println!("ese up");
     match &broker {
         Some(b) => println!(
-            "  kafka      {} (embedded broker, storage {})",
-            b.bootstrap, settings.broker.storage
+            "  kafka      {} (embedded broker, storage {storage}{})",
+            b.bootstrap,
+            if storage.starts_with("memory:") {
+                ": nothing is kept when ese up stops"
+            } else {
+                ""
+            }
         ),
         None => println!("  kafka      {}", settings.kafka.brokers),
     }
@@ -92,16 +100,41 @@ pub async fn up(mut settings: Settings, with_provider_sim: bool) -> anyhow::Resu
     println!("  stages     {}", stages::names().join(", "));
     println!("  topics     {}", topics.len());
     let names: Vec<String> = stages::names().iter().map(|s| s.to_string()).collect();
-    let result = run_stages(&names, &deps, shutdown.clone()).await;
-    shutdown.cancel();
-    let _ = metrics.await;
+    let running = {
+        let (deps, token) = (deps.clone(), stages_stop.clone());
+        tokio::spawn(async move { run_stages(&names, &deps, token).await })
+    };
+    // Until a signal, or a stage stopping on its own (a fatal error).
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = stages_stop.cancelled() => {}
+    }
+    stop.cancel();
     let bridge = bridge_task.await;
+    info!("webhooks no longer taken; stages finishing their batches");
+    stages_stop.cancel();
+    let timeout = settings.engine.shutdown_timeout;
+    let result = match tokio::time::timeout(timeout, running).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err(anyhow::anyhow!("the stages' task failed: {e}")),
+        Err(_) => Err(anyhow::anyhow!(
+            "stages still running after engine.shutdown-timeout ({timeout:?}); stopped without them"
+        )),
+    };
+    last.cancel();
+    let _ = metrics.await;
+    if let Some((_, task)) = sim {
+        let _ = task.await;
+    }
     // The stages have returned, each after its final synchronous offset
-    // commit, and the bridge has stopped; with the engine's producer gone
-    // too, the embedded broker is stopped last (it answers until then).
-    drop(deps);
+    // commit; with the engine's producer gone too, the embedded broker is
+    // stopped last (it answers until then).
+    // (Dropping the producer flushes it, blocking: not on an async worker
+    // the embedded broker may need.)
+    let _ = tokio::task::spawn_blocking(move || drop(deps)).await;
     if let Some(broker) = broker {
         broker.stop(Duration::from_secs(5)).await;
+        info!("embedded broker stopped");
     }
     if let Ok(Err(e)) = bridge {
         return result.and(Err(e));

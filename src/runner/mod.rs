@@ -259,6 +259,8 @@ struct Shared<S: Stage> {
     consumer: Arc<StreamConsumer<RunnerContext>>,
     owned: Owned,
     shutdown: CancellationToken,
+    /// Records finished (and their offsets stored) after the stop began.
+    drained: std::sync::atomic::AtomicU64,
 }
 
 /// Runs `stage` until `shutdown` is cancelled (then drains and returns `Ok`)
@@ -315,6 +317,7 @@ async fn run<S: Stage>(
         consumer: consumer.clone(),
         owned: owned.clone(),
         shutdown: shutdown.clone(),
+        drained: Default::default(),
     });
     let mut senders = Vec::with_capacity(workers_n);
     let mut workers = JoinSet::new();
@@ -392,18 +395,34 @@ async fn run<S: Stage>(
             fatal.get_or_insert(e);
         }
     }
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => {}
-        Err(e) => debug!(stage = name, error = %e, "final commit"),
+    let drained = shared.drained.load(std::sync::atomic::Ordering::Relaxed);
+    // The final commit, leaving the group and closing the consumer block
+    // until the broker answers; off the async workers, because the broker
+    // may be the embedded one on this very runtime (two workers blocked
+    // here stopped it answering, and `ese up` never exited).
+    drop(shared);
+    let closed = tokio::task::spawn_blocking(move || {
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            debug!(stage = name, error = %e, "final commit");
+        }
+        consumer.unsubscribe();
+        drop(consumer);
+    })
+    .await;
+    if let Err(e) = closed {
+        fatal.get_or_insert(anyhow::anyhow!("closing the consumer: {e}"));
     }
-    consumer.unsubscribe();
     match fatal {
         Some(e) => {
             error!(stage = name, error = %e, "stage stopped");
             Err(e)
         }
         None => {
-            info!(stage = name, "stage stopped cleanly");
+            info!(
+                stage = name,
+                drained,
+                "stage stopped cleanly: offsets committed, {drained} records finished after the stop"
+            );
             Ok(())
         }
     }

@@ -238,6 +238,10 @@ impl<S: Stage> Shared<S> {
             warn!(stage = name, record = %r.coordinates(), reason = %reason, "dead-lettered");
         }
         self.store_offsets(&batch);
+        if self.shutdown.is_cancelled() {
+            self.drained
+                .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         counter!(crate::metrics::names::STAGE_RECORDS_PROCESSED_TOTAL, "stage" => name)
             .increment(batch.items.len() as u64);
         histogram!(crate::metrics::names::STAGE_BATCH_DURATION_SECONDS, "stage" => name)

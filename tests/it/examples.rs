@@ -117,3 +117,74 @@ async fn a_python_producer_writes_confluent_framed_records_through_a_real_regist
         "{subjects:?}"
     );
 }
+
+/// Registers `schema` (Avro JSON text) under `subject` in the test registry.
+async fn register(registry: &Registry, subject: &str, schema: &str) {
+    let r = ese::http::client_builder()
+        .build()
+        .unwrap()
+        .post(format!("{}/subjects/{subject}/versions", registry.url))
+        .basic_auth(&registry.username, Some(&registry.password))
+        .json(&serde_json::json!({ "schema": schema }))
+        .send()
+        .await
+        .expect("registry answers");
+    assert!(
+        r.status().is_success(),
+        "register {subject}: {}",
+        r.status()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemas_check_tells_compatible_from_incompatible_against_a_real_registry() {
+    let registry = Registry::get();
+    let mut doc = toml::Table::new();
+    doc.insert(
+        "schema-registry".into(),
+        toml::toml! { url = (registry.url.clone()) username = (registry.username.clone()) }.into(),
+    );
+    let app = TestApp::spawn_with(doc).await;
+    let password = [("SCHEMA_REGISTRY_PASSWORD", registry.password.clone())];
+
+    // Nothing registered for this test's topics yet: all new, exit 0.
+    let (ok, out, err) = app.run_ese_with(&["schemas", "check"], &password).await;
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "new           {}-value",
+            app.topic("users.upserts")
+        )),
+        "{out}"
+    );
+
+    // The engine's own schema registered: compatible. An older one that
+    // lacks a field the engine's requires: incompatible, exit non-zero.
+    let raw = format!("{}-value", app.topic("webhooks.status.raw"));
+    register(
+        registry,
+        &raw,
+        include_str!("../../schemas/webhook_raw.v1.avsc"),
+    )
+    .await;
+    let users = format!("{}-value", app.topic("users.upserts"));
+    register(
+        registry,
+        &users,
+        r#"{"type":"record","name":"UserUpsert","namespace":"ese","fields":[{"name":"phone","type":"string"}]}"#,
+    )
+    .await;
+    let (ok, out, _) = app.run_ese_with(&["schemas", "check"], &password).await;
+    assert!(!ok, "an incompatible subject must fail the check: {out}");
+    assert!(out.contains(&format!("compatible    {raw}")), "{out}");
+    assert!(out.contains(&format!("INCOMPATIBLE  {users}")), "{out}");
+
+    // Wrong credentials: a clear error, not a verdict.
+    let (ok, _, err) = app
+        .run_ese_with(
+            &["schemas", "check"],
+            &[("SCHEMA_REGISTRY_PASSWORD", "wrong".to_string())],
+        )
+        .await;
+    assert!(!ok && err.contains("refused the credentials"), "{err}");
+}

@@ -18,4 +18,5 @@ mod postgres_tls;
 mod receipts_consent;
 mod reliability;
 mod sender;
+mod single_node;
 mod users;

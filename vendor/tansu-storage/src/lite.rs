@@ -1978,17 +1978,25 @@ impl Builder<String, i32, Url, Url> {
     pub(crate) async fn build(self) -> Result<Engine> {
         debug!(domain = self.storage.domain(), path = self.storage.path());
 
-        let mut path = env::current_dir().inspect(|current_dir| debug!(?current_dir))?;
-
-        if let Some(domain) = self.storage.domain() {
-            path.push(domain);
-        }
-
-        if let Some(relative) = self.storage.path().strip_prefix("/") {
-            path.push(relative);
+        // ese patch: `sqlite:///var/lib/x.db` (no host) is an absolute path,
+        // as in a file URL; `sqlite://dir/x.db` stays relative to the
+        // working directory.
+        let path = if self.storage.domain().is_none() && self.storage.path().starts_with('/') {
+            std::path::PathBuf::from(self.storage.path())
         } else {
-            path.push(self.storage.path());
-        }
+            let mut path = env::current_dir().inspect(|current_dir| debug!(?current_dir))?;
+
+            if let Some(domain) = self.storage.domain() {
+                path.push(domain);
+            }
+
+            if let Some(relative) = self.storage.path().strip_prefix("/") {
+                path.push(relative);
+            } else {
+                path.push(self.storage.path());
+            }
+            path
+        };
 
         debug!(?path);
 
