@@ -158,20 +158,33 @@ pub struct Scratch {
     pub db_name: String,
     admin_url: String,
     _broker: Option<ese::broker::EmbeddedBroker>,
+    /// The embedded broker's durable data folder, removed at the end.
+    data_dir: Option<std::path::PathBuf>,
 }
 
 impl Scratch {
-    /// Starts the embedded broker if none is configured, creates a fresh
-    /// database and prefixes every topic and group with a fresh name.
+    /// Starts the embedded broker if none is configured (on `broker.storage`
+    /// when set, e.g. `ESE__BROKER__STORAGE=memory://ese-bench/`; else
+    /// durable, as `ese up` runs by default, in a fresh data folder), creates
+    /// a fresh database and prefixes every topic and group with a fresh name.
     pub async fn new(mut settings: Settings) -> anyhow::Result<Self> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let mut data_dir = None;
         let broker = if settings.kafka.brokers.trim().is_empty() {
-            let b = ese::broker::start("127.0.0.1:0", "memory://ese-bench/").await?;
+            if settings.broker.storage.trim().is_empty() {
+                let dir = std::env::temp_dir().join(format!("ese-bench-{}", &id[..12]));
+                settings.broker.data_dir = dir.display().to_string();
+                data_dir = Some(dir);
+            }
+            let storage = settings.broker.storage_url()?;
+            eprintln!("bench: embedded broker, storage {storage}");
+            let b = ese::broker::start("127.0.0.1:0", &storage).await?;
             settings.kafka.brokers = b.bootstrap.clone();
             Some(b)
         } else {
+            eprintln!("bench: brokers {}", settings.kafka.brokers);
             None
         };
-        let id = uuid::Uuid::new_v4().simple().to_string();
         let db_name = format!("ese_bench_{}", &id[..12]);
         let admin_url = settings.database.url.clone();
         let (admin, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls).await?;
@@ -200,11 +213,15 @@ impl Scratch {
             db_name,
             admin_url,
             _broker: broker,
+            data_dir,
         })
     }
 
-    /// Drops the scratch database.
+    /// Drops the scratch database (and the broker's data folder).
     pub async fn cleanup(self) -> anyhow::Result<()> {
+        if let Some(dir) = &self.data_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         let (admin, conn) = tokio_postgres::connect(&self.admin_url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
         admin

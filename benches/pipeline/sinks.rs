@@ -179,9 +179,7 @@ async fn run(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
 
     // Consent: STOP/START from n distinct numbers, twice (the ceiling and
     // the stage each get events of their own, so neither finds the work done).
-    let consent = Consent {
-        cfg: settings.consent.clone(),
-    };
+    let consent = Consent::new(settings.consent.clone());
     let make = |round: i64| -> Vec<InboundNormalized> {
         (0..n)
             .map(|i| InboundNormalized {

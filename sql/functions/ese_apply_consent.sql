@@ -1,7 +1,7 @@
 -- The live definition of ese_apply_consent (first defined in migrations; changed only here).
 -- Records consent decisions (one per phone per call) and applies those newer
 -- than the stored consent. An unknown number is created with the state its
--- decision implies. A decision already recorded (same source event id)
+-- decision implies. At equal times OPT_OUT wins. A decision already recorded (same source event id)
 -- changes nothing, so replays are no-ops.
 CREATE OR REPLACE FUNCTION ese_apply_consent(phones text[], states text[], ats timestamptz[], sources text[],
                                   keywords text[], event_ids text[])
@@ -29,6 +29,9 @@ BEGIN
                CASE WHEN x.phone = ANY (created) THEN NULL ELSE cur.consent_state END,
                x.state, x.source, x.keyword, x.event_id, x.at,
                cur.consent_updated_at IS NULL OR cur.consent_updated_at < x.at
+               -- A tie goes to stopping: a STOP and a START at the same time
+               -- leave the number opted out, whichever is applied first.
+               OR (cur.consent_updated_at = x.at AND x.state = 'OPT_OUT')
           FROM x JOIN cur ON cur.phone_number = x.phone
         ON CONFLICT (source_event_id) DO NOTHING
         RETURNING phone_number, new_state, occurred_at, applied

@@ -301,28 +301,25 @@ async fn accept(
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
 
-    // A provider retry carries the same idempotency token (or the same content),
-    // so it gets the same event id and the sinks keep one copy.
-    let identity = match headers
-        .get("i-twilio-idempotency-token")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(token) => format!("token:{token}"),
-        None => {
-            let mut sorted = params.clone();
-            sorted.sort();
-            let mut s = format!("{}|{}|", uri.path(), query);
-            for (k, v) in &sorted {
-                s.push_str(k);
-                s.push('=');
-                s.push_str(v);
-                s.push('&');
-            }
-            if let Some(body) = &raw_body {
-                s.push_str(body);
-            }
-            s
+    // The event's identity comes from what the signature covers, never from
+    // the unsigned `I-Twilio-Idempotency-Token` header: a provider retry
+    // repeats the same signed content, so it gets the same event id and the
+    // sinks keep one copy; a captured request sent again under a new token
+    // is the same event, not a later one (it cannot undo a STOP).
+    let identity = {
+        let mut sorted = params.clone();
+        sorted.sort();
+        let mut s = format!("{}|{}|", uri.path(), query);
+        for (k, v) in &sorted {
+            s.push_str(k);
+            s.push('=');
+            s.push_str(v);
+            s.push('&');
         }
+        if let Some(body) = &raw_body {
+            s.push_str(body);
+        }
+        s
     };
     let record = WebhookRaw {
         event_id: uuid_v5(identity.as_bytes()).to_string(),

@@ -266,17 +266,28 @@ pub struct BridgeConfig {
     pub produce_timeout: Duration,
 }
 
-/// Consent keywords and auto-replies. Keywords match the whole message,
-/// ignoring case, surrounding whitespace and trailing punctuation.
+/// Consent keywords and auto-replies. A keyword matches the whole message
+/// as people write it (width, case, quotes, emoji, zero-width characters,
+/// hyphens ignored: `stages::consent::normalise`), or with only filler words
+/// around it in a short message ("please stop", "stop texting me").
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ConsentConfig {
-    /// Default STOP, STOPALL, UNSUBSCRIBE, CANCEL, END, QUIT, REVOKE, OPTOUT.
+    /// Default the FCC's list (STOP, QUIT, END, REVOKE, OPT OUT, CANCEL,
+    /// UNSUBSCRIBE) plus STOPALL, STOP ALL, OPTOUT.
     pub opt_out_keywords: Vec<String>,
     /// Default START, YES, UNSTOP.
     pub opt_in_keywords: Vec<String>,
     /// Default HELP, INFO.
     pub help_keywords: Vec<String>,
+    /// Words that may surround a keyword in a plain request ("please",
+    /// "me", "texting"…).
+    #[serde(default)]
+    pub filler_words: Vec<String>,
+    /// A message of more words than this is never a plain request, even if
+    /// all but the keyword are fillers. Default 6.
+    #[serde(default = "default_max_plain_words")]
+    pub max_plain_words: usize,
     /// Sent once after an opt-out (the one message an opted-out number gets); empty: none.
     pub opt_out_reply: String,
     /// Sent after an opt-in; empty: none.
@@ -286,6 +297,10 @@ pub struct ConsentConfig {
     /// Operator rules: a keyword and its reply (opted-in numbers only).
     #[serde(default)]
     pub rules: Vec<ReplyRule>,
+}
+
+fn default_max_plain_words() -> usize {
+    6
 }
 
 /// `[[consent.rules]] keyword = "HOURS" reply = "We are open 9-5."`

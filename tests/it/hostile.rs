@@ -389,3 +389,111 @@ async fn ten_thousand_malformed_or_unsigned_webhooks_get_4xx_and_produce_nothing
     );
     bridge.terminate().await;
 }
+
+/// Signed inbound `body` from `from` (its MessageSid `sid`) posted to the
+/// bridge under idempotency token `token`; the HTTP status.
+async fn post_inbound(
+    bridge: &crate::harness::RunningBridge,
+    sid: &str,
+    from: &str,
+    body: &str,
+    token: &str,
+) -> u16 {
+    let path = "/webhooks/twilio/inbound";
+    let params: Vec<(String, String)> = [
+        ("MessageSid", sid),
+        ("AccountSid", crate::harness::SIM_ACCOUNT),
+        ("From", from),
+        ("To", "+15005550006"),
+        ("Body", body),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let sig = signature::sign(
+        crate::fixtures::TOKEN,
+        &format!("{}{path}", crate::fixtures::PUBLIC_URL),
+        &params,
+    );
+    let form = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(&params)
+        .finish();
+    bridge
+        .http
+        .post(format!("{}{path}", bridge.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-twilio-signature", sig)
+        .header("i-twilio-idempotency-token", token)
+        .body(form)
+        .send()
+        .await
+        .expect("bridge answers")
+        .status()
+        .as_u16()
+}
+
+/// A captured, signed START sent again under new idempotency tokens (the
+/// header is not signed) is the same event: it cannot undo a later STOP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_start_replayed_under_new_tokens_is_one_event_and_cannot_undo_a_stop() {
+    let app = TestApp::spawn().await;
+    let bridge = app.start_bridge().await;
+    let normalize = app.start_stage("normalize");
+    let consent = app.start_stage("consent");
+    let phone = "+14155550177";
+    let start_sid = "SMreplay000000000000000000000start";
+    assert_eq!(
+        post_inbound(&bridge, start_sid, phone, "START", "tok-a").await,
+        200
+    );
+    app.wait_for_count(
+        &format!("SELECT count(*) FROM consent_events WHERE phone_number = '{phone}'"),
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    let stop_sid = "SMreplay0000000000000000000000stop";
+    assert_eq!(
+        post_inbound(&bridge, stop_sid, phone, "STOP", "tok-b").await,
+        200
+    );
+    app.wait_for_count(
+        &format!(
+            "SELECT count(*) FROM users WHERE phone_number = '{phone}' AND consent_state = 'OPT_OUT'"
+        ),
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    // The attacker replays the captured START, each time with a fresh token.
+    for token in ["tok-c", "tok-d", "tok-e"] {
+        assert_eq!(
+            post_inbound(&bridge, start_sid, phone, "START", token).await,
+            200
+        );
+    }
+    app.wait_caught_up("normalize", Duration::from_secs(60))
+        .await;
+    app.wait_caught_up("consent", Duration::from_secs(60)).await;
+    let c = app.pool.get().await.unwrap();
+    let inbound: i64 = c
+        .query_one(
+            "SELECT count(*) FROM inbound_events WHERE message_sid = $1",
+            &[&start_sid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(inbound, 1, "one START event, however many tokens");
+    let row = c
+        .query_one(
+            "SELECT consent_state, (SELECT count(*) FROM consent_events WHERE phone_number = $1) FROM users WHERE phone_number = $1",
+            &[&phone],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "OPT_OUT", "the STOP stands");
+    assert_eq!(row.get::<_, i64>(1), 2, "START once, STOP once");
+    normalize.stop().await;
+    consent.stop().await;
+}

@@ -283,12 +283,13 @@ async fn later_consent_decision_stands_whatever_the_arrival_order() {
         ],
     )
     .await;
-    // Bob: an ordinary message, "STOP PLEASE" (ordinary too), HELP, then STOP.
+    // Bob: an ordinary message, one that merely mentions a keyword (ordinary
+    // too), HELP, then STOP.
     publish(
         &app,
         &[
             &inbound(bob, "hello", T0 + 1_000),
-            &inbound(bob, "STOP PLEASE", T0 + 2_000),
+            &inbound(bob, "I'll stop by tomorrow", T0 + 2_000),
             &inbound(bob, "help", T0 + 3_000),
             &inbound(bob, "STOP.", T0 + 4_000),
             &inbound(bob, "help", T0 + 5_000),
@@ -467,4 +468,49 @@ async fn campaign_performance_counts_and_replay_changes_nothing() {
     }
     let after = app.dump().await;
     assert_eq!(before, after, "replay left every table as it was");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_and_a_start_at_the_same_time_leave_the_number_opted_out() {
+    let app = TestApp::spawn().await;
+    let normalize = app.start_stage("normalize");
+    let consent = app.start_stage("consent");
+    let (carl, dan) = ("+14155550103", "+14155550104");
+    let t = T0 + 7_000;
+    // Same event time, both orders on the topic.
+    publish(
+        &app,
+        &[
+            &inbound(carl, "START", t),
+            &inbound(carl, "STOP", t),
+            &inbound(dan, "STOP", t),
+            &inbound(dan, "START", t),
+        ],
+    )
+    .await;
+    app.wait_caught_up("normalize", WAIT).await;
+    app.wait_caught_up("consent", WAIT).await;
+    let c = app.pool.get().await.unwrap();
+    for phone in [carl, dan] {
+        let state: String = c
+            .query_one(
+                "SELECT consent_state FROM users WHERE phone_number = $1",
+                &[&phone],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(state, "OPT_OUT", "{phone}: a tie goes to stopping");
+        let events: i64 = c
+            .query_one(
+                "SELECT count(*) FROM consent_events WHERE phone_number = $1",
+                &[&phone],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(events, 2, "{phone}: both decisions recorded");
+    }
+    normalize.stop().await;
+    consent.stop().await;
 }

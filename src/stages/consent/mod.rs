@@ -1,5 +1,5 @@
-//! `consent`: inbound messages → consent. Keywords (whole message, case and
-//! trailing punctuation ignored) opt a number out or in, by event time, so a
+//! `consent`: inbound messages → consent. Keywords (read as people write
+//! them: `keywords`) opt a number out or in, by event time, so a
 //! late-arriving older decision never undoes a newer one (`ese_apply_consent`,
 //! `sql/functions/`); every decision is kept in `consent_events`. Auto-replies
 //! become `messages` rows keyed by the inbound event and go out on `sends`;
@@ -16,46 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::runner::{Collector, Deps, InRecord, Item, Stage, StageError};
 
-/// What an inbound message means for consent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Intent {
-    OptOut(String),
-    OptIn(String),
-    Help(String),
-    /// An operator rule matched: reply with this text.
-    Rule(String, String),
-    /// An ordinary message.
-    None,
-}
-
-impl ConsentConfig {
-    /// Classifies a message body: the whole message must be the keyword.
-    pub fn classify(&self, body: &str) -> Intent {
-        let word = body
-            .trim()
-            .trim_end_matches(|c: char| c.is_ascii_punctuation() || c.is_whitespace())
-            .trim()
-            .to_uppercase();
-        let is = |list: &[String]| list.iter().any(|k| k.eq_ignore_ascii_case(&word));
-        if word.is_empty() {
-            Intent::None
-        } else if is(&self.opt_out_keywords) {
-            Intent::OptOut(word)
-        } else if is(&self.opt_in_keywords) {
-            Intent::OptIn(word)
-        } else if is(&self.help_keywords) {
-            Intent::Help(word)
-        } else if let Some(rule) = self
-            .rules
-            .iter()
-            .find(|r| r.keyword.eq_ignore_ascii_case(&word))
-        {
-            Intent::Rule(word, rule.reply.clone())
-        } else {
-            Intent::None
-        }
-    }
-}
+mod keywords;
+pub use keywords::{Intent, Keywords, normalise};
 
 const TOUCH_USERS: &str = "
 INSERT INTO users AS u (phone_number, last_message_received)
@@ -100,13 +62,23 @@ SELECT id, recipient_phone, channel, body, idempotency_key FROM messages
 /// The consent stage.
 pub struct Consent {
     pub cfg: ConsentConfig,
+    pub keywords: Keywords,
+}
+
+impl Consent {
+    pub fn new(cfg: ConsentConfig) -> Self {
+        Self {
+            keywords: Keywords::new(&cfg),
+            cfg,
+        }
+    }
 }
 
 /// The stage, until `shutdown`.
 pub fn start(deps: Deps, shutdown: CancellationToken) -> BoxFuture<'static, anyhow::Result<()>> {
     Box::pin(async move {
         let cfg = deps.settings.consent.clone();
-        deps.consume("consent", Consent { cfg }, shutdown).await
+        deps.consume("consent", Consent::new(cfg), shutdown).await
     })
 }
 
@@ -145,7 +117,7 @@ impl Stage for Consent {
                 );
                 continue;
             };
-            live.push((m, at, event_uuid, self.cfg.classify(&m.body)));
+            live.push((m, at, event_uuid, self.keywords.classify(&m.body)));
         }
 
         // Decisions, in rounds so a phone appears once per call.
