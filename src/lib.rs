@@ -11,7 +11,8 @@
 //!   their Avro encodings (single-object or schema-registry).
 //! - [`db`]: the Postgres pool (TLS as `sslmode` asks), migrations and the SQL
 //!   functions of `sql/functions/`, error classification.
-//! - [`kafka`]: the one place Kafka clients are configured; topic creation.
+//! - [`kafka`]: the one place Kafka clients are configured (`mod.rs`); the
+//!   producer, topic creation and out-of-group topic reading in its files.
 //! - [`http`]: the one place HTTP clients are built; [`metrics`]: the
 //!   Prometheus recorder and `/metrics`; [`periodic`]: the one loop
 //!   background work runs in; [`phone`]: E.164 normalization.
