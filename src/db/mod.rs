@@ -240,10 +240,16 @@ pub enum ErrorClass {
     Fatal,
 }
 
-/// Classifies a tokio-postgres error by SQLSTATE class.
+/// Classifies a tokio-postgres error by SQLSTATE class; an error without
+/// one by what the client says went wrong (its kinds are not public, their
+/// messages are fixed): the connection (retry), a value that cannot be
+/// converted for its parameter (the record is poison), or a statement and
+/// its Rust side disagreeing — row counts, columns, result types (a bug: it
+/// would fail the same way forever, so stop with the reason).
 pub fn classify(e: &tokio_postgres::Error) -> ErrorClass {
     match e.code() {
-        None => ErrorClass::Transient, // I/O, closed connection, timeouts
+        None if e.is_closed() => ErrorClass::Transient,
+        None => classify_message(&e.to_string()),
         Some(code) => {
             let s = code.code();
             match &s[..2] {
@@ -253,6 +259,30 @@ pub fn classify(e: &tokio_postgres::Error) -> ErrorClass {
                 _ => ErrorClass::Fatal,
             }
         }
+    }
+}
+
+/// [`classify`] of a client-side error (no SQLSTATE) by its message.
+pub fn classify_message(message: &str) -> ErrorClass {
+    const TRANSIENT: [&str; 7] = [
+        "error communicating with the server",
+        "connection closed",
+        "error connecting to server",
+        "timeout waiting for server",
+        "error performing TLS handshake",
+        "unexpected message from server",
+        "error parsing response from server",
+    ];
+    if TRANSIENT.iter().any(|t| message.starts_with(t)) {
+        ErrorClass::Transient
+    } else if message.starts_with("error serializing parameter")
+        || message.starts_with("error encoding message to server")
+    {
+        ErrorClass::Data
+    } else {
+        // Deserializing a column, row or column counts, parameter counts,
+        // authentication, configuration: the same again fails again.
+        ErrorClass::Fatal
     }
 }
 

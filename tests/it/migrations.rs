@@ -130,3 +130,33 @@ async fn fresh_database_gets_the_full_schema_and_refuses_bad_data() {
             .is_err()
     );
 }
+
+/// Client-side PostgreSQL errors (no SQLSTATE) that would fail the same way
+/// again are not called transient, so a stage never retries them forever: a
+/// value that cannot be sent is the record's fault (DLQ), a statement whose
+/// rows or columns the code misreads is a bug (the stage stops).
+#[tokio::test]
+async fn errors_without_a_sqlstate_are_poison_or_fatal_never_retried_forever() {
+    use ese::db::{ErrorClass, classify};
+    let app = TestApp::spawn().await;
+    let c = app.pool.get().await.unwrap();
+    // A parameter the column's type cannot take.
+    let e = c
+        .query_one("SELECT $1::int4", &[&"not a number"])
+        .await
+        .expect_err("wrong parameter type");
+    assert_eq!(e.code(), None, "{e}");
+    assert_eq!(classify(&e), ErrorClass::Data, "{e}");
+    // Exactly one row expected, none returned.
+    let e = c
+        .query_one("SELECT 1 WHERE false", &[])
+        .await
+        .expect_err("no row");
+    assert_eq!(classify(&e), ErrorClass::Fatal, "{e}");
+    // A column read as the wrong Rust type.
+    let row = c.query_one("SELECT 'text'::text", &[]).await.unwrap();
+    let e = row.try_get::<_, i64>(0).expect_err("wrong column type");
+    assert_eq!(classify(&e), ErrorClass::Fatal, "{e}");
+    // (The connection going away stays transient: the reliability suite
+    // restarts PostgreSQL under load and loses nothing.)
+}
