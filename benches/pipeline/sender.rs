@@ -92,6 +92,7 @@ async fn run(scratch: &Scratch, limit: i32, n: i64) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let stats: serde_json::Value = http
             .get(format!("{base}/sim/stats"))
+            .basic_auth(ACCOUNT, Some(TOKEN))
             .send()
             .await?
             .json()

@@ -94,10 +94,18 @@ impl Simulator {
                 post(send).get(list),
             )
             .route("/2010-04-01/Accounts/{account}/Messages/{file}", get(fetch))
-            .route("/sim/script", post(script))
-            .route("/sim/reset", post(reset))
-            .route("/sim/stats", get(stats))
             .route("/sim/healthz", get(|| std::future::ready("ok")))
+            // The controls need the account's credentials, as the API does.
+            .merge(
+                Router::new()
+                    .route("/sim/script", post(script))
+                    .route("/sim/reset", post(reset))
+                    .route("/sim/stats", get(stats))
+                    .route_layer(axum::middleware::from_fn_with_state(
+                        self.clone(),
+                        control_auth,
+                    )),
+            )
             .with_state(self.clone())
             .merge(crate::metrics::router())
     }
@@ -106,11 +114,19 @@ impl Simulator {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether `headers` carry this account's HTTP basic credentials
+    /// (compared in constant time).
+    fn credentials_match(&self, headers: &HeaderMap) -> bool {
+        use subtle::ConstantTimeEq;
+        basic_credentials(headers).is_some_and(|(user, password)| {
+            let user = user.as_bytes().ct_eq(self.account_sid.as_bytes());
+            let password = password.as_bytes().ct_eq(self.auth_token.as_bytes());
+            bool::from(user & password)
+        })
+    }
+
     fn authorize(&self, path_account: &str, headers: &HeaderMap) -> Result<(), Box<Response>> {
-        let ok = basic_credentials(headers).is_some_and(|(user, password)| {
-            user == self.account_sid && password == self.auth_token && path_account == user
-        });
-        if ok {
+        if self.credentials_match(headers) && path_account == self.account_sid {
             return Ok(());
         }
         counter!(crate::metrics::names::SIM_REQUESTS_TOTAL, "outcome" => "unauthorized")

@@ -297,8 +297,43 @@ pub(super) async fn fetch(
     }
 }
 
+fn too_many(message: String) -> Response {
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        Json(json!({ "error": message })),
+    )
+        .into_response()
+}
+
 pub(super) fn bad_request(message: String) -> Response {
     (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response()
+}
+
+/// Numbers with scripted outcomes at once, and outcomes per number: the
+/// map is bounded, whoever calls.
+pub(super) const MAX_SCRIPTED_NUMBERS: usize = 10_000;
+pub(super) const MAX_SCRIPT_OUTCOMES: usize = 1_000;
+
+/// The controls (`/sim/script`, `/sim/reset`, `/sim/stats`) need the
+/// account's credentials (HTTP basic, as the API): 401 otherwise.
+pub(super) async fn control_auth(
+    State(sim): State<Arc<Simulator>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if sim.credentials_match(req.headers()) {
+        return next.run(req).await;
+    }
+    let mut r = (
+        StatusCode::UNAUTHORIZED,
+        Json(json!({ "error": "the simulator's controls need its account SID and auth token (HTTP basic)" })),
+    )
+        .into_response();
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Basic realm=\"provider-sim\""),
+    );
+    r
 }
 
 pub(super) async fn script(State(sim): State<Arc<Simulator>>, body: Bytes) -> Response {
@@ -316,7 +351,20 @@ pub(super) async fn script(State(sim): State<Arc<Simulator>>, body: Bytes) -> Re
     }
     let pending = {
         let mut lg = sim.ledger();
+        if !lg.scripts.contains_key(&req.to) && lg.scripts.len() >= MAX_SCRIPTED_NUMBERS {
+            return too_many(format!(
+                "{MAX_SCRIPTED_NUMBERS} numbers already have scripted outcomes; POST /sim/reset first"
+            ));
+        }
         let queue = lg.scripts.entry(req.to.clone()).or_default();
+        if queue.len() + req.outcomes.len() > MAX_SCRIPT_OUTCOMES {
+            let had = queue.len();
+            return too_many(format!(
+                "{} has {had} outcomes pending; {} more would pass the limit of {MAX_SCRIPT_OUTCOMES}",
+                req.to,
+                req.outcomes.len()
+            ));
+        }
         queue.extend(req.outcomes);
         queue.len()
     };

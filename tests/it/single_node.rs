@@ -295,6 +295,7 @@ async fn up_killed_under_webhook_load_and_a_campaign_loses_and_repeats_nothing()
     .await;
     let stats: serde_json::Value = http
         .get(format!("{sim_base}/sim/stats"))
+        .basic_auth(SIM_ACCOUNT, Some(crate::fixtures::TOKEN))
         .send()
         .await
         .unwrap()

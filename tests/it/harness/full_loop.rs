@@ -90,6 +90,7 @@ impl Loop {
         self.bridge
             .http
             .get(format!("{}/sim/stats", self.sim_base))
+            .basic_auth(crate::harness::SIM_ACCOUNT, Some(crate::fixtures::TOKEN))
             .send()
             .await
             .expect("stats")
@@ -104,6 +105,7 @@ impl Loop {
             .bridge
             .http
             .post(format!("{}/sim/script", self.sim_base))
+            .basic_auth(crate::harness::SIM_ACCOUNT, Some(crate::fixtures::TOKEN))
             .json(&serde_json::json!({"to": to, "outcomes": outcomes}))
             .send()
             .await
