@@ -72,6 +72,7 @@ enum Kind {
 pub mod names {
     pub const ADMIN_UNAUTHORIZED_TOTAL: &str = "ese_admin_unauthorized_total";
     pub const BRIDGE_IN_FLIGHT_REQUESTS: &str = "ese_bridge_in_flight_requests";
+    pub const BRIDGE_CONNECTIONS_REFUSED_TOTAL: &str = "ese_bridge_connections_refused_total";
     pub const BRIDGE_PRODUCE_DURATION_SECONDS: &str = "ese_bridge_produce_duration_seconds";
     pub const BRIDGE_REQUESTS_TOTAL: &str = "ese_bridge_requests_total";
     pub const BRIDGE_SIGNATURE_FAILURES_TOTAL: &str = "ese_bridge_signature_failures_total";
@@ -133,6 +134,11 @@ const CATALOGUE: &[(&str, Kind, &str)] = &[
         names::BRIDGE_IN_FLIGHT_REQUESTS,
         Kind::Gauge,
         "Webhook requests being handled.",
+    ),
+    (
+        names::BRIDGE_CONNECTIONS_REFUSED_TOTAL,
+        Kind::Counter,
+        "Connections closed on arrival because bridge.max-connections were open.",
     ),
     (
         names::BRIDGE_PRODUCE_DURATION_SECONDS,

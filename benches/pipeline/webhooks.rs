@@ -202,6 +202,7 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
     tokio::spawn(ese::bridge::serve_on(
         listener,
         bridge.router(),
+        ese::bridge::Limits::of(&settings.bridge),
         shutdown.clone(),
     ));
 

@@ -40,7 +40,13 @@ pub struct Bridge {
     codec: Codec,
     pool: Pool,
     in_flight: Arc<Semaphore>,
+    /// The last readiness answer and when it was taken: `/readyz` checks at
+    /// most once per [`READY_FOR`], one check at a time, whoever polls it.
+    ready: tokio::sync::Mutex<Option<(std::time::Instant, StatusCode, serde_json::Value)>>,
 }
+
+/// How long a `/readyz` answer is reused.
+const READY_FOR: Duration = Duration::from_secs(1);
 
 impl Bridge {
     /// A bridge with its own producer whose delivery timeout is the bridge's
@@ -55,6 +61,7 @@ impl Bridge {
             codec: Codec::new(&settings.schema_registry)?,
             pool,
             in_flight: Arc::new(Semaphore::new(settings.bridge.max_in_flight)),
+            ready: tokio::sync::Mutex::new(None),
         }))
     }
 
@@ -84,28 +91,91 @@ impl Bridge {
     }
 }
 
+/// What the server allows a connection: how long to send a request head
+/// (and, in the webhook handlers, a body), and how many connections at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub read_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Limits {
+    pub fn of(cfg: &BridgeConfig) -> Self {
+        Self {
+            read_timeout: cfg.read_timeout,
+            max_connections: cfg.max_connections,
+        }
+    }
+}
+
 /// Serves `router` on `listen` until `shutdown`, finishing requests in flight.
 pub async fn serve(
     listen: std::net::SocketAddr,
     router: Router,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("bridge.listen {listen}: cannot bind: {e}"))?;
-    serve_on(listener, router, shutdown).await
+    serve_on(listener, router, limits, shutdown).await
 }
 
-/// Like [`serve`], on a bound listener.
+/// Like [`serve`], on a bound listener. Each connection must send its
+/// request head within `read_timeout` (hyper closes it otherwise); beyond
+/// `max_connections` open ones, a new connection is closed at once, so
+/// clients that connect and stall cannot starve the rest.
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
     router: Router,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(|e| anyhow::anyhow!("bridge server: {e}"))
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.read_timeout);
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause, go on.
+                    tracing::warn!(error = %e, "bridge: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            counter!(crate::metrics::names::BRIDGE_CONNECTIONS_REFUSED_TOTAL).increment(1);
+            continue; // dropped: closed at once
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    // Requests in flight finish; a client still trickling is not waited for
+    // past its read timeout.
+    let _ = tokio::time::timeout(
+        limits.read_timeout + Duration::from_secs(5),
+        graceful.shutdown(),
+    )
+    .await;
+    Ok(())
 }
 
 #[derive(Clone, Copy)]
@@ -162,19 +232,44 @@ async fn webhook(
     body: Body,
 ) -> Response {
     let route = kind.route();
-    let response = match b.in_flight.clone().try_acquire_owned() {
+    // The body first, within the read timeout: a client that trickles or
+    // stalls holds no in-flight slot while it does.
+    let limit = b.cfg.max_body_bytes;
+    let response =
+        match tokio::time::timeout(b.cfg.read_timeout, axum::body::to_bytes(body, limit)).await {
+            Err(_) => plain(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("body not received within {:?}", b.cfg.read_timeout),
+            ),
+            Ok(Err(_)) => plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body larger than {limit} bytes"),
+            ),
+            Ok(Ok(bytes)) => take_slot(&b, kind, &uri, &headers, bytes).await,
+        };
+    counter!(crate::metrics::names::BRIDGE_REQUESTS_TOTAL, "route" => route, "status" => response.status().as_u16().to_string())
+        .increment(1);
+    response
+}
+
+/// A complete request: an in-flight slot, or 503.
+async fn take_slot(
+    b: &Bridge,
+    kind: Kind,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    bytes: Bytes,
+) -> Response {
+    match b.in_flight.clone().try_acquire_owned() {
         Err(_) => busy("too many requests in flight"),
         Ok(permit) => {
             gauge!(crate::metrics::names::BRIDGE_IN_FLIGHT_REQUESTS).increment(1.0);
-            let r = accept(&b, kind, &uri, &headers, body).await;
+            let r = accept(b, kind, uri, headers, bytes).await;
             gauge!(crate::metrics::names::BRIDGE_IN_FLIGHT_REQUESTS).decrement(1.0);
             drop(permit);
             r
         }
-    };
-    counter!(crate::metrics::names::BRIDGE_REQUESTS_TOTAL, "route" => route, "status" => response.status().as_u16().to_string())
-        .increment(1);
-    response
+    }
 }
 
 fn plain(status: StatusCode, message: impl Into<String>) -> Response {
@@ -193,7 +288,7 @@ async fn accept(
     kind: Kind,
     uri: &axum::http::Uri,
     headers: &HeaderMap,
-    body: Body,
+    bytes: Bytes,
 ) -> Response {
     let received_at = chrono::Utc::now().timestamp_millis();
     let query = uri.query().unwrap_or("");
@@ -231,15 +326,6 @@ async fn accept(
                 format!(
                     "content type {content_type:?} not accepted; send application/x-www-form-urlencoded"
                 ),
-            );
-        }
-    };
-    let bytes: Bytes = match axum::body::to_bytes(body, b.cfg.max_body_bytes).await {
-        Ok(bytes) => bytes,
-        Err(_) => {
-            return plain(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("body larger than {} bytes", b.cfg.max_body_bytes),
             );
         }
     };
@@ -405,6 +491,21 @@ fn refuse(f: signature::Failure) -> Response {
 
 /// 200 when the broker and Postgres both answer, else 503 naming which does not.
 async fn readyz(State(b): State<Arc<Bridge>>) -> Response {
+    // One check at a time; callers meanwhile wait for it and share it.
+    let mut last = b.ready.lock().await;
+    if let Some((at, status, body)) = last.as_ref()
+        && at.elapsed() < READY_FOR
+    {
+        return (*status, axum::Json(body.clone())).into_response();
+    }
+    let (status, body) = check_ready(&b).await;
+    *last = Some((std::time::Instant::now(), status, body.clone()));
+    (status, axum::Json(body)).into_response()
+}
+
+/// Whether the broker and PostgreSQL answer: the status and a body that
+/// says which, without raw error text (that goes to the log).
+async fn check_ready(b: &Bridge) -> (StatusCode, serde_json::Value) {
     let producer = b.producer.current();
     let kafka = tokio::task::spawn_blocking(move || {
         producer
@@ -434,14 +535,21 @@ async fn readyz(State(b): State<Arc<Bridge>>) -> Response {
                 Err("the producer has no producer id yet".to_string())
             }
         });
+    let say = |what: &str, r: &Result<(), String>| match r {
+        Ok(()) => "ok",
+        Err(e) => {
+            tracing::warn!(dependency = what, error = %e, "not ready");
+            "unavailable"
+        }
+    };
     let body = serde_json::json!({
-        "kafka": kafka.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.clone()),
-        "postgres": pg.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| e.clone()),
+        "kafka": say("kafka", &kafka),
+        "postgres": say("postgres", &pg),
     });
     let status = if kafka.is_ok() && pg.is_ok() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, axum::Json(body)).into_response()
+    (status, body)
 }

@@ -264,6 +264,13 @@ pub struct BridgeConfig {
     /// How long a webhook waits for the broker's acknowledgement before 503. Default 10s.
     #[serde(with = "humantime_serde")]
     pub produce_timeout: Duration,
+    /// How long a client may take to send its request head, and then its
+    /// body; slower gets the connection closed (head) or 408 (body). A
+    /// request takes an in-flight slot only once its body is in. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Open connections at once; more are closed as they arrive. Default 10000.
+    pub max_connections: usize,
 }
 
 /// Consent keywords and auto-replies. A keyword matches the whole message

@@ -50,6 +50,7 @@ pub async fn up(mut settings: Settings, with_provider_sim: bool) -> anyhow::Resu
     let bridge_task = tokio::spawn(crate::bridge::serve(
         settings.bridge.listen,
         router,
+        crate::bridge::Limits::of(&settings.bridge),
         stop.clone(),
     ));
     println!("ese up");

@@ -237,7 +237,8 @@ impl TestApp {
         let token = CancellationToken::new();
         let t = token.clone();
         let router = bridge.router();
-        tokio::spawn(async move { ese::bridge::serve_on(listener, router, t).await });
+        let limits = ese::bridge::Limits::of(&self.settings.bridge);
+        tokio::spawn(async move { ese::bridge::serve_on(listener, router, limits, t).await });
         RunningBridge {
             base: format!("http://{addr}"),
             token,
@@ -261,7 +262,8 @@ impl TestApp {
         let token = CancellationToken::new();
         let t = token.clone();
         let router = admin.router();
-        tokio::spawn(async move { ese::bridge::serve_on(listener, router, t).await });
+        let limits = ese::bridge::Limits::of(&self.settings.bridge);
+        tokio::spawn(async move { ese::bridge::serve_on(listener, router, limits, t).await });
         RunningApi {
             base: format!("http://{addr}"),
             token,
