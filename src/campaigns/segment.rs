@@ -124,6 +124,10 @@ fn child(parent: &str, token: &str) -> String {
     format!("{parent}/{}", token.replace('~', "~0").replace('/', "~1"))
 }
 
+/// Conditions one AND/OR may hold: a filter's size is bounded by this and
+/// the depth limit.
+pub const MAX_CONDITIONS: usize = 100;
+
 /// Validates a stored filter. The root node has depth 1, its conditions
 /// depth 2, and so on; a node deeper than `max_depth` is refused.
 pub fn parse(filter: &Value, max_depth: usize) -> Result<Node, FilterError> {
@@ -234,6 +238,15 @@ fn parse_compound(
         return Err(error(
             &list_pointer,
             format!("{name} needs at least one condition"),
+        ));
+    }
+    if list.len() > MAX_CONDITIONS {
+        return Err(error(
+            &list_pointer,
+            format!(
+                "{name} has {} conditions; at most {MAX_CONDITIONS} per level",
+                list.len()
+            ),
         ));
     }
     let mut nodes = Vec::with_capacity(list.len());

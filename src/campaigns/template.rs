@@ -38,6 +38,10 @@ fn syntax_error(position: usize, message: impl Into<String>) -> SyntaxError {
 }
 
 /// Parses a template body such as `"Hi {first_name}, 20% off {{today}}"`.
+/// The longest template body, in characters: the provider's limit for one
+/// message (Twilio: 1,600). It also bounds the variables (≤ 533).
+pub const MAX_BODY_CHARS: usize = 1600;
+
 pub fn parse(body: &str) -> Result<Template, SyntaxError> {
     let chars: Vec<char> = body.chars().collect();
     let mut parts = Vec::new();
@@ -127,10 +131,11 @@ fn placeholder(chars: &[char], open: usize) -> Result<(String, usize), SyntaxErr
 impl Template {
     /// Distinct variable names in order of first appearance.
     pub fn variables(&self) -> Vec<String> {
+        let mut seen = std::collections::HashSet::new();
         let mut names: Vec<String> = Vec::new();
         for part in &self.parts {
             if let Part::Var(name) = part
-                && !names.contains(name)
+                && seen.insert(name.as_str())
             {
                 names.push(name.clone());
             }

@@ -1,0 +1,432 @@
+//! `/api/v1/campaigns`: campaigns, their message counts and fan-out
+//! progress, and the operator's transitions.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use chrono::{DateTime, Datelike, NaiveTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio_postgres::Row;
+use tokio_postgres::types::Json;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use super::error::ApiError;
+use super::extract::{
+    ApiJson, ApiPath, ApiQuery, MAX_PAGE, check_limit, check_name, integer, next_after, present,
+};
+use super::{Admin, ApiResult, json, row_by_id};
+use crate::model::{CampaignAction, CampaignStatus};
+
+/// The campaigns' routes and their part of the document.
+#[derive(OpenApi)]
+#[openapi(paths(list_campaigns, create_campaign, get_campaign, transition))]
+pub(super) struct Doc;
+
+pub(super) fn routes() -> Router<Arc<Admin>> {
+    Router::new()
+        .route(
+            "/api/v1/campaigns",
+            get(list_campaigns).post(create_campaign),
+        )
+        .route("/api/v1/campaigns/{id}", get(get_campaign))
+        .route("/api/v1/campaigns/{id}/{action}", post(transition))
+}
+
+/// A new campaign (it starts as DRAFT).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CampaignIn {
+    #[schema(schema_with = super::schema::name)]
+    name: String,
+    /// An existing template (422 otherwise).
+    #[serde(deserialize_with = "integer")]
+    template_id: i64,
+    /// An existing segment (422 otherwise).
+    #[serde(deserialize_with = "integer")]
+    segment_id: i64,
+    /// Messages sent per second, at most; 10 unless given.
+    #[serde(default = "default_rate", deserialize_with = "integer")]
+    #[schema(minimum = 1, default = 10)]
+    rate_limit_per_second: i32,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(schema_with = super::schema::time_of_day)]
+    quiet_hours_start: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(schema_with = super::schema::time_of_day)]
+    quiet_hours_end: Option<String>,
+    /// A READY campaign is started by the scheduler at this time (before
+    /// the year 10000 in UTC).
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = String, format = DateTime)]
+    schedule_time: Option<DateTime<Utc>>,
+}
+
+fn default_rate() -> i32 {
+    10
+}
+
+/// `HH:MM` or `HH:MM:SS`, exactly (the document's pattern).
+fn quiet_time(field: &str, v: Option<&str>) -> Result<Option<NaiveTime>, ApiError> {
+    let Some(text) = v else {
+        return Ok(None);
+    };
+    let numbers: Option<Vec<u32>> = text
+        .split(':')
+        .map(|part| {
+            if part.len() == 2 && part.bytes().all(|b| b.is_ascii_digit()) {
+                part.parse().ok()
+            } else {
+                None
+            }
+        })
+        .collect();
+    let time = match numbers.as_deref() {
+        Some(&[h, m]) => NaiveTime::from_hms_opt(h, m, 0),
+        Some(&[h, m, s]) => NaiveTime::from_hms_opt(h, m, s),
+        _ => None,
+    };
+    time.map(Some)
+        .ok_or_else(|| ApiError::invalid(field, format!("{text:?} is not a time of day (HH:MM)")))
+}
+
+/// Fan-out progress, once the campaign was started.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Fanout {
+    messages_created: i64,
+    skipped: i64,
+    /// Recipients skipped, per reason.
+    #[schema(value_type = Object)]
+    skipped_reasons: Value,
+    finished: bool,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+/// A stored campaign.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Campaign {
+    id: i64,
+    name: String,
+    template_id: i64,
+    segment_id: i64,
+    #[schema(schema_with = super::schema::campaign_status)]
+    status: CampaignStatus,
+    #[schema(schema_with = super::schema::paused_from)]
+    paused_from: Option<CampaignStatus>,
+    rate_limit_per_second: i32,
+    /// HH:MM:SS
+    quiet_hours_start: Option<NaiveTime>,
+    /// HH:MM:SS
+    quiet_hours_end: Option<NaiveTime>,
+    schedule_time: Option<DateTime<Utc>>,
+    started_at: Option<DateTime<Utc>>,
+    completed_at: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    /// Messages per status.
+    counts: BTreeMap<String, i64>,
+    /// Null until the campaign runs.
+    fanout: Option<Fanout>,
+}
+
+const CAMPAIGN: &str = "
+SELECT c.id, c.name, c.template_id, c.segment_id, c.status, c.paused_from,
+       c.rate_limit_per_second, c.quiet_hours_start, c.quiet_hours_end, c.schedule_time,
+       c.started_at, c.completed_at, c.created_at, c.updated_at,
+       coalesce((SELECT jsonb_object_agg(s.status, s.n) FROM
+                  (SELECT m.status, count(*) AS n FROM messages m
+                    WHERE m.campaign_id = c.id GROUP BY m.status) s),
+                '{}'::jsonb) AS counts,
+       f.campaign_id IS NOT NULL AS has_fanout, f.messages_created, f.skipped,
+       f.skipped_reasons, f.finished, f.finished_at
+  FROM campaigns c LEFT JOIN fanout_progress f ON f.campaign_id = c.id";
+
+impl Campaign {
+    fn from_row(row: &Row) -> Self {
+        let has_fanout: bool = row.get("has_fanout");
+        let counts: Json<BTreeMap<String, i64>> = row.get("counts");
+        Self {
+            id: row.get("id"),
+            name: row.get("name"),
+            template_id: row.get("template_id"),
+            segment_id: row.get("segment_id"),
+            status: row.get("status"),
+            paused_from: row.get("paused_from"),
+            rate_limit_per_second: row.get("rate_limit_per_second"),
+            quiet_hours_start: row.get("quiet_hours_start"),
+            quiet_hours_end: row.get("quiet_hours_end"),
+            schedule_time: row.get("schedule_time"),
+            started_at: row.get("started_at"),
+            completed_at: row.get("completed_at"),
+            created_at: row.get("created_at"),
+            updated_at: row.get("updated_at"),
+            counts: counts.0,
+            fanout: has_fanout.then(|| Fanout {
+                messages_created: row.get("messages_created"),
+                skipped: row.get("skipped"),
+                skipped_reasons: row.get("skipped_reasons"),
+                finished: row.get("finished"),
+                finished_at: row.get("finished_at"),
+            }),
+        }
+    }
+}
+
+async fn campaign(client: &deadpool_postgres::Client, id: i64) -> Result<Campaign, ApiError> {
+    let row = row_by_id(
+        client,
+        &format!("{CAMPAIGN} WHERE c.id = $1"),
+        id,
+        "campaign",
+    )
+    .await?;
+    Ok(Campaign::from_row(&row))
+}
+
+/// `?limit=&after=&status=`: keyset paging, optionally of one state.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(super) struct CampaignQuery {
+    /// Items per page.
+    #[serde(default = "super::extract::default_limit")]
+    #[param(minimum = 1, maximum = 500, default = 50)]
+    limit: i64,
+    /// Keyset cursor: the last id of the previous page (`next_after`).
+    #[serde(default)]
+    #[param(default = 0)]
+    after: i64,
+    #[param(schema_with = super::schema::status_filter)]
+    status: Option<CampaignStatus>,
+}
+
+/// One page of campaigns.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct CampaignList {
+    items: Vec<Campaign>,
+    /// `after` for the next page; null on the last.
+    next_after: Option<i64>,
+}
+
+/// List campaigns with message counts per status
+#[utoipa::path(
+    get,
+    path = "/api/v1/campaigns",
+    tag = "campaigns",
+    params(CampaignQuery),
+    responses((status = 200, description = "A page of campaigns, by id", body = CampaignList))
+)]
+pub(super) async fn list_campaigns(
+    State(a): State<Arc<Admin>>,
+    ApiQuery(p): ApiQuery<CampaignQuery>,
+) -> ApiResult {
+    check_limit(p.limit, MAX_PAGE)?;
+    let client = a.pool.get().await?;
+    let rows = client
+        .query(
+            &format!(
+                "{CAMPAIGN} WHERE c.id > $1 AND ($3::text IS NULL OR c.status = $3)
+                  ORDER BY c.id LIMIT $2"
+            ),
+            &[&p.after, &p.limit, &p.status],
+        )
+        .await?;
+    let items: Vec<Campaign> = rows.iter().map(Campaign::from_row).collect();
+    let next_after = next_after(items.len(), items.last().map(|c| c.id), p.limit);
+    json(StatusCode::OK, CampaignList { items, next_after })
+}
+
+/// Create a campaign (DRAFT)
+///
+/// A `template_id` or `segment_id` that names nothing is 422 (the document
+/// cannot say which ids exist).
+#[utoipa::path(
+    post,
+    path = "/api/v1/campaigns",
+    tag = "campaigns",
+    request_body = CampaignIn,
+    responses((status = 201, description = "Created", body = Campaign))
+)]
+pub(super) async fn create_campaign(
+    State(a): State<Arc<Admin>>,
+    ApiJson(c): ApiJson<CampaignIn>,
+) -> ApiResult {
+    check_name(&c.name)?;
+    if c.rate_limit_per_second < 1 {
+        return Err(ApiError::invalid(
+            "/rate_limit_per_second",
+            "rate_limit_per_second must be at least 1",
+        ));
+    }
+    if c.schedule_time.is_some_and(|at| at.year() > 9999) {
+        // RFC 3339 (and so the answer's `date-time`) has four-digit years.
+        return Err(ApiError::invalid(
+            "/schedule_time",
+            "schedule_time must be before the year 10000 (UTC)",
+        ));
+    }
+    let start = quiet_time("/quiet_hours_start", c.quiet_hours_start.as_deref())?;
+    let end = quiet_time("/quiet_hours_end", c.quiet_hours_end.as_deref())?;
+    if start.is_some() != end.is_some() {
+        return Err(ApiError::invalid(
+            "/quiet_hours_end",
+            "quiet_hours_start and quiet_hours_end come together",
+        ));
+    }
+    let client = a.pool.get().await?;
+    for (table, field, id) in [
+        ("templates", "/template_id", c.template_id),
+        ("segments", "/segment_id", c.segment_id),
+    ] {
+        let sql = format!("SELECT 1 FROM {table} WHERE id = $1");
+        if client.query_opt(&sql, &[&id]).await?.is_none() {
+            let what = table.trim_end_matches('s');
+            return Err(ApiError::invalid(
+                field,
+                format!("{what} {id} does not exist"),
+            ));
+        }
+    }
+    let row = client
+        .query_one(
+            "INSERT INTO campaigns (name, template_id, segment_id, rate_limit_per_second,
+                                    quiet_hours_start, quiet_hours_end, schedule_time)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+            &[
+                &c.name,
+                &c.template_id,
+                &c.segment_id,
+                &c.rate_limit_per_second,
+                &start,
+                &end,
+                &c.schedule_time,
+            ],
+        )
+        .await?;
+    json(StatusCode::CREATED, campaign(&client, row.get(0)).await?)
+}
+
+/// Get a campaign with message counts and fan-out progress
+#[utoipa::path(
+    get,
+    path = "/api/v1/campaigns/{id}",
+    tag = "campaigns",
+    params(("id" = i64, Path, description = "Campaign id")),
+    responses((status = 200, description = "The campaign", body = Campaign))
+)]
+pub(super) async fn get_campaign(
+    State(a): State<Arc<Admin>>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult {
+    let client = a.pool.get().await?;
+    json(StatusCode::OK, campaign(&client, id).await?)
+}
+
+/// What an operator asks of a campaign: [`CampaignAction::OPERATOR`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Action {
+    Ready,
+    Start,
+    Pause,
+    Resume,
+    Cancel,
+}
+
+impl Action {
+    const ALL: [Action; 5] = [
+        Action::Ready,
+        Action::Start,
+        Action::Pause,
+        Action::Resume,
+        Action::Cancel,
+    ];
+
+    fn campaign_action(self) -> CampaignAction {
+        match self {
+            Action::Ready => CampaignAction::Ready,
+            Action::Start => CampaignAction::Start,
+            Action::Pause => CampaignAction::Pause,
+            Action::Resume => CampaignAction::Resume,
+            Action::Cancel => CampaignAction::Cancel,
+        }
+    }
+
+    fn parse(text: &str) -> Option<Action> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.campaign_action().as_str() == text)
+    }
+}
+
+/// Transition a campaign
+///
+/// ready (DRAFT→READY), start (READY→RUNNING), pause (DRAFT|READY|RUNNING→PAUSED),
+/// resume (PAUSED→where it was), cancel (any non-final→CANCELLED). An illegal
+/// one is 409 naming the allowed actions; a legal one is published on
+/// campaigns.commands before it is committed.
+#[utoipa::path(
+    post,
+    path = "/api/v1/campaigns/{id}/{action}",
+    tag = "campaigns",
+    params(
+        ("id" = i64, Path, description = "Campaign id"),
+        ("action" = inline(Action), Path, description = "What to do")
+    ),
+    responses((status = 200, description = "The campaign after the transition", body = Campaign))
+)]
+pub(super) async fn transition(
+    State(a): State<Arc<Admin>>,
+    ApiPath((id, action)): ApiPath<(i64, String)>,
+) -> ApiResult {
+    let Some(action) = Action::parse(&action) else {
+        let actions: Vec<&str> = Action::ALL
+            .iter()
+            .map(|a| a.campaign_action().as_str())
+            .collect();
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("unknown action {action:?}; actions: {}", actions.join(", ")),
+        ));
+    };
+    let mut client = a.pool.get().await?;
+    let tx = client.transaction().await?;
+    a.commands
+        .transition(&tx, id, action.campaign_action(), "api")
+        .await?;
+    tx.commit().await?;
+    json(StatusCode::OK, campaign(&client, id).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented actions are the operator's, by the names the handler reads.
+    #[test]
+    fn documented_actions_are_the_operator_actions() {
+        let actions: Vec<CampaignAction> = Action::ALL.map(Action::campaign_action).to_vec();
+        assert_eq!(actions, CampaignAction::OPERATOR);
+        for a in Action::ALL {
+            let name = serde_json::to_value(a).expect("serializes");
+            assert_eq!(name, a.campaign_action().as_str());
+        }
+    }
+
+    #[test]
+    fn quiet_times_are_exactly_hh_mm_or_hh_mm_ss() {
+        for ok in ["00:00", "23:59", "07:30:15"] {
+            assert!(quiet_time("/f", Some(ok)).is_ok(), "{ok}");
+        }
+        for bad in [
+            "7:30", "24:00", "12:60", "12:00:60", "12:00:", "12", "", "ab:cd", "+1:00",
+        ] {
+            assert!(quiet_time("/f", Some(bad)).is_err(), "{bad}");
+        }
+    }
+}

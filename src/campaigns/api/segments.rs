@@ -1,0 +1,396 @@
+//! `/api/v1/segments`: audiences as filters over user attributes, their
+//! size and their first users.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio_postgres::Row;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use super::error::ApiError;
+use super::extract::{
+    ApiJson, ApiPath, ApiQuery, ListQuery, MAX_PAGE, check_limit, check_name, check_text,
+    next_after,
+};
+use super::{Admin, ApiResult, delete_unused, json, refuse_if_used, row_by_id};
+use crate::campaigns::segment;
+use crate::model::CampaignStatus;
+
+/// The segments' routes and their part of the document.
+#[derive(OpenApi)]
+#[openapi(paths(
+    list_segments,
+    create_segment,
+    get_segment,
+    update_segment,
+    delete_segment,
+    estimate_segment,
+    preview_segment
+))]
+pub(super) struct Doc;
+
+pub(super) fn routes() -> Router<Arc<Admin>> {
+    Router::new()
+        .route("/api/v1/segments", get(list_segments).post(create_segment))
+        .route(
+            "/api/v1/segments/{id}",
+            get(get_segment).put(update_segment).delete(delete_segment),
+        )
+        .route("/api/v1/segments/{id}/estimate", get(estimate_segment))
+        .route("/api/v1/segments/{id}/preview", get(preview_segment))
+}
+
+/// A segment as written by its author.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SegmentIn {
+    #[schema(schema_with = super::schema::name)]
+    name: String,
+    #[serde(default)]
+    #[schema(schema_with = super::schema::description)]
+    description: Option<String>,
+    #[schema(schema_with = super::schema::filter)]
+    filter: Value,
+}
+
+/// A stored segment.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Segment {
+    id: i64,
+    name: String,
+    description: Option<String>,
+    #[schema(schema_with = super::schema::filter)]
+    filter: Value,
+    /// The audience at the last estimate; null until one, and after a change.
+    estimated_audience_size: Option<i64>,
+    estimated_at: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+macro_rules! columns {
+    () => {
+        "id, name, description, filter, estimated_audience_size, estimated_at, created_at, updated_at"
+    };
+}
+
+impl Segment {
+    fn from_row(row: &Row) -> Self {
+        Self {
+            id: row.get("id"),
+            name: row.get("name"),
+            description: row.get("description"),
+            filter: row.get("filter"),
+            estimated_audience_size: row.get("estimated_audience_size"),
+            estimated_at: row.get("estimated_at"),
+            created_at: row.get("created_at"),
+            updated_at: row.get("updated_at"),
+        }
+    }
+}
+
+/// One page of segments.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct SegmentList {
+    items: Vec<Segment>,
+    /// `after` for the next page; null on the last.
+    next_after: Option<i64>,
+}
+
+fn check_segment(s: &SegmentIn, max_depth: usize) -> Result<(), ApiError> {
+    check_name(&s.name)?;
+    if let Some(d) = &s.description {
+        check_text("/description", d)?;
+    }
+    segment::parse(&s.filter, max_depth)
+        .map_err(|e| ApiError::invalid(format!("/filter{}", e.pointer), e.message))?;
+    check_offsets(&s.filter, "/filter")
+}
+
+/// PostgreSQL reads UTC offsets up to ±15:59: a before/after timestamp with
+/// a larger one would be stored and then fail every estimate and fan-out.
+fn check_offsets(node: &Value, pointer: &str) -> Result<(), ApiError> {
+    const LIMIT_SECONDS: i32 = 16 * 3600;
+    if let Some(Value::Array(conditions)) = node.get("conditions") {
+        for (i, condition) in conditions.iter().enumerate() {
+            check_offsets(condition, &format!("{pointer}/conditions/{i}"))?;
+        }
+        return Ok(());
+    }
+    let compares_moments = matches!(
+        node.get("operator").and_then(Value::as_str),
+        Some("before" | "after")
+    );
+    if compares_moments
+        && let Some(text) = node.get("value").and_then(Value::as_str)
+        && let Ok(at) = DateTime::parse_from_rfc3339(text)
+        && at.offset().local_minus_utc().abs() >= LIMIT_SECONDS
+    {
+        return Err(ApiError::invalid(
+            format!("{pointer}/value"),
+            "the UTC offset must be within ±15:59",
+        ));
+    }
+    Ok(())
+}
+
+/// List segments
+#[utoipa::path(
+    get,
+    path = "/api/v1/segments",
+    tag = "segments",
+    params(ListQuery),
+    responses((status = 200, description = "A page of segments, by id", body = SegmentList))
+)]
+pub(super) async fn list_segments(
+    State(a): State<Arc<Admin>>,
+    ApiQuery(p): ApiQuery<ListQuery>,
+) -> ApiResult {
+    check_limit(p.limit, MAX_PAGE)?;
+    let client = a.pool.get().await?;
+    let rows = client
+        .query(
+            concat!(
+                "SELECT ",
+                columns!(),
+                " FROM segments WHERE id > $1 ORDER BY id LIMIT $2"
+            ),
+            &[&p.after, &p.limit],
+        )
+        .await?;
+    let items: Vec<Segment> = rows.iter().map(Segment::from_row).collect();
+    let next_after = next_after(items.len(), items.last().map(|s| s.id), p.limit);
+    json(StatusCode::OK, SegmentList { items, next_after })
+}
+
+/// Create a segment
+#[utoipa::path(
+    post,
+    path = "/api/v1/segments",
+    tag = "segments",
+    request_body = SegmentIn,
+    responses((status = 201, description = "Created", body = Segment))
+)]
+pub(super) async fn create_segment(
+    State(a): State<Arc<Admin>>,
+    ApiJson(s): ApiJson<SegmentIn>,
+) -> ApiResult {
+    check_segment(&s, a.max_depth)?;
+    let client = a.pool.get().await?;
+    let row = client
+        .query_one(
+            concat!(
+                "INSERT INTO segments (name, description, filter) VALUES ($1, $2, $3) RETURNING ",
+                columns!()
+            ),
+            &[&s.name, &s.description, &s.filter],
+        )
+        .await?;
+    json(StatusCode::CREATED, Segment::from_row(&row))
+}
+
+/// Get a segment
+#[utoipa::path(
+    get,
+    path = "/api/v1/segments/{id}",
+    tag = "segments",
+    params(("id" = i64, Path, description = "Segment id")),
+    responses((status = 200, description = "The segment", body = Segment))
+)]
+pub(super) async fn get_segment(
+    State(a): State<Arc<Admin>>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult {
+    let client = a.pool.get().await?;
+    let sql = concat!("SELECT ", columns!(), " FROM segments WHERE id = $1");
+    let row = row_by_id(&client, sql, id, "segment").await?;
+    json(StatusCode::OK, Segment::from_row(&row))
+}
+
+/// Replace a segment (409 while a READY, RUNNING or PAUSED campaign uses it)
+#[utoipa::path(
+    put,
+    path = "/api/v1/segments/{id}",
+    tag = "segments",
+    params(("id" = i64, Path, description = "Segment id")),
+    request_body = SegmentIn,
+    responses((status = 200, description = "The segment as stored", body = Segment))
+)]
+pub(super) async fn update_segment(
+    State(a): State<Arc<Admin>>,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(s): ApiJson<SegmentIn>,
+) -> ApiResult {
+    check_segment(&s, a.max_depth)?;
+    let mut client = a.pool.get().await?;
+    let tx = client.transaction().await?;
+    refuse_if_used(&tx, "segment_id", id, CampaignStatus::ACTIVE, "updated").await?;
+    let row = tx
+        .query_opt(
+            concat!(
+                "UPDATE segments SET name = $2, description = $3, filter = $4,
+                        estimated_audience_size = NULL, estimated_at = NULL, updated_at = now()
+                  WHERE id = $1 RETURNING ",
+                columns!()
+            ),
+            &[&id, &s.name, &s.description, &s.filter],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("segment", id))?;
+    tx.commit().await?;
+    json(StatusCode::OK, Segment::from_row(&row))
+}
+
+/// Delete a segment (409 while a campaign that is not final uses it)
+#[utoipa::path(
+    delete,
+    path = "/api/v1/segments/{id}",
+    tag = "segments",
+    params(("id" = i64, Path, description = "Segment id")),
+    responses((status = 204, description = "Deleted"))
+)]
+pub(super) async fn delete_segment(
+    State(a): State<Arc<Admin>>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult {
+    delete_unused(&a, "segments", "segment_id", id).await
+}
+
+/// The compiled audience condition of segment `id` (`u` = users), with its params.
+async fn audience(
+    client: &deadpool_postgres::Client,
+    id: i64,
+    max_depth: usize,
+    first: usize,
+) -> Result<segment::Compiled, ApiError> {
+    let row = client
+        .query_opt("SELECT filter FROM segments WHERE id = $1", &[&id])
+        .await?
+        .ok_or_else(|| ApiError::not_found("segment", id))?;
+    let node = segment::parse(&row.get(0), max_depth)
+        .map_err(|e| ApiError::invalid(format!("/filter{}", e.pointer), e.message))?;
+    Ok(segment::compile(&node, "u.attributes", first))
+}
+
+/// A fresh audience count.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Estimate {
+    segment_id: i64,
+    /// Opted-in users the filter selects now.
+    estimated_audience_size: i64,
+    estimated_at: DateTime<Utc>,
+}
+
+/// Count the audience now and store it as estimated_audience_size
+#[utoipa::path(
+    get,
+    path = "/api/v1/segments/{id}/estimate",
+    tag = "segments",
+    params(("id" = i64, Path, description = "Segment id")),
+    responses((status = 200, description = "The audience size", body = Estimate))
+)]
+pub(super) async fn estimate_segment(
+    State(a): State<Arc<Admin>>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult {
+    let client = a.pool.get().await?;
+    let filter = audience(&client, id, a.max_depth, 1).await?;
+    let sql = format!(
+        "SELECT count(*) FROM users u WHERE u.consent_state = 'OPT_IN' AND {}",
+        filter.sql
+    );
+    let size: i64 = client.query_one(&sql, &filter.refs()).await?.get(0);
+    let row = client
+        .query_one(
+            "UPDATE segments SET estimated_audience_size = $2, estimated_at = now()
+              WHERE id = $1 RETURNING estimated_at",
+            &[&id, &size],
+        )
+        .await?;
+    json(
+        StatusCode::OK,
+        Estimate {
+            segment_id: id,
+            estimated_audience_size: size,
+            estimated_at: row.get(0),
+        },
+    )
+}
+
+/// `?limit=`: how many users to show.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(super) struct PreviewQuery {
+    /// Users to show.
+    #[serde(default = "default_preview")]
+    #[param(minimum = 1, maximum = 100, default = 10)]
+    limit: i64,
+}
+
+fn default_preview() -> i64 {
+    10
+}
+
+/// One user of an audience.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct AudienceUser {
+    id: i64,
+    phone_number: String,
+    #[schema(value_type = Object)]
+    attributes: Value,
+}
+
+/// The first users of an audience.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Preview {
+    segment_id: i64,
+    users: Vec<AudienceUser>,
+}
+
+/// The first users of the audience, by id
+#[utoipa::path(
+    get,
+    path = "/api/v1/segments/{id}/preview",
+    tag = "segments",
+    params(("id" = i64, Path, description = "Segment id"), PreviewQuery),
+    responses((status = 200, description = "Opted-in users the filter selects", body = Preview))
+)]
+pub(super) async fn preview_segment(
+    State(a): State<Arc<Admin>>,
+    ApiPath(id): ApiPath<i64>,
+    ApiQuery(q): ApiQuery<PreviewQuery>,
+) -> ApiResult {
+    check_limit(q.limit, 100)?;
+    let client = a.pool.get().await?;
+    let filter = audience(&client, id, a.max_depth, 2).await?;
+    let sql = format!(
+        "SELECT u.id, u.phone_number, u.attributes
+           FROM users u WHERE u.consent_state = 'OPT_IN' AND {} ORDER BY u.id LIMIT $1",
+        filter.sql
+    );
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&q.limit];
+    params.extend(filter.refs());
+    let rows = client.query(&sql, &params).await?;
+    let users = rows
+        .iter()
+        .map(|r| AudienceUser {
+            id: r.get(0),
+            phone_number: r.get(1),
+            attributes: r.get(2),
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        Preview {
+            segment_id: id,
+            users,
+        },
+    )
+}

@@ -1,0 +1,399 @@
+//! `/api/v1/templates`: message templates, checked on write, rendered on demand.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio_postgres::Row;
+use utoipa::{OpenApi, ToSchema};
+
+use super::error::ApiError;
+use super::extract::{
+    ApiJson, ApiPath, ApiQuery, ListQuery, MAX_PAGE, OptionalJson, check_limit, check_name,
+    check_text, next_after, pointer_escape,
+};
+use super::{Admin, ApiResult, delete_unused, json, refuse_if_used, row_by_id};
+use crate::campaigns::template;
+use crate::model::CampaignStatus;
+
+/// The templates' routes and their part of the document.
+#[derive(OpenApi)]
+#[openapi(paths(
+    list_templates,
+    create_template,
+    get_template,
+    update_template,
+    delete_template,
+    render_template
+))]
+pub(super) struct Doc;
+
+pub(super) fn routes() -> Router<Arc<Admin>> {
+    Router::new()
+        .route(
+            "/api/v1/templates",
+            get(list_templates).post(create_template),
+        )
+        .route(
+            "/api/v1/templates/{id}",
+            get(get_template)
+                .put(update_template)
+                .delete(delete_template),
+        )
+        .route("/api/v1/templates/{id}/render", post(render_template))
+}
+
+/// The channel a template is written for.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub(super) enum Channel {
+    #[default]
+    Sms,
+    Whatsapp,
+}
+
+impl Channel {
+    fn as_str(self) -> &'static str {
+        match self {
+            Channel::Sms => "SMS",
+            Channel::Whatsapp => "WHATSAPP",
+        }
+    }
+}
+
+/// A template as written by its author.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TemplateIn {
+    #[schema(schema_with = super::schema::name)]
+    name: String,
+    #[schema(schema_with = super::schema::template_body)]
+    body: String,
+    /// SMS unless given.
+    #[serde(default)]
+    channel: Channel,
+    #[serde(default)]
+    #[schema(schema_with = super::schema::defaults)]
+    defaults: BTreeMap<String, Value>,
+}
+
+/// The SMS alphabet a text needs.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) enum Encoding {
+    #[serde(rename = "GSM-7")]
+    Gsm7,
+    #[serde(rename = "UCS-2")]
+    Ucs2,
+}
+
+/// How long a text is as an SMS.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Length {
+    /// Unicode characters.
+    characters: usize,
+    /// SMS parts a carrier bills; 0 for an empty text.
+    segments: usize,
+    encoding: Encoding,
+}
+
+impl From<template::Length> for Length {
+    fn from(l: template::Length) -> Self {
+        Self {
+            characters: l.characters,
+            segments: l.segments,
+            encoding: match l.encoding {
+                template::Encoding::Gsm7 => Encoding::Gsm7,
+                template::Encoding::Ucs2 => Encoding::Ucs2,
+            },
+        }
+    }
+}
+
+/// A stored template.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Template {
+    id: i64,
+    name: String,
+    #[schema(value_type = Channel)]
+    channel: String,
+    body: String,
+    /// Distinct placeholder names in order of first appearance.
+    variables: Vec<String>,
+    /// Value per variable used when a user has no such attribute.
+    #[schema(value_type = Object)]
+    defaults: Value,
+    /// The body's length as written (placeholders counted as typed).
+    length: Length,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+macro_rules! columns {
+    () => {
+        "id, name, channel, body, variables, defaults, created_at, updated_at"
+    };
+}
+
+impl Template {
+    fn from_row(row: &Row) -> Self {
+        let body: String = row.get("body");
+        Self {
+            id: row.get("id"),
+            name: row.get("name"),
+            channel: row.get("channel"),
+            variables: row.get("variables"),
+            defaults: row.get("defaults"),
+            length: template::length(&body).into(),
+            body,
+            created_at: row.get("created_at"),
+            updated_at: row.get("updated_at"),
+        }
+    }
+}
+
+/// One page of templates.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct TemplateList {
+    items: Vec<Template>,
+    /// `after` for the next page; null on the last.
+    next_after: Option<i64>,
+}
+
+/// Validates a template; returns its variables.
+fn check_template(t: &TemplateIn) -> Result<Vec<String>, ApiError> {
+    check_name(&t.name)?;
+    if t.body.is_empty() {
+        return Err(ApiError::invalid("/body", "body must not be empty"));
+    }
+    check_text("/body", &t.body)?;
+    let chars = t.body.chars().count();
+    if chars > template::MAX_BODY_CHARS {
+        return Err(ApiError::invalid(
+            "/body",
+            format!(
+                "body has {chars} characters; at most {}",
+                template::MAX_BODY_CHARS
+            ),
+        ));
+    }
+    let parsed = template::parse(&t.body).map_err(|e| ApiError::invalid("/body", e.to_string()))?;
+    for (k, v) in &t.defaults {
+        let field = format!("/defaults/{}", pointer_escape(k));
+        check_text(&field, k)?;
+        match template::attribute_text(v) {
+            Some(text) => check_text(&field, &text)?,
+            None => {
+                return Err(ApiError::invalid(
+                    field,
+                    "a default must be a string, number or boolean",
+                ));
+            }
+        }
+    }
+    Ok(parsed.variables())
+}
+
+/// List templates
+#[utoipa::path(
+    get,
+    path = "/api/v1/templates",
+    tag = "templates",
+    params(ListQuery),
+    responses((status = 200, description = "A page of templates, by id", body = TemplateList))
+)]
+pub(super) async fn list_templates(
+    State(a): State<Arc<Admin>>,
+    ApiQuery(p): ApiQuery<ListQuery>,
+) -> ApiResult {
+    check_limit(p.limit, MAX_PAGE)?;
+    let client = a.pool.get().await?;
+    let rows = client
+        .query(
+            concat!(
+                "SELECT ",
+                columns!(),
+                " FROM templates WHERE id > $1 ORDER BY id LIMIT $2"
+            ),
+            &[&p.after, &p.limit],
+        )
+        .await?;
+    let items: Vec<Template> = rows.iter().map(Template::from_row).collect();
+    let next_after = next_after(items.len(), items.last().map(|t| t.id), p.limit);
+    json(StatusCode::OK, TemplateList { items, next_after })
+}
+
+/// Create a template
+#[utoipa::path(
+    post,
+    path = "/api/v1/templates",
+    tag = "templates",
+    request_body = TemplateIn,
+    responses((status = 201, description = "Created", body = Template))
+)]
+pub(super) async fn create_template(
+    State(a): State<Arc<Admin>>,
+    ApiJson(t): ApiJson<TemplateIn>,
+) -> ApiResult {
+    let vars = check_template(&t)?;
+    let defaults = Value::Object(t.defaults.into_iter().collect());
+    let client = a.pool.get().await?;
+    let row = client
+        .query_one(
+            concat!(
+                "INSERT INTO templates (name, channel, body, variables, defaults)
+                 VALUES ($1, $2, $3, $4, $5) RETURNING ",
+                columns!()
+            ),
+            &[&t.name, &t.channel.as_str(), &t.body, &vars, &defaults],
+        )
+        .await?;
+    json(StatusCode::CREATED, Template::from_row(&row))
+}
+
+/// Get a template
+#[utoipa::path(
+    get,
+    path = "/api/v1/templates/{id}",
+    tag = "templates",
+    params(("id" = i64, Path, description = "Template id")),
+    responses((status = 200, description = "The template", body = Template))
+)]
+pub(super) async fn get_template(
+    State(a): State<Arc<Admin>>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult {
+    let client = a.pool.get().await?;
+    let sql = concat!("SELECT ", columns!(), " FROM templates WHERE id = $1");
+    let row = row_by_id(&client, sql, id, "template").await?;
+    json(StatusCode::OK, Template::from_row(&row))
+}
+
+/// Replace a template (409 while a READY, RUNNING or PAUSED campaign uses it)
+#[utoipa::path(
+    put,
+    path = "/api/v1/templates/{id}",
+    tag = "templates",
+    params(("id" = i64, Path, description = "Template id")),
+    request_body = TemplateIn,
+    responses((status = 200, description = "The template as stored", body = Template))
+)]
+pub(super) async fn update_template(
+    State(a): State<Arc<Admin>>,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(t): ApiJson<TemplateIn>,
+) -> ApiResult {
+    let vars = check_template(&t)?;
+    let defaults = Value::Object(t.defaults.into_iter().collect());
+    let mut client = a.pool.get().await?;
+    let tx = client.transaction().await?;
+    refuse_if_used(&tx, "template_id", id, CampaignStatus::ACTIVE, "updated").await?;
+    let row = tx
+        .query_opt(
+            concat!(
+                "UPDATE templates SET name = $2, channel = $3, body = $4, variables = $5,
+                        defaults = $6, updated_at = now()
+                  WHERE id = $1 RETURNING ",
+                columns!()
+            ),
+            &[&id, &t.name, &t.channel.as_str(), &t.body, &vars, &defaults],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("template", id))?;
+    tx.commit().await?;
+    json(StatusCode::OK, Template::from_row(&row))
+}
+
+/// Delete a template (409 while a campaign that is not final uses it)
+#[utoipa::path(
+    delete,
+    path = "/api/v1/templates/{id}",
+    tag = "templates",
+    params(("id" = i64, Path, description = "Template id")),
+    responses((status = 204, description = "Deleted"))
+)]
+pub(super) async fn delete_template(
+    State(a): State<Arc<Admin>>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult {
+    delete_unused(&a, "templates", "template_id", id).await
+}
+
+/// What to render a template with.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RenderIn {
+    #[serde(default)]
+    #[schema(schema_with = super::schema::variables)]
+    variables: BTreeMap<String, Value>,
+}
+
+/// A rendered message.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct Rendered {
+    body: String,
+    length: Length,
+}
+
+/// Render with variables; characters and SMS segments
+///
+/// The body may be left out (no variables). A variable with neither a value
+/// here nor a default is 422, pointing at `/variables/<name>`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/templates/{id}/render",
+    tag = "templates",
+    params(("id" = i64, Path, description = "Template id")),
+    request_body = Option<RenderIn>,
+    responses((status = 200, description = "The rendered text", body = Rendered))
+)]
+pub(super) async fn render_template(
+    State(a): State<Arc<Admin>>,
+    ApiPath(id): ApiPath<i64>,
+    OptionalJson(input): OptionalJson<RenderIn>,
+) -> ApiResult {
+    let input = input.unwrap_or_default();
+    for (k, v) in &input.variables {
+        if template::attribute_text(v).is_none() {
+            return Err(ApiError::invalid(
+                format!("/variables/{}", pointer_escape(k)),
+                "a variable must be a string, number or boolean",
+            ));
+        }
+    }
+    let client = a.pool.get().await?;
+    let row = client
+        .query_opt("SELECT body, defaults FROM templates WHERE id = $1", &[&id])
+        .await?
+        .ok_or_else(|| ApiError::not_found("template", id))?;
+    let text: String = row.get(0);
+    let defaults: Value = row.get(1);
+    let parsed = template::parse(&text).map_err(|e| ApiError::invalid("/body", e.to_string()))?;
+    let rendered = parsed
+        .render(|name| {
+            input
+                .variables
+                .get(name)
+                .and_then(template::attribute_text)
+                .or_else(|| defaults.get(name).and_then(template::attribute_text))
+        })
+        .map_err(|var| {
+            ApiError::invalid(
+                format!("/variables/{}", pointer_escape(&var)),
+                format!("no value for variable {var} and the template has no default"),
+            )
+        })?;
+    let length = template::length(&rendered).into();
+    json(
+        StatusCode::OK,
+        Rendered {
+            body: rendered,
+            length,
+        },
+    )
+}
