@@ -107,6 +107,16 @@ pub enum Command {
         #[command(subcommand)]
         command: SchemasCommand,
     },
+    /// GET a URL; exit 0 on a 2xx answer, else print the status or the error
+    /// and exit 1. The container health probe (`/healthz` of a running
+    /// process), so images need no curl; reads no configuration.
+    Healthcheck {
+        /// What to probe, e.g. `http://127.0.0.1:8080/healthz`.
+        url: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "3s", value_parser = humantime_serde::re::humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Run the embedded Kafka-API broker alone.
     Broker {
         /// Address to listen on (default `broker.listen`, 127.0.0.1:9092).
@@ -194,6 +204,10 @@ fn init_tracing() {
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Healthcheck { url, timeout } = &cli.command {
+        // Before the configuration is loaded: a probe must not fail on it.
+        return engine::healthcheck::healthcheck(url, *timeout).await;
+    }
     let mut settings = Settings::load(cli.config.as_deref())?;
     let uses_kafka = matches!(
         cli.command,
@@ -260,6 +274,10 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Schemas {
             command: SchemasCommand::Check,
         } => crate::ops::schemas::check_command(&settings).await,
+        // Answered above, before the configuration is loaded.
+        Command::Healthcheck { url, timeout } => {
+            engine::healthcheck::healthcheck(&url, timeout).await
+        }
         Command::Broker { listen, storage } => {
             let listen = listen.unwrap_or_else(|| settings.broker.listen.clone());
             let storage = match storage {

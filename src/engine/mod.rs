@@ -1,6 +1,7 @@
 //! Wiring one process: shared clients, the stages it runs, signals.
 
 pub mod gauges;
+pub mod healthcheck;
 pub mod up;
 
 use tokio::task::JoinSet;
@@ -160,7 +161,13 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
         "ese serve: webhooks and admin API on http://{}",
         settings.bridge.listen
     );
-    crate::bridge::serve(settings.bridge.listen, router, shutdown).await
+    crate::bridge::serve(
+        settings.bridge.listen,
+        router,
+        crate::bridge::Limits::of(&settings.bridge),
+        shutdown,
+    )
+    .await
 }
 
 /// `ese broker`: the embedded broker alone until SIGINT/SIGTERM.
