@@ -3,7 +3,7 @@
 
 use tokio_util::sync::CancellationToken;
 
-use super::{RunningApi, RunningBridge, SIM_ACCOUNT, TestApp, free_port, merge};
+use super::{RunningApi, RunningBridge, SIM_ACCOUNT, TestApp, merge};
 
 /// The whole loop on one machine: API, bridge, simulator; senders as child processes.
 pub struct Loop {
@@ -23,7 +23,18 @@ impl Loop {
 
     /// `extra` config on top of short retry delays and quick simulator callbacks.
     pub async fn start(extra: &str) -> Loop {
-        let (bridge_port, sim_port) = (free_port(), free_port());
+        // Both listeners bound before the config names their ports: a port
+        // chosen and released first can be taken in between (it was, by
+        // another test, under Apache Kafka's pass).
+        let bind = || async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind a local port");
+            let port = l.local_addr().expect("local address").port();
+            (l, port)
+        };
+        let ((bridge_listener, bridge_port), (sim_listener, sim_port)) =
+            (bind().await, bind().await);
         let mut doc: toml::Table = toml::from_str(&format!(
             r#"
             [bridge]
@@ -49,20 +60,15 @@ impl Loop {
         merge(&mut doc, extra);
         let app = TestApp::spawn_with(doc).await;
         let api = app.start_api().await;
-        let bridge = app
-            .start_bridge_on(&format!("127.0.0.1:{bridge_port}"))
-            .await;
+        let bridge = app.start_bridge_listening(bridge_listener);
         let sim = ese::sim::Simulator::new(
             app.settings.provider_sim.clone(),
             SIM_ACCOUNT.to_string(),
             crate::fixtures::TOKEN.to_string(),
         )
         .expect("simulator");
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", sim_port))
-            .await
-            .expect("bind simulator");
         let sim_token = CancellationToken::new();
-        tokio::spawn(ese::sim::serve_on(sim, listener, sim_token.clone()));
+        tokio::spawn(ese::sim::serve_on(sim, sim_listener, sim_token.clone()));
         Loop {
             app,
             api,

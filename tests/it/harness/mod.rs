@@ -224,15 +224,21 @@ impl TestApp {
 
     /// Starts the webhook bridge on `addr`.
     pub async fn start_bridge_on(&self, addr: &str) -> RunningBridge {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("bind bridge");
+        self.start_bridge_listening(listener)
+    }
+
+    /// Starts the webhook bridge on a bound `listener` (bound first, so no
+    /// other process can take its port between choosing and binding it).
+    pub fn start_bridge_listening(&self, listener: tokio::net::TcpListener) -> RunningBridge {
         let bridge = ese::bridge::Bridge::new(
             &self.settings,
             vec![crate::fixtures::TOKEN.to_string()],
             self.pool.clone(),
         )
         .expect("bridge");
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .expect("bind bridge");
         let addr = listener.local_addr().expect("bridge address");
         let token = CancellationToken::new();
         let t = token.clone();
