@@ -55,7 +55,7 @@ pub async fn run(settings: &Settings, users: u32, timeout: Duration) -> anyhow::
     })?;
     let admin = Admin {
         http: crate::http::client_builder().build()?,
-        base: format!("http://{}/api/v1", settings.bridge.listen),
+        base: format!("http://{}/api/v1", settings.admin.listen),
         token,
     };
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();

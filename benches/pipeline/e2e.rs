@@ -127,7 +127,9 @@ fn e2e_buckets(page: &str, stage: &str) -> Vec<(f64, f64)> {
 async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> anyhow::Result<()> {
     let mut settings = scratch.settings.clone();
     let (bridge, metrics, sim) = (free_addr()?, free_addr()?, free_addr()?);
+    let admin = free_addr()?;
     settings.bridge.listen = bridge;
+    settings.admin.listen = admin;
     settings.bridge.public_url = format!("http://{bridge}");
     settings.bridge.max_in_flight = 4096;
     settings.metrics.listen = metrics;
@@ -404,7 +406,7 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
     let cpu0 = cpu_seconds(pid);
     let t0 = Instant::now();
     let r = http
-        .post(format!("http://{bridge}/api/v1/campaigns/{id}/start"))
+        .post(format!("http://{admin}/api/v1/campaigns/{id}/start"))
         .bearer_auth(ADMIN)
         .send()
         .await?;

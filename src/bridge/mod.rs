@@ -1,5 +1,5 @@
 //! The webhook bridge: provider callbacks → Kafka, answered 2xx only after the
-//! broker acknowledged the record. Also `/healthz`, `/readyz` and `/metrics`.
+//! broker acknowledged the record. Also `/healthz` and `/readyz`.
 //!
 //! Checks, in order: in-flight limit (503 + Retry-After), content type (415),
 //! body size (413), `X-Twilio-Signature` (403), required parameters (400).
@@ -80,14 +80,15 @@ impl Bridge {
         self.producer.wait_ready(within).await
     }
 
-    /// The routes: webhooks, probes, metrics.
+    /// The routes: webhooks and probes. Nothing else is public: metrics are
+    /// on `metrics.listen`, the admin API on `admin.listen`.
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/webhooks/twilio/status", post(status))
             .route("/webhooks/twilio/inbound", post(inbound))
             .route("/readyz", get(readyz))
+            .route("/healthz", get(|| std::future::ready("ok")))
             .with_state(self.clone())
-            .merge(crate::metrics::router())
     }
 }
 
@@ -108,20 +109,8 @@ impl Limits {
     }
 }
 
-/// Serves `router` on `listen` until `shutdown`, finishing requests in flight.
-pub async fn serve(
-    listen: std::net::SocketAddr,
-    router: Router,
-    limits: Limits,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("bridge.listen {listen}: cannot bind: {e}"))?;
-    serve_on(listener, router, limits, shutdown).await
-}
-
-/// Like [`serve`], on a bound listener. Each connection must send its
+/// Serves `router` on a bound listener until `shutdown`, finishing
+/// requests in flight. Each connection must send its
 /// request head within `read_timeout` (hyper closes it otherwise); beyond
 /// `max_connections` open ones, a new connection is closed at once, so
 /// clients that connect and stall cannot starve the rest.

@@ -35,6 +35,7 @@ pub struct Settings {
     pub broker: BrokerConfig,
     pub engine: EngineConfig,
     pub bridge: BridgeConfig,
+    pub admin: AdminConfig,
     pub consent: ConsentConfig,
     pub receipts: ReceiptsConfig,
     pub campaigns: CampaignsConfig,
@@ -170,7 +171,8 @@ pub struct RegistryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Where `/metrics` listens for `ese run`; `ese up` also serves it on the bridge. Default `127.0.0.1:9464`.
+    /// Where `/metrics` (and `/healthz`) listen, for every process; the only
+    /// place metrics are served. Default `127.0.0.1:9464`.
     pub listen: SocketAddr,
     /// How often the business gauges and DLQ depths are refreshed. Default 15s.
     #[serde(with = "humantime_serde")]
@@ -248,7 +250,8 @@ impl BrokerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct BridgeConfig {
-    /// Where the webhook bridge (and admin API) listens. Default `127.0.0.1:8080`.
+    /// Where the webhook bridge listens: the webhooks, `/healthz` and
+    /// `/readyz`, nothing else. Default `127.0.0.1:8080`.
     pub listen: SocketAddr,
     /// The base URL the provider calls, exactly as configured at the provider;
     /// signatures are computed over it plus path and query. Default `http://127.0.0.1:8080`.
@@ -271,6 +274,14 @@ pub struct BridgeConfig {
     pub read_timeout: Duration,
     /// Open connections at once; more are closed as they arrive. Default 10000.
     pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where the admin API (`/api/v1`) listens, apart from the public
+    /// webhook port. Default `127.0.0.1:8081`.
+    pub listen: SocketAddr,
 }
 
 /// Consent keywords and auto-replies. A keyword matches the whole message

@@ -12,14 +12,25 @@ use crate::config::Settings;
 use crate::runner::Deps;
 use crate::stages;
 
-/// The HTTP surface of `ese serve` and `ese up`: webhooks, probes, metrics
-/// and the admin API. Returns once the bridge's producer can deliver (at most
+/// The HTTP surface of `ese serve` and `ese up`, each on its own listener:
+/// webhooks and probes on `bridge.listen` (the public one), the admin API on
+/// `admin.listen`. Both are bound before this returns (a port in use is an
+/// error naming its setting) and served until `stop`, requests in flight
+/// finished. Waits until the bridge's producer can deliver (at most
 /// `bridge.produce-timeout`), so the first webhooks do not wait for it.
-pub async fn http_router(
+pub async fn serve_http(
     settings: &Settings,
     deps: &Deps,
     tokens: Vec<String>,
-) -> anyhow::Result<axum::Router> {
+    stop: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let bind = |key: &'static str, addr: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("{key} {addr}: cannot bind: {e}"))
+    };
+    let webhooks = bind("bridge.listen", settings.bridge.listen).await?;
+    let admin_listener = bind("admin.listen", settings.admin.listen).await?;
     let bridge = crate::bridge::Bridge::new(settings, tokens, deps.pool.clone())?;
     if !bridge.producer_ready(settings.bridge.produce_timeout).await {
         tracing::warn!(
@@ -32,7 +43,15 @@ pub async fn http_router(
         crate::campaigns::api::token_from_env(),
         settings.campaigns.max_filter_depth,
     );
-    Ok(bridge.router().merge(admin.router()))
+    let limits = crate::bridge::Limits::of(&settings.bridge);
+    let (webhook_routes, admin_routes) = (bridge.router(), admin.router());
+    Ok(tokio::spawn(async move {
+        let (a, b) = tokio::join!(
+            crate::bridge::serve_on(webhooks, webhook_routes, limits, stop.clone()),
+            crate::bridge::serve_on(admin_listener, admin_routes, limits, stop),
+        );
+        a.and(b)
+    }))
 }
 
 /// Cancels `token` on SIGINT or SIGTERM; a second one ends the process at
@@ -145,7 +164,8 @@ pub async fn run(settings: &Settings, stages: &[String]) -> anyhow::Result<()> {
     result
 }
 
-/// `ese serve`: the webhook bridge and the admin API until SIGINT/SIGTERM.
+/// `ese serve`: the webhook bridge, the admin API and metrics, each on its
+/// own listener, until SIGINT/SIGTERM.
 pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone());
@@ -156,18 +176,21 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
             "ese: warning: TWILIO_AUTH_TOKEN is not set; every webhook will be refused (403)"
         );
     }
-    let router = http_router(settings, &deps, tokens).await?;
+    let metrics = tokio::spawn(crate::metrics::serve(
+        settings.metrics.listen,
+        shutdown.clone(),
+    ));
+    let http = serve_http(settings, &deps, tokens, shutdown.clone()).await?;
     println!(
-        "ese serve: webhooks and admin API on http://{}",
-        settings.bridge.listen
+        "ese serve: webhooks on http://{}, admin API on http://{}/api/v1, metrics on http://{}/metrics",
+        settings.bridge.listen, settings.admin.listen, settings.metrics.listen
     );
-    crate::bridge::serve(
-        settings.bridge.listen,
-        router,
-        crate::bridge::Limits::of(&settings.bridge),
-        shutdown,
-    )
-    .await
+    let result = http
+        .await
+        .map_err(|e| anyhow::anyhow!("the HTTP task failed: {e}"))?;
+    shutdown.cancel();
+    let _ = metrics.await;
+    result
 }
 
 /// `ese broker`: the embedded broker alone until SIGINT/SIGTERM.

@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::{cancel_on_signal, http_router, run_stages};
+use super::{cancel_on_signal, run_stages, serve_http};
 use crate::config::Settings;
 use crate::runner::Deps;
 use crate::stages;
@@ -46,13 +46,7 @@ pub async fn up(mut settings: Settings, with_provider_sim: bool) -> anyhow::Resu
     let tokens = crate::twilio::tokens_from_env();
     let signed = !tokens.is_empty();
     let admin = crate::campaigns::api::token_from_env().is_some();
-    let router = http_router(&settings, &deps, tokens).await?;
-    let bridge_task = tokio::spawn(crate::bridge::serve(
-        settings.bridge.listen,
-        router,
-        crate::bridge::Limits::of(&settings.bridge),
-        stop.clone(),
-    ));
+    let bridge_task = serve_http(&settings, &deps, tokens, stop.clone()).await?;
     println!("ese up");
     match &broker {
         Some(b) => println!(
@@ -83,7 +77,7 @@ pub async fn up(mut settings: Settings, with_provider_sim: bool) -> anyhow::Resu
     );
     println!(
         "  admin API  http://{}/api/v1 (OpenAPI at /api/v1/openapi.json){}",
-        settings.bridge.listen,
+        settings.admin.listen,
         if admin {
             ""
         } else {

@@ -112,6 +112,8 @@ pub struct Deps {
 impl Deps {
     /// Builds the clients every stage of a process shares.
     pub fn new(settings: &Settings) -> anyhow::Result<Self> {
+        // Metrics recorded from here on are kept, whenever `/metrics` opens.
+        crate::metrics::handle();
         Ok(Self {
             settings: settings.clone(),
             pool: crate::db::pool(&settings.database)?,

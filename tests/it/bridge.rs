@@ -289,15 +289,8 @@ async fn bad_signatures_get_403_and_produce_nothing() {
     );
     assert_eq!(produced.len(), 3);
 
-    let metrics = bridge
-        .http
-        .get(format!("{}/metrics", bridge.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // This process's metrics (what `metrics.listen` serves).
+    let metrics = ese::metrics::handle().render();
     let mismatches: f64 = metrics
         .lines()
         .find(|l| l.starts_with("ese_bridge_signature_failures_total{reason=\"mismatch\"}"))

@@ -104,9 +104,10 @@ async fn get(url: &str) -> Option<String> {
 async fn up_runs_everything_and_dashboards_name_only_exported_metrics() {
     let app = TestApp::spawn().await;
     app.seed_users(3, "'{}'::jsonb").await;
-    let (bridge, metrics, sim) = (free_port(), free_port(), free_port());
+    let (bridge, admin_port, metrics, sim) = (free_port(), free_port(), free_port(), free_port());
     let env = [
         ("ESE__BRIDGE__LISTEN", format!("127.0.0.1:{bridge}")),
+        ("ESE__ADMIN__LISTEN", format!("127.0.0.1:{admin_port}")),
         (
             "ESE__BRIDGE__PUBLIC_URL",
             format!("http://127.0.0.1:{bridge}"),
@@ -135,7 +136,7 @@ async fn up_runs_everything_and_dashboards_name_only_exported_metrics() {
     .unwrap();
     for want in [
         format!("http://127.0.0.1:{bridge}/webhooks/twilio/"),
-        format!("http://127.0.0.1:{bridge}/api/v1"),
+        format!("http://127.0.0.1:{admin_port}/api/v1"),
         format!("http://127.0.0.1:{metrics}/metrics"),
         format!("provider   http://127.0.0.1:{sim} (simulator"),
         app.settings.kafka.brokers.clone(),
@@ -167,12 +168,50 @@ async fn up_runs_everything_and_dashboards_name_only_exported_metrics() {
         .expect("simulator answers");
     assert_eq!(r.status(), 413, "an unbounded script is refused");
     let admin = http()
-        .get(format!("http://127.0.0.1:{bridge}/api/v1/campaigns"))
+        .get(format!("http://127.0.0.1:{admin_port}/api/v1/campaigns"))
         .bearer_auth(crate::harness::ADMIN_TOKEN)
         .send()
         .await
         .unwrap();
     assert_eq!(admin.status(), 200);
+    // The listener layout: the public webhook port serves webhooks and
+    // probes only; the admin API and metrics are each on their own.
+    let status = |url: String| async move {
+        http()
+            .get(&url)
+            .bearer_auth(crate::harness::ADMIN_TOKEN)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+    };
+    for (path, want) in [
+        ("/healthz", 200),
+        ("/readyz", 200),
+        ("/metrics", 404),
+        ("/api/v1/campaigns", 404),
+        ("/api/v1/openapi.json", 404),
+    ] {
+        assert_eq!(
+            status(format!("http://127.0.0.1:{bridge}{path}")).await,
+            want,
+            "the webhook port answers {path} with {want}"
+        );
+    }
+    for (path, want) in [("/metrics", 404), ("/api/v1/openapi.json", 200)] {
+        assert_eq!(
+            status(format!("http://127.0.0.1:{admin_port}{path}")).await,
+            want,
+            "the admin port answers {path} with {want}"
+        );
+    }
+    for (path, want) in [("/api/v1/campaigns", 404), ("/healthz", 200)] {
+        assert_eq!(
+            status(format!("http://127.0.0.1:{metrics}{path}")).await,
+            want,
+            "the metrics port answers {path} with {want}"
+        );
+    }
 
     // Business gauges come from Postgres.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -189,11 +228,7 @@ async fn up_runs_everything_and_dashboards_name_only_exported_metrics() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let mut names = exported(&page);
-    let bridge_page = get(&format!("http://127.0.0.1:{bridge}/metrics"))
-        .await
-        .unwrap();
-    names.extend(exported(&bridge_page));
+    let names = exported(&page);
     let exprs = expressions();
     assert!(exprs.len() > 20, "dashboards and alerts have expressions");
     let mut missing = Vec::new();
@@ -497,6 +532,11 @@ fn compose_mounts_exist_and_its_environment_is_valid_engine_config() {
             .collect()
     };
     assert!(published("bridge").contains(&settings.bridge.listen.port()));
+    assert!(published("bridge").contains(&settings.admin.listen.port()));
+    assert!(
+        !published("bridge").contains(&settings.metrics.listen.port()),
+        "metrics stay inside the compose network"
+    );
     assert!(published("provider-sim").contains(&settings.provider_sim.listen.port()));
     let sim_cmd: Vec<&str> = services["provider-sim"]["command"]
         .as_array()
@@ -530,7 +570,7 @@ fn compose_mounts_exist_and_its_environment_is_valid_engine_config() {
         }
     }
     for want in [
-        format!("bridge:{}", settings.bridge.listen.port()),
+        format!("bridge:{}", settings.metrics.listen.port()),
         format!("stages:{}", settings.metrics.listen.port()),
         format!("provider-sim:{}", settings.provider_sim.listen.port()),
     ] {

@@ -253,13 +253,15 @@ fn rss_kb(pid: u32) -> u64 {
 async fn ten_thousand_malformed_or_unsigned_webhooks_get_4xx_and_produce_nothing() {
     use rand::{Rng, SeedableRng};
     let app = TestApp::spawn().await;
-    let port = free_port();
+    let (port, metrics_port) = (free_port(), free_port());
     let base = format!("http://127.0.0.1:{port}");
     let mut bridge = Proc::new(app.spawn_ese_piped(
         &["serve"],
         &[
             ("ESE__BRIDGE__LISTEN", format!("127.0.0.1:{port}")),
             ("ESE__BRIDGE__PUBLIC_URL", base.clone()),
+            ("ESE__ADMIN__LISTEN", format!("127.0.0.1:{}", free_port())),
+            ("ESE__METRICS__LISTEN", format!("127.0.0.1:{metrics_port}")),
         ],
     ));
     let http = ese::http::client_builder().build().unwrap();
@@ -372,7 +374,7 @@ async fn ten_thousand_malformed_or_unsigned_webhooks_get_4xx_and_produce_nothing
         );
     }
     let metrics = http
-        .get(format!("{base}/metrics"))
+        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
         .send()
         .await
         .unwrap()

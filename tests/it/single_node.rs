@@ -12,19 +12,22 @@ use crate::harness::{ADMIN_TOKEN, Proc, SIM_ACCOUNT, TestApp, free_port};
 /// `ese up` on its own embedded broker (durable, in `data`), on free ports.
 struct Up {
     bridge: u16,
+    admin: u16,
     broker: u16,
     env: Vec<(&'static str, String)>,
 }
 
 impl Up {
     fn new(data: &std::path::Path, provider: Option<&str>) -> Up {
-        let (bridge, broker, metrics, sim) = (free_port(), free_port(), free_port(), free_port());
+        let (bridge, admin, broker) = (free_port(), free_port(), free_port());
+        let (metrics, sim) = (free_port(), free_port());
         let mut env = vec![
             // Empty: the embedded broker (over the test config's brokers).
             ("KAFKA_BROKERS", String::new()),
             ("ESE__BROKER__LISTEN", format!("127.0.0.1:{broker}")),
             ("ESE__BROKER__DATA_DIR", data.display().to_string()),
             ("ESE__BRIDGE__LISTEN", format!("127.0.0.1:{bridge}")),
+            ("ESE__ADMIN__LISTEN", format!("127.0.0.1:{admin}")),
             (
                 "ESE__BRIDGE__PUBLIC_URL",
                 format!("http://127.0.0.1:{bridge}"),
@@ -38,6 +41,7 @@ impl Up {
         }
         Up {
             bridge,
+            admin,
             broker,
             env,
         }
@@ -187,12 +191,13 @@ async fn up_killed_under_webhook_load_and_a_campaign_loses_and_repeats_nothing()
     let up = Up::new(&data, Some(&sim_base));
     let mut engine = up.start(&app, &[]).await;
     let base = format!("http://127.0.0.1:{}", up.bridge);
+    let admin = format!("http://127.0.0.1:{}/api/v1", up.admin);
     let http = ese::http::client_builder().build().unwrap();
 
     // A campaign at 100/s: four seconds of sending, cut by the crash.
     let api = |method: &str, path: &str, body: Option<serde_json::Value>| {
         let req = http
-            .request(method.parse().unwrap(), format!("{base}/api/v1{path}"))
+            .request(method.parse().unwrap(), format!("{admin}{path}"))
             .bearer_auth(ADMIN_TOKEN);
         let req = match body {
             Some(b) => req.json(&b),

@@ -102,6 +102,8 @@ impl TestApp {
     /// on instead of `DATABASE_URL`'s.
     pub async fn spawn_with(mut extra: toml::Table) -> TestApp {
         static LOGS: std::sync::Once = std::sync::Once::new();
+        // This process's metrics, as `metrics.listen` would serve them.
+        ese::metrics::handle();
         LOGS.call_once(|| {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tansu=off"));
