@@ -61,6 +61,7 @@ fn avro(c: &mut Criterion) {
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let u = UserUpsert {
+        consent: None,
         event_id: Some("0190f5a2-7c1e-7000-8000-000000000001".into()),
         phone: "+14155552671".into(),
         attributes,

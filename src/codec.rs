@@ -376,6 +376,7 @@ mod tests {
     async fn single_object_round_trip() {
         let codec = Codec::single_object().unwrap();
         let u = UserUpsert {
+            consent: None,
             event_id: None,
             phone: "+14155550100".into(),
             attributes: [
@@ -440,6 +441,7 @@ mod tests {
     async fn nested_attribute_is_refused_with_its_name() {
         let codec = Codec::single_object().unwrap();
         let u = UserUpsert {
+            consent: None,
             event_id: None,
             phone: "+14155550100".into(),
             attributes: [("tags".to_string(), serde_json::json!(["a"]))].into(),
@@ -450,25 +452,31 @@ mod tests {
     }
 
     /// The spec's fingerprint, as Java's SchemaNormalization and fastavro
-    /// compute it (`fastavro.schema.fingerprint(parse_schema(s),
-    /// "CRC-64-AVRO")` gives `589b200c3773fa75` for UserUpsert v1), is what
-    /// records carry; the legacy one is still read.
+    /// compute it (`fingerprint(to_parsing_canonical_form(parse_schema(s)),
+    /// "CRC-64-AVRO")` gives `a0a420afb7b00156` for UserUpsert v2), is what
+    /// records carry; the legacy one is still read, and so is a v1 record.
     #[tokio::test]
     async fn fingerprints_follow_the_spec_and_the_old_ones_still_read() {
         let codec = Codec::single_object().unwrap();
         let u = UserUpsert {
+            consent: None,
             event_id: None,
             phone: "+14155550100".into(),
             attributes: Default::default(),
             occurred_at: 1,
         };
         let bytes = codec.encode("t", &u).await.unwrap();
-        assert_eq!(hex(&bytes[2..10]), "589b200c3773fa75");
+        assert_eq!(hex(&bytes[2..10]), "a0a420afb7b00156");
         let legacy = codec.known(Kind::UserUpsert).current_fingerprints[1];
         let mut old = bytes.clone();
         old[2..10].copy_from_slice(&legacy.to_le_bytes());
-        assert_eq!(hex(&old[2..10]), "aaea680068a3c2c1");
         assert_eq!(codec.decode::<UserUpsert>(&old).await.unwrap(), u);
+        // v1 (fingerprint 589b200c3773fa75): the same datum without the
+        // trailing `consent` union (one byte, null).
+        let mut v1 = bytes[..bytes.len() - 1].to_vec();
+        v1[2..10].copy_from_slice(&0x75fa73370c209b58u64.to_le_bytes());
+        assert_eq!(hex(&v1[2..10]), "589b200c3773fa75");
+        assert_eq!(codec.decode::<UserUpsert>(&v1).await.unwrap(), u);
     }
 
     fn hex(b: &[u8]) -> String {

@@ -74,6 +74,7 @@ pub async fn run(settings: &Settings, users: u32, timeout: Duration) -> anyhow::
     let mut payloads = Vec::new();
     for i in 0..users {
         let u = UserUpsert {
+            consent: None,
             event_id: None,
             phone: format!("+1415{}", 5_000_000 + i),
             attributes: [

@@ -235,21 +235,32 @@ impl CampaignStatus {
 }
 
 text_enum!(
-    /// A person's consent.
+    /// A person's consent, and what a consent event decided.
     ConsentState {
         OptIn = "OPT_IN",
         OptOut = "OPT_OUT",
+        /// First seen through an inbound message: no campaign until an opt-in.
+        Unknown = "UNKNOWN",
+        /// Only in `consent_events`: a message that mentions a keyword
+        /// without plainly revoking; decides nothing.
+        Unclear = "UNCLEAR",
     }
 );
 
 text_enum!(
-    /// Why a message is sent: decides whether it may go to an opted-out number.
+    /// Why a message is sent (`messages.kind`, set when the row is made):
+    /// decides whom it may go to. A campaign message only to an opted-in
+    /// number; a reply or clarification to anyone not opted out; an opt-out
+    /// confirmation is the one message an opted-out number gets.
     SendKind {
         Campaign = "campaign",
         /// An auto-reply (HELP, opt-in confirmation, an operator rule).
         Reply = "reply",
         /// The one message an opted-out number may still get.
         OptOutConfirmation = "opt_out_confirmation",
+        /// "Reply STOP to unsubscribe", after a message that mentioned a
+        /// keyword without plainly revoking.
+        Clarification = "clarification",
     }
 );
 

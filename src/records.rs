@@ -19,6 +19,11 @@ pub struct UserUpsert {
     #[serde(with = "scalar_map")]
     pub attributes: BTreeMap<String, serde_json::Value>,
     pub occurred_at: i64,
+    /// Consent the source states (`OPT_IN` or `OPT_OUT`), applied by event
+    /// time like a keyword; `None` leaves it as it is (a new profile: the
+    /// data model's default, `OPT_IN`). Schema v2.
+    #[serde(default)]
+    pub consent: Option<String>,
 }
 
 impl Record for UserUpsert {
@@ -234,7 +239,10 @@ impl Kind {
     /// Every version's schema text, oldest first; the last is the one written.
     pub fn versions(self) -> &'static [&'static str] {
         match self {
-            Kind::UserUpsert => &[include_str!("../schemas/user_upsert.v1.avsc")],
+            Kind::UserUpsert => &[
+                include_str!("../schemas/user_upsert.v1.avsc"),
+                include_str!("../schemas/user_upsert.v2.avsc"),
+            ],
             Kind::WebhookRaw => &[include_str!("../schemas/webhook_raw.v1.avsc")],
             Kind::ReceiptNormalized => &[include_str!("../schemas/receipt_normalized.v1.avsc")],
             Kind::InboundNormalized => &[include_str!("../schemas/inbound_normalized.v1.avsc")],

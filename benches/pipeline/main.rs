@@ -355,6 +355,7 @@ async fn users_in(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
         ]
         .into();
         let u = UserUpsert {
+            consent: None,
             event_id: None,
             phone: bench_phone(i),
             attributes,

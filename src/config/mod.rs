@@ -310,9 +310,19 @@ pub struct ConsentConfig {
     pub opt_out_reply: String,
     /// Sent after an opt-in; empty: none.
     pub opt_in_reply: String,
-    /// Sent after HELP to an opted-in number; empty: none.
+    /// Sent after HELP to any number not opted out; empty: none.
     pub help_reply: String,
-    /// Operator rules: a keyword and its reply (opted-in numbers only).
+    /// Answer a message that mentions an opt-out keyword without plainly
+    /// revoking ("can I cancel my order?", kept as `UNCLEAR`) with
+    /// `clarify-reply`, at most once per number per `clarify-interval`, and
+    /// never to an opted-out number. Default true.
+    pub clarify: bool,
+    /// Default "If you want no more messages from us, reply STOP."
+    pub clarify_reply: String,
+    /// Default 24h.
+    #[serde(with = "humantime_serde")]
+    pub clarify_interval: Duration,
+    /// Operator rules: a keyword and its reply (numbers not opted out).
     #[serde(default)]
     pub rules: Vec<ReplyRule>,
 }

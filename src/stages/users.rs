@@ -1,10 +1,15 @@
 //! `users`: profile upserts from producers → `users`, phone normalized to
 //! E.164, attributes merged key by key; an older event never overwrites a
 //! newer value (per-attribute event times, see `ese_merge_attributes`).
+//! Consent a record states is a decision like a keyword's, by event time
+//! (`ese_apply_consent`, source `profile`); without one a new profile gets
+//! the data model's default, `OPT_IN`, and an existing one keeps its own.
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 
+use crate::db::calls::APPLY_CONSENT;
+use crate::model::ConsentState;
 use crate::phone::Normalizer;
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +50,7 @@ impl Stage for Users {
         out: &mut Collector,
     ) -> Result<(), StageError> {
         let mut rows = Vec::with_capacity(batch.len());
+        let mut decisions = Vec::new();
         for (i, item) in batch.iter().enumerate() {
             let u = &item.value;
             let phone = match self.phones.e164(&u.phone) {
@@ -58,6 +64,30 @@ impl Stage for Users {
                 out.dead_letter(i, format!("occurred_at {} is out of range", u.occurred_at));
                 continue;
             };
+            match u.consent.as_deref().map(str::parse::<ConsentState>) {
+                None => {}
+                Some(Ok(state @ (ConsentState::OptIn | ConsentState::OptOut))) => {
+                    // Stable across redeliveries of the record.
+                    let event = match &u.event_id {
+                        Some(id) => format!("profile:{id}"),
+                        None => format!(
+                            "profile:{}/{}@{}",
+                            item.record.topic, item.record.partition, item.record.offset
+                        ),
+                    };
+                    decisions.push((phone.clone(), (phone.clone(), state, at, event)));
+                }
+                Some(_) => {
+                    out.dead_letter(
+                        i,
+                        format!(
+                            "consent {:?} is not OPT_IN or OPT_OUT (null leaves it unchanged)",
+                            u.consent.as_deref().unwrap_or_default()
+                        ),
+                    );
+                    continue;
+                }
+            }
             let attrs = serde_json::Value::Object(u.attributes.clone().into_iter().collect());
             // A new row's attribute times (an existing row's are merged in SQL).
             let stamp = serde_json::Value::String(at.to_rfc3339());
@@ -68,6 +98,17 @@ impl Stage for Users {
                     .collect(),
             );
             rows.push((phone.clone(), (phone, attrs, times, at)));
+        }
+        // Stated consent first, so a new profile is created with it.
+        let apply = tx.prepare_cached(APPLY_CONSENT).await?;
+        for round in crate::db::rounds(decisions) {
+            let p: Vec<&str> = round.iter().map(|d| d.0.as_str()).collect();
+            let s: Vec<ConsentState> = round.iter().map(|d| d.1).collect();
+            let t: Vec<DateTime<Utc>> = round.iter().map(|d| d.2).collect();
+            let src = vec!["profile"; round.len()];
+            let k: Vec<Option<&str>> = vec![None; round.len()];
+            let e: Vec<&str> = round.iter().map(|d| d.3.as_str()).collect();
+            tx.execute(&apply, &[&p, &s, &t, &src, &k, &e]).await?;
         }
         let stmt = tx.prepare_cached(UPSERT).await?;
         for round in crate::db::rounds(rows) {

@@ -32,6 +32,7 @@ async fn app_on_cluster(extra: &str) -> TestApp {
 
 fn upsert(i: usize) -> ese::records::UserUpsert {
     ese::records::UserUpsert {
+        consent: None,
         event_id: Some(format!("e{i}")),
         phone: format!("+1415{}", 3_000_000 + i),
         attributes: [("n".to_string(), serde_json::json!(i as i64))].into(),

@@ -215,6 +215,7 @@ proptest! {
             let codec = ese::codec::Codec::single_object().unwrap();
             let good = codec
                 .encode("t", &ese::records::UserUpsert {
+                    consent: None,
                     event_id: Some("e".into()),
                     phone: "+14155550100".into(),
                     attributes: [("a".to_string(), serde_json::json!("b"))].into(),

@@ -13,6 +13,7 @@ mod harness;
 mod hostile;
 mod kafka;
 mod migrations;
+mod observability;
 mod ops;
 mod postgres_tls;
 mod receipts_consent;

@@ -14,6 +14,7 @@ const WAIT: Duration = Duration::from_secs(90);
 
 fn upsert(phone: &str, attrs: serde_json::Value, at: i64) -> UserUpsert {
     UserUpsert {
+        consent: None,
         event_id: None,
         phone: phone.into(),
         attributes: serde_json::from_value(attrs).unwrap(),

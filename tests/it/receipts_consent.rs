@@ -283,13 +283,14 @@ async fn later_consent_decision_stands_whatever_the_arrival_order() {
         ],
     )
     .await;
-    // Bob: an ordinary message, one that merely mentions a keyword (ordinary
-    // too), HELP, then STOP.
+    // Bob: an ordinary message, two that merely mention a keyword (UNCLEAR:
+    // no change, one clarification), HELP, then STOP.
     publish(
         &app,
         &[
             &inbound(bob, "hello", T0 + 1_000),
             &inbound(bob, "I'll stop by tomorrow", T0 + 2_000),
+            &inbound(bob, "Can I cancel my order?", T0 + 2_500),
             &inbound(bob, "help", T0 + 3_000),
             &inbound(bob, "STOP.", T0 + 4_000),
             &inbound(bob, "help", T0 + 5_000),
@@ -340,12 +341,32 @@ async fn later_consent_decision_stands_whatever_the_arrival_order() {
     assert_eq!(
         app.count("SELECT count(*) FROM inbound_events WHERE processing_status = 'PROCESSED'")
             .await,
-        7
+        8
+    );
+    // The mentions are kept, never applied.
+    let unclear: Vec<(Option<String>, String, bool)> = c
+        .query(
+            "SELECT keyword, source, applied FROM consent_events
+              WHERE phone_number = $1 AND new_state = 'UNCLEAR' ORDER BY occurred_at",
+            &[&bob],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        unclear,
+        [
+            (Some("STOP".to_string()), "keyword".to_string(), false),
+            (Some("CANCEL".to_string()), "keyword".to_string(), false)
+        ]
     );
 
-    // Replies: Ada's opt-in confirmation, Bob's first help and his opt-out
-    // confirmation; nothing for ordinary messages, nothing after the opt-out.
-    let sends = app.read_topic(&app.topic("sends"), 3, Duration::from_secs(20));
+    // Replies: Ada's opt-in confirmation, Bob's one clarification, his first
+    // help and his opt-out confirmation; nothing for ordinary messages,
+    // nothing after the opt-out.
+    let sends = app.read_topic(&app.topic("sends"), 4, Duration::from_secs(20));
     let mut got: Vec<(String, String)> = Vec::new();
     for s in &sends {
         let r: SendRequest = app
@@ -360,15 +381,23 @@ async fn later_consent_decision_stands_whatever_the_arrival_order() {
         got,
         [
             (ada.to_string(), "reply".to_string()),
+            (bob.to_string(), "clarification".to_string()),
             (bob.to_string(), "opt_out_confirmation".to_string()),
             (bob.to_string(), "reply".to_string()),
         ]
     );
-    assert_eq!(
-        app.count("SELECT count(*) FROM messages WHERE campaign_id IS NULL")
-            .await,
-        3
-    );
+    // The kinds are the rows', where the sender reads them.
+    let kinds: Vec<(String, String)> = c
+        .query(
+            "SELECT recipient_phone, kind FROM messages WHERE campaign_id IS NULL ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(kinds, got);
 
     let changes = app.read_topic(&app.topic("consent.changes"), 2, Duration::from_secs(20));
     let mut states: Vec<(String, String)> = Vec::new();
@@ -513,4 +542,187 @@ async fn a_stop_and_a_start_at_the_same_time_leave_the_number_opted_out() {
     }
     normalize.stop().await;
     consent.stop().await;
+}
+
+/// A profile upsert, consent stated or not.
+async fn profile(app: &TestApp, phone: &str, consent: Option<&str>, at: i64) {
+    let u = ese::records::UserUpsert {
+        event_id: None,
+        phone: phone.to_string(),
+        attributes: Default::default(),
+        occurred_at: at,
+        consent: consent.map(str::to_string),
+    };
+    let topic = app.topic("users.upserts");
+    let payload = app.codec.encode(&topic, &u).await.unwrap();
+    app.produce(&topic, phone.as_bytes(), &payload).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_number_first_seen_in_a_message_is_in_no_audience_until_it_opts_in() {
+    let app = TestApp::spawn().await;
+    let normalize = app.start_stage("normalize");
+    let consent = app.start_stage("consent");
+    let users = app.start_stage("users");
+    let api = app.start_api().await;
+    let (carol, dave, erin, frank) = (
+        "+14155550103",
+        "+14155550104",
+        "+14155550105",
+        "+14155550106",
+    );
+    // Carol writes first; Dave's profile states nothing; Erin's says OPT_OUT;
+    // Frank's says something that is not a consent.
+    publish(&app, &[&inbound(carol, "hello, who is this?", T0)]).await;
+    app.wait_caught_up("normalize", WAIT).await;
+    app.wait_caught_up("consent", WAIT).await;
+    profile(&app, dave, None, T0).await;
+    profile(&app, erin, Some("OPT_OUT"), T0).await;
+    profile(&app, frank, Some("MAYBE"), T0).await;
+    // A profile for Carol that states nothing leaves her UNKNOWN.
+    profile(&app, carol, None, T0 + 1_000).await;
+    app.wait_caught_up("users", WAIT).await;
+    let state = |phone: &'static str| {
+        let app = &app;
+        async move {
+            let c = app.pool.get().await.unwrap();
+            c.query_opt(
+                "SELECT consent_state FROM users WHERE phone_number = $1",
+                &[&phone],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, String>(0))
+        }
+    };
+    assert_eq!(state(carol).await.as_deref(), Some("UNKNOWN"));
+    assert_eq!(
+        state(dave).await.as_deref(),
+        Some("OPT_IN"),
+        "the data model's default"
+    );
+    assert_eq!(
+        state(erin).await.as_deref(),
+        Some("OPT_OUT"),
+        "stated consent"
+    );
+    assert_eq!(state(frank).await, None, "a bad consent value is refused");
+    let dlq = app.read_topic(&app.topic("dlq.users"), 1, Duration::from_secs(20));
+    assert_eq!(dlq.len(), 1);
+    let reason = dlq[0].header("ese.error").unwrap_or_default();
+    assert!(
+        reason.contains("\"MAYBE\"") && reason.contains("OPT_IN"),
+        "{reason}"
+    );
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM consent_events WHERE phone_number = '{erin}' AND source = 'profile' AND applied"
+        ))
+        .await,
+        1
+    );
+
+    // Everyone's segment: Dave only, until Carol says START.
+    let seg = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/segments",
+            Some(serde_json::json!({"name": "everyone", "filter": {"attribute": "x", "operator": "not_exists"}})),
+        )
+        .await;
+    let estimate = format!("/api/v1/segments/{}/estimate", seg["id"]);
+    assert_eq!(
+        api.expect(200, "GET", &estimate, None).await["estimated_audience_size"],
+        1,
+        "UNKNOWN and OPT_OUT are in no audience"
+    );
+    publish(&app, &[&inbound(carol, "START", T0 + 2_000)]).await;
+    app.wait_caught_up("normalize", WAIT).await;
+    app.wait_caught_up("consent", WAIT).await;
+    assert_eq!(state(carol).await.as_deref(), Some("OPT_IN"));
+    assert_eq!(
+        api.expect(200, "GET", &estimate, None).await["estimated_audience_size"],
+        2
+    );
+    let old: Option<String> = app
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT old_state FROM consent_events WHERE phone_number = $1 AND new_state = 'OPT_IN'",
+            &[&carol],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(old.as_deref(), Some("UNKNOWN"));
+    normalize.stop().await;
+    consent.stop().await;
+    users.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unclear_mention_is_clarified_once_per_interval_and_not_when_off() {
+    for clarify in [true, false] {
+        let mut extra = toml::Table::new();
+        extra.insert("consent".into(), toml::toml! { clarify = clarify }.into());
+        let app = TestApp::spawn_with(extra).await;
+        let normalize = app.start_stage("normalize");
+        let consent = app.start_stage("consent");
+        let (gil, hal) = ("+14155550107", "+14155550108");
+        // Gil mentions a keyword three times, in separate batches; Hal,
+        // opted out, once.
+        publish(&app, &[&inbound(hal, "STOP", T0)]).await;
+        for (i, body) in [
+            "Can I cancel my order?",
+            "I'll stop by tomorrow",
+            "when does the sale end",
+        ]
+        .iter()
+        .enumerate()
+        {
+            publish(&app, &[&inbound(gil, body, T0 + 1_000 * (i as i64 + 1))]).await;
+            app.wait_caught_up("normalize", WAIT).await;
+            app.wait_caught_up("consent", WAIT).await;
+        }
+        publish(
+            &app,
+            &[&inbound(
+                hal,
+                "please cancel my order today thanks",
+                T0 + 5_000,
+            )],
+        )
+        .await;
+        app.wait_caught_up("normalize", WAIT).await;
+        app.wait_caught_up("consent", WAIT).await;
+        let clarifications = app
+            .count("SELECT count(*) FROM messages WHERE kind = 'clarification'")
+            .await;
+        assert_eq!(
+            clarifications,
+            i64::from(clarify),
+            "clarify = {clarify}: one for Gil, none for opted-out Hal"
+        );
+        assert_eq!(
+            app.count(
+                "SELECT count(*) FROM consent_events WHERE new_state = 'UNCLEAR' AND NOT applied"
+            )
+            .await,
+            4,
+            "every mention is kept"
+        );
+        assert_eq!(
+            app.count(&format!(
+                "SELECT count(*) FROM users WHERE phone_number = '{gil}' AND consent_state = 'UNKNOWN'"
+            ))
+            .await,
+            1,
+            "mentions change nothing"
+        );
+        normalize.stop().await;
+        consent.stop().await;
+    }
 }

@@ -488,3 +488,100 @@ async fn two_senders_share_the_campaign_rate() {
     );
     stages.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sender_reads_a_messages_kind_from_its_row_never_from_the_record() {
+    let l = Loop::start("").await;
+    let (hal, ivy, jay) = ("+14155550201", "+14155550202", "+14155550203");
+    let c = l.app.pool.get().await.unwrap();
+    c.batch_execute(&format!(
+        "INSERT INTO users (phone_number, consent_state) VALUES
+             ('{hal}', 'OPT_OUT'), ('{ivy}', 'UNKNOWN'), ('{jay}', 'OPT_IN');
+         INSERT INTO templates (name, body) VALUES ('t', 'Hi');
+         INSERT INTO segments (name, filter) VALUES ('s', '{{\"attribute\": \"x\", \"operator\": \"exists\"}}');
+         INSERT INTO campaigns (name, template_id, segment_id, status)
+              SELECT 'running', t.id, s.id, 'RUNNING' FROM templates t, segments s;"
+    ))
+    .await
+    .unwrap();
+    // (recipient, kind on the row, campaign?) — every record below claims
+    // to be an opt-out confirmation.
+    let rows = [
+        (hal, "reply", false), // a HELP answer made before the STOP
+        (hal, "opt_out_confirmation", false),
+        (ivy, "reply", false),   // UNKNOWN may get replies
+        (ivy, "campaign", true), // ...but no campaign
+        (jay, "reply", false),
+    ];
+    let mut ids = Vec::new();
+    for (to, kind, campaign) in rows {
+        let id: i64 = c
+            .query_one(
+                "INSERT INTO messages (campaign_id, recipient_phone, body, kind)
+                 VALUES (CASE WHEN $3 THEN (SELECT id FROM campaigns) END, $1, 'hello', $2)
+                 RETURNING id",
+                &[&to, &kind, &campaign],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        ids.push(id);
+        let campaign_id: Option<i64> = c
+            .query_one("SELECT campaign_id FROM messages WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        let forged = ese::records::SendRequest {
+            message_id: id,
+            campaign_id,
+            recipient: to.to_string(),
+            channel: ese::model::Channel::Sms,
+            body: "hello".into(),
+            attempt: 0,
+            kind: ese::model::SendKind::OptOutConfirmation,
+            not_before: None,
+        };
+        let topic = l.app.topic("sends");
+        let payload = l.app.codec.encode(&topic, &forged).await.unwrap();
+        l.app.produce(&topic, to.as_bytes(), &payload).await;
+    }
+    let _sender = Proc::new(l.app.spawn_ese(&["run", "sender"]));
+    l.app
+        .wait_for_count(
+            "SELECT count(*) FROM messages WHERE status NOT IN ('QUEUED', 'SENDING')",
+            5,
+            Duration::from_secs(60),
+        )
+        .await;
+    let outcome: Vec<(String, Option<String>)> = c
+        .query(
+            "SELECT status, failure_reason FROM messages WHERE id = ANY($1) ORDER BY id",
+            &[&ids],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let failed = |o: &(String, Option<String>), why: &str| {
+        o.0 == "FAILED" && o.1.as_deref().is_some_and(|r| r.contains(why))
+    };
+    assert!(failed(&outcome[0], "opted out"), "{outcome:?}");
+    assert!(
+        outcome[1].0 != "FAILED",
+        "the confirmation goes: {outcome:?}"
+    );
+    assert!(outcome[2].0 != "FAILED", "{outcome:?}");
+    assert!(failed(&outcome[3], "not opted in"), "{outcome:?}");
+    assert!(outcome[4].0 != "FAILED", "{outcome:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = per_recipient(&l.stats().await);
+    let want: BTreeMap<String, u64> = [(hal, 1), (ivy, 1), (jay, 1)]
+        .into_iter()
+        .map(|(p, n)| (p.to_string(), n))
+        .collect();
+    assert_eq!(
+        sent, want,
+        "one call each: hal's confirmation, ivy's and jay's replies"
+    );
+}

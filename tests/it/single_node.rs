@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::harness::{ADMIN_TOKEN, Proc, SIM_ACCOUNT, TestApp, free_port};
 
 /// `ese up` on its own embedded broker (durable, in `data`), on free ports.
-struct Up {
+pub(crate) struct Up {
     bridge: u16,
     admin: u16,
     broker: u16,
@@ -18,7 +18,7 @@ struct Up {
 }
 
 impl Up {
-    fn new(data: &std::path::Path, provider: Option<&str>) -> Up {
+    pub(crate) fn new(data: &std::path::Path, provider: Option<&str>) -> Up {
         let (bridge, admin, broker) = (free_port(), free_port(), free_port());
         let (metrics, sim) = (free_port(), free_port());
         let mut env = vec![
@@ -47,12 +47,12 @@ impl Up {
         }
     }
 
-    fn env(&self) -> Vec<(&str, String)> {
+    pub(crate) fn env(&self) -> Vec<(&str, String)> {
         self.env.iter().map(|(k, v)| (*k, v.clone())).collect()
     }
 
     /// Starts `ese up ARGS…` and waits until its bridge answers.
-    async fn start(&self, app: &TestApp, args: &[&str]) -> Proc {
+    pub(crate) async fn start(&self, app: &TestApp, args: &[&str]) -> Proc {
         let mut all = vec!["up"];
         all.extend_from_slice(args);
         let child = Proc::new(app.spawn_ese_piped(&all, &self.env()));
@@ -339,6 +339,7 @@ async fn a_member_killed_at(after: Duration) {
             let mut records = Vec::new();
             for i in from..from + n {
                 let u = ese::records::UserUpsert {
+                    consent: None,
                     event_id: None,
                     phone: format!("+1415{}", 6_000_000 + i),
                     attributes: Default::default(),
@@ -398,6 +399,7 @@ async fn stages_under_load_exit_zero_on_sigterm_with_offsets_committed() {
     let mut records = Vec::new();
     for i in 0..20_000 {
         let u = ese::records::UserUpsert {
+            consent: None,
             event_id: None,
             phone: format!("+1415{}", 7_000_000 + i),
             attributes: Default::default(),

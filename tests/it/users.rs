@@ -22,6 +22,7 @@ async fn upsert(app: &TestApp, phone: &str, attrs: serde_json::Value, at: i64) -
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let u = UserUpsert {
+        consent: None,
         event_id: None,
         phone: phone.to_string(),
         attributes,

@@ -1,9 +1,12 @@
 //! `consent`: inbound messages → consent. Keywords (read as people write
 //! them: `keywords`) opt a number out or in, by event time, so a
 //! late-arriving older decision never undoes a newer one (`ese_apply_consent`,
-//! `sql/functions/`); every decision is kept in `consent_events`. Auto-replies
-//! become `messages` rows keyed by the inbound event and go out on `sends`;
-//! decisions that took effect go out on `consent.changes`.
+//! `sql/functions/`); every decision is kept in `consent_events`, and so is
+//! a mention that decides nothing (`UNCLEAR`). A number first seen here is
+//! `UNKNOWN` until it opts in. Auto-replies (and clarifications, at most one
+//! per number per `consent.clarify-interval`) become `messages` rows of
+//! their kind, keyed by the inbound event, and go out on `sends`; decisions
+//! that took effect go out on `consent.changes`.
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
@@ -20,8 +23,8 @@ mod keywords;
 pub use keywords::{Intent, Keywords, normalise};
 
 const TOUCH_USERS: &str = "
-INSERT INTO users AS u (phone_number, last_message_received)
-SELECT p, max(t) FROM unnest($1::text[], $2::timestamptz[]) AS x(p, t) GROUP BY p
+INSERT INTO users AS u (phone_number, last_message_received, consent_state)
+SELECT p, max(t), 'UNKNOWN' FROM unnest($1::text[], $2::timestamptz[]) AS x(p, t) GROUP BY p
 ON CONFLICT (phone_number) DO UPDATE
    SET last_message_received = GREATEST(u.last_message_received, EXCLUDED.last_message_received)
  WHERE u.last_message_received IS DISTINCT FROM GREATEST(u.last_message_received, EXCLUDED.last_message_received)";
@@ -33,30 +36,46 @@ SELECT source_event_id, phone_number, old_state, new_state, applied, keyword, so
   FROM consent_events WHERE source_event_id = ANY($1::text[])";
 
 /// Consent in force at each message's time: the newest decision at or before
-/// it; before any decision, the state the first one found; else the stored one.
+/// it; before any decision, the state the first one found (none: UNKNOWN);
+/// else the stored one.
 const STATES_AT: &str = "
 SELECT x.e, coalesce(
     (SELECT c.new_state FROM consent_events c
-      WHERE c.phone_number = x.p AND c.occurred_at <= x.t ORDER BY c.occurred_at DESC, c.id DESC LIMIT 1),
-    (SELECT coalesce(c.old_state, 'OPT_IN') FROM consent_events c
-      WHERE c.phone_number = x.p ORDER BY c.occurred_at, c.id LIMIT 1),
+      WHERE c.phone_number = x.p AND c.occurred_at <= x.t AND c.new_state <> 'UNCLEAR'
+      ORDER BY c.occurred_at DESC, c.id DESC LIMIT 1),
+    (SELECT coalesce(c.old_state, 'UNKNOWN') FROM consent_events c
+      WHERE c.phone_number = x.p AND c.new_state <> 'UNCLEAR' ORDER BY c.occurred_at, c.id LIMIT 1),
     (SELECT u.consent_state FROM users u WHERE u.phone_number = x.p),
-    'OPT_IN')
+    'UNKNOWN')
   FROM unnest($1::text[], $2::timestamptz[], $3::text[]) AS x(p, t, e)";
+
+/// A mention that decides nothing, kept for the audit trail.
+const UNCLEAR: &str = "
+INSERT INTO consent_events (phone_number, old_state, new_state, source, keyword, source_event_id, occurred_at, applied)
+SELECT x.p, u.consent_state, 'UNCLEAR', 'keyword', x.k, x.e, x.t, false
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]) AS x(p, k, e, t)
+  LEFT JOIN users u ON u.phone_number = x.p
+ON CONFLICT (source_event_id) DO NOTHING";
+
+/// Numbers that got a clarification within the interval (seconds).
+const CLARIFIED: &str = "
+SELECT DISTINCT recipient_phone FROM messages
+ WHERE kind = 'clarification' AND recipient_phone = ANY($1::text[])
+   AND created_at > now() - make_interval(secs => $2::float8)";
 
 const PROCESSED: &str = "
 UPDATE inbound_events SET processing_status = 'PROCESSED', processed_at = now()
  WHERE event_id = ANY($1::uuid[]) AND processing_status = 'PENDING'";
 
 const INSERT_REPLIES: &str = "
-INSERT INTO messages (user_id, recipient_phone, channel, body, idempotency_key)
-SELECT u.id, x.p, x.c, x.b, x.k
-  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS x(p, c, b, k)
+INSERT INTO messages (user_id, recipient_phone, channel, body, idempotency_key, kind)
+SELECT u.id, x.p, x.c, x.b, x.k, x.kind
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS x(p, c, b, k, kind)
   LEFT JOIN users u ON u.phone_number = x.p
 ON CONFLICT (idempotency_key) DO NOTHING";
 
 const QUEUED_REPLIES: &str = "
-SELECT id, recipient_phone, channel, body, idempotency_key FROM messages
+SELECT id, recipient_phone, channel, body, idempotency_key, kind FROM messages
  WHERE idempotency_key = ANY($1::text[]) AND status = 'QUEUED'";
 
 /// The consent stage.
@@ -157,6 +176,23 @@ impl Stage for Consent {
         tx.execute(&tx.prepare_cached(TOUCH_USERS).await?, &[&phones, &times])
             .await?;
 
+        // Mentions that decide nothing, after the users exist.
+        let unclear: Vec<_> = live
+            .iter()
+            .filter_map(|(m, at, _, intent)| match intent {
+                Intent::Unclear(k) => Some((m.from.as_str(), k.as_str(), m.event_id.as_str(), *at)),
+                _ => None,
+            })
+            .collect();
+        if !unclear.is_empty() {
+            let p: Vec<&str> = unclear.iter().map(|u| u.0).collect();
+            let k: Vec<&str> = unclear.iter().map(|u| u.1).collect();
+            let e: Vec<&str> = unclear.iter().map(|u| u.2).collect();
+            let t: Vec<DateTime<Utc>> = unclear.iter().map(|u| u.3).collect();
+            tx.execute(&tx.prepare_cached(UNCLEAR).await?, &[&p, &k, &e, &t])
+                .await?;
+        }
+
         let uuids: Vec<uuid::Uuid> = live.iter().map(|(_, _, u, _)| *u).collect();
         tx.execute(&tx.prepare_cached(PROCESSED).await?, &[&uuids])
             .await?;
@@ -172,7 +208,7 @@ impl Stage for Consent {
                 .collect();
         let asking: Vec<_> = live
             .iter()
-            .filter(|(.., i)| matches!(i, Intent::Help(_) | Intent::Rule(..)))
+            .filter(|(.., i)| matches!(i, Intent::Help(_) | Intent::Rule(..) | Intent::Unclear(_)))
             .collect();
         let states: std::collections::HashMap<String, ConsentState> = if asking.is_empty() {
             Default::default()
@@ -204,22 +240,46 @@ impl Stage for Consent {
                 .await?;
         }
 
+        // Numbers clarified lately get no second clarification.
+        let mut clarified: std::collections::HashSet<String> =
+            if self.cfg.clarify && !unclear.is_empty() {
+                let p: Vec<&str> = unclear.iter().map(|u| u.0).collect();
+                let within = self.cfg.clarify_interval.as_secs_f64();
+                tx.query(&tx.prepare_cached(CLARIFIED).await?, &[&p, &within])
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect()
+            } else {
+                Default::default()
+            };
+
         // Auto-replies: rows first (idempotent by the inbound event), then
-        // every still-queued reply of this batch goes to the sender.
-        let mut replies: Vec<(&str, &str, String, String)> = Vec::new();
+        // every still-queued reply of this batch goes to the sender. Help,
+        // rules and clarifications go to any number not opted out.
+        let mut replies: Vec<(&str, &str, String, String, SendKind)> = Vec::new();
         for (m, _, _, intent) in &live {
-            let opted_in = states.get(&m.event_id) == Some(&ConsentState::OptIn);
-            let text = match intent {
+            let reachable = !matches!(states.get(&m.event_id), Some(ConsentState::OptOut) | None);
+            let (text, kind) = match intent {
                 Intent::OptOut(_) => match decided.get(&m.event_id) {
-                    Some((old, new, true)) if *old != Some(*new) => &self.cfg.opt_out_reply,
+                    Some((old, new, true)) if *old != Some(*new) => {
+                        (&self.cfg.opt_out_reply, SendKind::OptOutConfirmation)
+                    }
                     _ => continue,
                 },
                 Intent::OptIn(_) => match decided.get(&m.event_id) {
-                    Some((old, new, true)) if *old != Some(*new) => &self.cfg.opt_in_reply,
+                    Some((old, new, true)) if *old != Some(*new) => {
+                        (&self.cfg.opt_in_reply, SendKind::Reply)
+                    }
                     _ => continue,
                 },
-                Intent::Help(_) if opted_in => &self.cfg.help_reply,
-                Intent::Rule(_, reply) if opted_in => reply,
+                Intent::Help(_) if reachable => (&self.cfg.help_reply, SendKind::Reply),
+                Intent::Rule(_, reply) if reachable => (reply, SendKind::Reply),
+                Intent::Unclear(_)
+                    if reachable && self.cfg.clarify && clarified.insert(m.from.clone()) =>
+                {
+                    (&self.cfg.clarify_reply, SendKind::Clarification)
+                }
                 _ => continue,
             };
             if !text.is_empty() {
@@ -228,6 +288,7 @@ impl Stage for Consent {
                     m.channel.as_str(),
                     text.clone(),
                     reply_key(&m.event_id),
+                    kind,
                 ));
             }
         }
@@ -236,8 +297,12 @@ impl Stage for Consent {
             let c: Vec<&str> = replies.iter().map(|r| r.1).collect();
             let b: Vec<&str> = replies.iter().map(|r| r.2.as_str()).collect();
             let k: Vec<&str> = replies.iter().map(|r| r.3.as_str()).collect();
-            tx.execute(&tx.prepare_cached(INSERT_REPLIES).await?, &[&p, &c, &b, &k])
-                .await?;
+            let kinds: Vec<SendKind> = replies.iter().map(|r| r.4).collect();
+            tx.execute(
+                &tx.prepare_cached(INSERT_REPLIES).await?,
+                &[&p, &c, &b, &k, &kinds],
+            )
+            .await?;
         }
         let keys: Vec<String> = live
             .iter()
@@ -252,9 +317,6 @@ impl Stage for Consent {
                 let recipient: String = r.get(1);
                 let key: String = r.get(4);
                 let event = key.trim_start_matches("reply:");
-                let is_opt_out = live
-                    .iter()
-                    .any(|(m, _, _, i)| m.event_id == event && matches!(i, Intent::OptOut(_)));
                 let send = SendRequest {
                     message_id: r.get(0),
                     campaign_id: None,
@@ -262,11 +324,7 @@ impl Stage for Consent {
                     channel: r.get(2),
                     body: r.get(3),
                     attempt: 0,
-                    kind: if is_opt_out {
-                        SendKind::OptOutConfirmation
-                    } else {
-                        SendKind::Reply
-                    },
+                    kind: r.get(5),
                     not_before: None,
                 };
                 out.emit(from(event), "sends", recipient, &send).await?;

@@ -5,7 +5,6 @@ use chrono::{DateTime, NaiveTime, TimeZone, Utc};
 
 use super::Sender;
 use crate::model::{CampaignStatus, Channel, ConsentState, MessageStatus, SendKind};
-use crate::records::SendRequest;
 
 /// A message as the sender sees it.
 pub(super) struct Msg {
@@ -21,6 +20,8 @@ pub(super) struct Msg {
     pub quiet: Option<(NaiveTime, NaiveTime)>,
     pub consent: Option<ConsentState>,
     pub timezone: Option<String>,
+    /// As stored on the row; the send record's own `kind` is not trusted.
+    pub kind: SendKind,
 }
 
 pub(super) enum Decision {
@@ -31,12 +32,20 @@ pub(super) enum Decision {
 }
 
 impl Sender {
-    pub(super) fn decide(&self, m: &Msg, send: &SendRequest, now: DateTime<Utc>) -> Decision {
+    /// `not_before`: the send record's retry delay (epoch ms).
+    pub(super) fn decide(&self, m: &Msg, not_before: Option<i64>, now: DateTime<Utc>) -> Decision {
         if m.status != MessageStatus::Queued {
             return Decision::Nothing;
         }
-        if m.consent == Some(ConsentState::OptOut) && send.kind != SendKind::OptOutConfirmation {
-            return Decision::Fail("suppressed: recipient opted out");
+        match (m.kind, m.consent) {
+            (SendKind::OptOutConfirmation, _) => {}
+            (_, Some(ConsentState::OptOut)) => {
+                return Decision::Fail("suppressed: recipient opted out");
+            }
+            (SendKind::Campaign, c) if c != Some(ConsentState::OptIn) => {
+                return Decision::Fail("suppressed: recipient has not opted in");
+            }
+            _ => {}
         }
         match m.campaign_status {
             Some(CampaignStatus::Cancelled) => return Decision::Fail("campaign cancelled"),
@@ -45,7 +54,7 @@ impl Sender {
             // Paused (or not started): held until it runs.
             Some(_) => return Decision::Park(now, "campaign not running"),
         }
-        if let Some(t) = send.not_before.and_then(DateTime::from_timestamp_millis)
+        if let Some(t) = not_before.and_then(DateTime::from_timestamp_millis)
             && t > now
         {
             return Decision::Park(t, "retry delay");

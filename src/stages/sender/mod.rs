@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::config::SenderConfig;
-use crate::model::{ConsentState, SendKind};
+use crate::model::ConsentState;
 use crate::phone::Normalizer;
 use crate::records::SendRequest;
 use crate::runner::{Collector, Deps, Item, Stage, StageError};
@@ -161,8 +161,8 @@ fn unique(batch: &[Item<SendRequest>]) -> Vec<(usize, &SendRequest)> {
 struct Plan {
     /// (message, why) to fail without a call.
     fail: Vec<(i64, Option<i32>, String)>,
-    /// (message, until, why, kind) to hold.
-    park: Vec<(i64, DateTime<Utc>, &'static str, SendKind)>,
+    /// (message, until, why) to hold.
+    park: Vec<(i64, DateTime<Utc>, &'static str)>,
     /// (batch index, message) to send now.
     go: Vec<(usize, i64)>,
 }
@@ -202,6 +202,7 @@ impl Sender {
                 quiet,
                 consent: r.get(11),
                 timezone: r.get(12),
+                kind: r.get(13),
             };
             msgs.insert(m.id, m);
         }
@@ -222,13 +223,13 @@ impl Sender {
                 out.dead_letter(*n, format!("message {} does not exist", s.message_id));
                 continue;
             };
-            match self.decide(m, s, now) {
+            match self.decide(m, s.not_before, now) {
                 Decision::Nothing => {
                     counter!(crate::metrics::names::SENDER_SENDS_TOTAL, "outcome" => "skipped")
                         .increment(1)
                 }
                 Decision::Fail(reason) => plan.fail.push((m.id, None, reason.to_string())),
-                Decision::Park(until, reason) => plan.park.push((m.id, until, reason, s.kind)),
+                Decision::Park(until, reason) => plan.park.push((m.id, until, reason)),
                 Decision::Send => plan.go.push((*n, m.id)),
             }
         }
@@ -239,7 +240,7 @@ impl Sender {
     async fn park(
         &self,
         tx: &Transaction<'_>,
-        park: &[(i64, DateTime<Utc>, &'static str, SendKind)],
+        park: &[(i64, DateTime<Utc>, &'static str)],
     ) -> Result<(), StageError> {
         if park.is_empty() {
             return Ok(());
@@ -247,8 +248,7 @@ impl Sender {
         let ids: Vec<i64> = park.iter().map(|p| p.0).collect();
         let ts: Vec<DateTime<Utc>> = park.iter().map(|p| p.1).collect();
         let rs: Vec<&str> = park.iter().map(|p| p.2).collect();
-        let ks: Vec<SendKind> = park.iter().map(|p| p.3).collect();
-        tx.execute(PARK, &[&ids, &ts, &rs, &ks]).await?;
+        tx.execute(PARK, &[&ids, &ts, &rs]).await?;
         for p in park {
             counter!(crate::metrics::names::SENDER_HELD_TOTAL, "reason" => p.2).increment(1);
         }
@@ -298,7 +298,7 @@ impl Sender {
         for (n, m, outcome) in attempts {
             let item = &batch[n];
             let Some(outcome) = outcome else {
-                unclaimed.push((m.id, item.value.kind));
+                unclaimed.push(m.id);
                 continue;
             };
             let label = match &outcome {
@@ -352,11 +352,9 @@ impl Sender {
         if !unclaimed.is_empty() {
             // Paused or opted out meanwhile (decided again when the pump puts
             // it back), or taken by another sender (the QUEUED guard skips it).
-            let ids: Vec<i64> = unclaimed.iter().map(|u| u.0).collect();
-            let ts = vec![now; ids.len()];
-            let rs = vec!["campaign not running or recipient opted out"; ids.len()];
-            let ks: Vec<SendKind> = unclaimed.iter().map(|u| u.1).collect();
-            tx.execute(PARK, &[&ids, &ts, &rs, &ks]).await?;
+            let ts = vec![now; unclaimed.len()];
+            let rs = vec!["campaign not running or consent withdrawn"; unclaimed.len()];
+            tx.execute(PARK, &[&unclaimed, &ts, &rs]).await?;
         }
         if !requeue.is_empty() {
             let ids: Vec<i64> = requeue.iter().map(|r| r.0).collect();

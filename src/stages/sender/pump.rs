@@ -38,8 +38,7 @@ UPDATE messages m SET status = 'FAILED', failure_reason = 'campaign ' || lower(c
    AND c.status IN ('CANCELLED', 'COMPLETED')";
 
 const DUE: &str = "
-SELECT m.id, m.campaign_id, m.recipient_phone, m.channel, m.body, m.retry_count,
-       coalesce(m.send_kind, CASE WHEN m.campaign_id IS NULL THEN 'reply' ELSE 'campaign' END)
+SELECT m.id, m.campaign_id, m.recipient_phone, m.channel, m.body, m.retry_count, m.kind
   FROM messages m LEFT JOIN campaigns c ON c.id = m.campaign_id
  WHERE m.parked_until <= now() AND m.status = 'QUEUED'
    AND (m.campaign_id IS NULL OR c.status = 'RUNNING')
@@ -47,7 +46,7 @@ SELECT m.id, m.campaign_id, m.recipient_phone, m.channel, m.body, m.retry_count,
  FOR UPDATE OF m SKIP LOCKED";
 
 const UNPARK: &str = "
-UPDATE messages SET parked_until = NULL, parked_reason = NULL, send_kind = NULL WHERE id = ANY($1)";
+UPDATE messages SET parked_until = NULL, parked_reason = NULL WHERE id = ANY($1)";
 
 const STUCK: &str = "
 SELECT id, recipient_phone, channel, body, claimed_at FROM messages

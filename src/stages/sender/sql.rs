@@ -3,29 +3,36 @@
 pub const LOOKUP: &str = "
 SELECT m.id, m.status, m.recipient_phone, m.channel, m.body, m.retry_count, m.campaign_id,
        c.status, c.rate_limit_per_second, c.quiet_hours_start, c.quiet_hours_end,
-       u.consent_state, u.attributes ->> 'timezone'
+       u.consent_state, u.attributes ->> 'timezone', m.kind
   FROM messages m
   LEFT JOIN campaigns c ON c.id = m.campaign_id
   LEFT JOIN users u ON u.phone_number = m.recipient_phone
  WHERE m.id = ANY($1)";
 
-/// Claims a few messages right before their calls; a campaign message only
-/// while its campaign runs and its recipient has not opted out, so a pause or
-/// an opt-out committed after the batch was looked up still stops the send
-/// (within ~100 ms of sends, not after the batch).
+/// Claims a few messages right before their calls, consent checked again
+/// for every message by the kind its row was made with: a campaign message
+/// only while its campaign runs and to an opted-in number, a reply or a
+/// clarification to anyone not opted out, an opt-out confirmation always. A
+/// pause or an opt-out committed after the batch was looked up still stops
+/// the send (within ~100 ms of sends, not after the batch).
 pub const CLAIM: &str = "
 UPDATE messages m SET status = 'SENDING', claimed_at = now(), updated_at = now(),
-                      parked_until = NULL, parked_reason = NULL, send_kind = NULL
+                      parked_until = NULL, parked_reason = NULL
  WHERE m.id = ANY($1) AND m.status = 'QUEUED'
    AND (m.campaign_id IS NULL
-        OR (EXISTS (SELECT 1 FROM campaigns c WHERE c.id = m.campaign_id AND c.status = 'RUNNING')
-            AND NOT EXISTS (SELECT 1 FROM users u
-                             WHERE u.phone_number = m.recipient_phone AND u.consent_state = 'OPT_OUT')))
+        OR EXISTS (SELECT 1 FROM campaigns c WHERE c.id = m.campaign_id AND c.status = 'RUNNING'))
+   AND CASE m.kind
+         WHEN 'opt_out_confirmation' THEN true
+         WHEN 'campaign' THEN EXISTS (SELECT 1 FROM users u
+                                       WHERE u.phone_number = m.recipient_phone AND u.consent_state = 'OPT_IN')
+         ELSE NOT EXISTS (SELECT 1 FROM users u
+                           WHERE u.phone_number = m.recipient_phone AND u.consent_state = 'OPT_OUT')
+       END
 RETURNING id";
 
 pub const PARK: &str = "
-UPDATE messages m SET parked_until = x.t, parked_reason = x.r, send_kind = x.k, updated_at = now()
-  FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::text[]) AS x(id, t, r, k)
+UPDATE messages m SET parked_until = x.t, parked_reason = x.r, updated_at = now()
+  FROM unnest($1::bigint[], $2::timestamptz[], $3::text[]) AS x(id, t, r)
  WHERE m.id = x.id AND m.status = 'QUEUED'";
 
 pub const FAIL: &str = "
