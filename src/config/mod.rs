@@ -550,7 +550,7 @@ impl Settings {
                 self.kafka.ssl_ca_file
             );
         }
-        if phonenumber::country::Id::from_str_opt(&self.phone.default_region).is_none() {
+        if !crate::phone::is_supported_region(&self.phone.default_region) {
             anyhow::bail!(
                 "phone.default-region: {:?} is not an ISO 3166 region code",
                 self.phone.default_region
@@ -631,16 +631,6 @@ fn describe(e: &figment::Error) -> String {
         })
         .unwrap_or_default();
     format!("{key}: {}{source}", e.kind)
-}
-
-trait RegionExt {
-    fn from_str_opt(s: &str) -> Option<phonenumber::country::Id>;
-}
-
-impl RegionExt for phonenumber::country::Id {
-    fn from_str_opt(s: &str) -> Option<phonenumber::country::Id> {
-        s.to_ascii_uppercase().parse().ok()
-    }
 }
 
 #[cfg(test)]
