@@ -500,3 +500,75 @@ async fn a_signed_start_replayed_under_new_tokens_is_one_event_and_cannot_undo_a
     normalize.stop().await;
     consent.stop().await;
 }
+
+/// Stop as people write it, through the bridge, signed: every one opts out,
+/// and an ordinary message that mentions a keyword does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_as_people_write_it_opts_out_through_the_bridge() {
+    let app = TestApp::spawn().await;
+    let bridge = app.start_bridge().await;
+    let normalize = app.start_stage("normalize");
+    let consent = app.start_stage("consent");
+    let bodies = [
+        "ＳＴＯＰ",
+        "STOP！",
+        "\"STOP\"",
+        "stop\u{200B}",
+        "\u{FEFF}Stop\u{200D}",
+        "opt out",
+        "Opt-Out",
+        "STOP ALL",
+        "quit 🛑",
+        "*unsubscribe*",
+        "please stop texting me",
+        "revoke。",
+        "end…",
+    ];
+    let ordinary = "I'll stop by tomorrow to pick it up";
+    let phone = |i: usize| format!("+1415555{:04}", 3000 + i);
+    let c = app.pool.get().await.unwrap();
+    for i in 0..=bodies.len() {
+        c.execute(
+            "INSERT INTO users (phone_number, consent_state) VALUES ($1, 'OPT_IN')",
+            &[&phone(i)],
+        )
+        .await
+        .unwrap();
+    }
+    for (i, body) in bodies.iter().chain([&ordinary]).enumerate() {
+        let sid = format!("SMunicode{i:025}");
+        assert_eq!(
+            post_inbound(&bridge, &sid, &phone(i), body, &format!("tok-{i}")).await,
+            200,
+            "{body:?}"
+        );
+    }
+    app.wait_for_count(
+        "SELECT count(*) FROM inbound_events WHERE processing_status = 'PROCESSED'",
+        bodies.len() as i64 + 1,
+        Duration::from_secs(60),
+    )
+    .await;
+    for (i, body) in bodies.iter().enumerate() {
+        let state: String = c
+            .query_one(
+                "SELECT consent_state FROM users WHERE phone_number = $1",
+                &[&phone(i)],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(state, "OPT_OUT", "{body:?} opts out");
+    }
+    let state: String = c
+        .query_one(
+            "SELECT consent_state FROM users WHERE phone_number = $1",
+            &[&phone(bodies.len())],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "OPT_IN", "{ordinary:?} changes nothing");
+    normalize.stop().await;
+    consent.stop().await;
+}

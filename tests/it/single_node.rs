@@ -14,7 +14,7 @@ pub(crate) struct Up {
     bridge: u16,
     admin: u16,
     broker: u16,
-    env: Vec<(&'static str, String)>,
+    env: Vec<(String, String)>,
 }
 
 impl Up {
@@ -39,6 +39,7 @@ impl Up {
         if let Some(base) = provider {
             env.push(("ESE__PROVIDER__BASE_URL", base.to_string()));
         }
+        let env = env.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         Up {
             bridge,
             admin,
@@ -48,7 +49,10 @@ impl Up {
     }
 
     pub(crate) fn env(&self) -> Vec<(&str, String)> {
-        self.env.iter().map(|(k, v)| (*k, v.clone())).collect()
+        self.env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect()
     }
 
     /// Starts `ese up ARGS…` and waits until its bridge answers.
@@ -91,17 +95,81 @@ async fn sigterm(mut p: Proc) -> (Duration, bool) {
     }
 }
 
+/// A shell command of the README: its variables and the `ese` arguments.
+type ReadmeCommand = (Vec<(String, String)>, Vec<String>);
+
+/// The commands of README.md's "Run it", as written: for each `sh` block,
+/// its variables (`KEY=VALUE` before `cargo`) and the `ese` arguments
+/// (after `cargo run --release --`).
+fn readme_run_it() -> Vec<ReadmeCommand> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let section = readme
+        .split("\n## Run it\n")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("README has a \"Run it\" section");
+    let mut commands = Vec::new();
+    for block in section.split("```sh\n").skip(1) {
+        let text = block.split("```").next().unwrap_or_default();
+        let line = text.replace("\\\n", " ");
+        // The engine's command is the last of an `a && b` chain.
+        let command = line.rsplit("&&").next().unwrap_or_default();
+        let words: Vec<&str> = command.split_whitespace().collect();
+        let cargo = words
+            .iter()
+            .position(|w| *w == "cargo")
+            .unwrap_or_else(|| panic!("README command runs cargo: {command}"));
+        assert_eq!(
+            &words[cargo..cargo + 4],
+            ["cargo", "run", "--release", "--"],
+            "README: {command}"
+        );
+        let vars = words[..cargo]
+            .iter()
+            .map(|w| {
+                let (k, v) = w
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("README: {w:?} before cargo is not KEY=VALUE"));
+                (k.to_string(), v.to_string())
+            })
+            .collect();
+        let args = words[cargo + 4..].iter().map(|w| w.to_string()).collect();
+        commands.push((vars, args));
+    }
+    commands
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_then_demo_then_sigterm_exits_zero_within_ten_seconds() {
+async fn the_readme_run_it_commands_work_as_written_and_sigterm_exits_zero_quickly() {
+    let commands = readme_run_it();
+    assert_eq!(
+        commands.len(),
+        2,
+        "README's Run it: the engine, then the demo"
+    );
+    let (up_vars, up_args) = &commands[0];
+    let (demo_vars, demo_args) = &commands[1];
+    assert_eq!(up_args.first().map(String::as_str), Some("up"));
+    assert_eq!(demo_args.first().map(String::as_str), Some("demo"));
+    assert_eq!(
+        up_vars, demo_vars,
+        "the same three variables in both terminals"
+    );
+
     let app = TestApp::spawn().await;
     let data = tempdir();
-    let up = Up::new(&data, None);
-    let engine = up.start(&app, &["--with-provider-sim"]).await;
-    // The README's demo, against the running engine, finding its broker itself.
-    let (ok, out, err) = app
-        .run_ese_with(&["demo", "--users", "10", "--timeout", "90s"], &up.env())
-        .await;
+    let mut up = Up::new(&data, None);
+    up.env.extend(up_vars.iter().cloned());
+    let rest: Vec<&str> = up_args[1..].iter().map(String::as_str).collect();
+    let engine = up.start(&app, &rest).await;
+    // The demo as written (only the README's variables beside the test's
+    // own ports and database), against the running engine, finding its
+    // broker itself.
+    let args: Vec<&str> = demo_args.iter().map(String::as_str).collect();
+    let (ok, out, err) = app.run_ese_with(&args, &up.env()).await;
     assert!(ok, "ese demo failed: {out}\n{err}");
+    assert!(out.contains("DELIVERED"), "{out}");
     assert!(
         err.contains(&format!(
             "embedded broker of `ese up` at 127.0.0.1:{}",
