@@ -40,22 +40,13 @@ pub struct Normalizer {
 /// Numbers kept by [`Normalizer`]'s cache (S3-FIFO: numbers seen once go first).
 const CACHED_NUMBERS: usize = 50_000;
 
-/// The region libphonenumber has metadata for, by ISO 3166 alpha-2 code in any
-/// case; `None` for anything else (`"XX"`, `"001"`, `"USA"`).
-fn supported_region(code: &str) -> Option<Region> {
-    let region = Region::from_code(&code.to_ascii_uppercase()).ok()?;
-    // Every pair of letters is a `Region`; only those with metadata have a
-    // country calling code.
-    PHONE_NUMBER_UTIL
-        .get_country_code_for_region(region)
-        .map(|_| region)
-}
-
 /// Whether `code` is a region [`Normalizer::new`] can use as default region
-/// (for config validation: any other code falls back to US).
+/// (any other code falls back to US; config validation refuses one).
 pub fn is_supported_region(code: &str) -> bool {
     supported_region(code).is_some()
 }
+
+use crate::config::phone_region as supported_region;
 
 /// Text that makes `rlibphonenumber` 2.2.15 panic: a `;phone-context=` before
 /// the first `tel:` slices the input backwards

@@ -550,7 +550,7 @@ impl Settings {
                 self.kafka.ssl_ca_file
             );
         }
-        if !crate::phone::is_supported_region(&self.phone.default_region) {
+        if phone_region(&self.phone.default_region).is_none() {
             anyhow::bail!(
                 "phone.default-region: {:?} is not an ISO 3166 region code",
                 self.phone.default_region
@@ -631,6 +631,18 @@ fn describe(e: &figment::Error) -> String {
         })
         .unwrap_or_default();
     format!("{key}: {}{source}", e.kind)
+}
+
+/// The libphonenumber region of an ISO 3166 alpha-2 code (any case) it has
+/// metadata for; `None` for anything else (`"XX"`, `"001"`, `"USA"`).
+pub fn phone_region(code: &str) -> Option<rlibphonenumber::Region> {
+    use rlibphonenumber::{PHONE_NUMBER_UTIL, Region};
+    let region = Region::from_code(&code.to_ascii_uppercase()).ok()?;
+    // Every pair of letters is a `Region`; only those with metadata have a
+    // country calling code.
+    PHONE_NUMBER_UTIL
+        .get_country_code_for_region(region)
+        .map(|_| region)
 }
 
 #[cfg(test)]
