@@ -37,11 +37,21 @@ fn syntax_error(position: usize, message: impl Into<String>) -> SyntaxError {
     }
 }
 
-/// Parses a template body such as `"Hi {first_name}, 20% off {{today}}"`.
 /// The longest template body, in characters: the provider's limit for one
 /// message (Twilio: 1,600). It also bounds the variables (≤ 533).
 pub const MAX_BODY_CHARS: usize = 1600;
 
+/// Whether `name` is a placeholder name: a letter or `_`, then letters,
+/// digits or `_`.
+pub fn is_variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Parses a template body such as `"Hi {first_name}, 20% off {{today}}"`.
 pub fn parse(body: &str) -> Result<Template, SyntaxError> {
     let chars: Vec<char> = body.chars().collect();
     let mut parts = Vec::new();

@@ -16,7 +16,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 mod simulator;
-pub use simulator::{FailureMix, MAX_LATENCY, SimConfig};
+pub use simulator::{ContentTemplate, FailureMix, MAX_LATENCY, SimConfig, is_content_sid};
 
 const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
@@ -400,6 +400,16 @@ pub struct SenderConfig {
     /// How often held messages that are due go back on the send topic. Default 1s.
     #[serde(with = "humantime_serde")]
     pub pump_interval: Duration,
+    /// How long after a person's last WhatsApp message free-form WhatsApp
+    /// messages (replies, confirmations) may go: WhatsApp's
+    /// customer-service window. Default 24h.
+    #[serde(with = "humantime_serde")]
+    pub whatsapp_window: Duration,
+    /// An approved template (its ContentSid) that carries a free-form
+    /// WhatsApp message outside the window, `{{1}}` the message's text;
+    /// empty: such a message is FAILED with the reason, without a call.
+    /// Default empty.
+    pub whatsapp_fallback_content_sid: String,
 }
 
 /// One stage's wiring and tuning (`pipelines/<stage>.toml`).
@@ -548,6 +558,12 @@ impl Settings {
             anyhow::bail!(
                 "kafka.ssl-ca-file: {} is not a readable file",
                 self.kafka.ssl_ca_file
+            );
+        }
+        let fallback = &self.sender.whatsapp_fallback_content_sid;
+        if !fallback.is_empty() && !is_content_sid(fallback) {
+            anyhow::bail!(
+                "sender.whatsapp-fallback-content-sid: {fallback:?} is not a ContentSid (HX and 32 hex digits)"
             );
         }
         if phone_region(&self.phone.default_region).is_none() {

@@ -6,6 +6,11 @@ use serde::{Deserialize, Serialize};
 
 /// Statuses `callback-statuses` may list; failures come from `failures`.
 const CONFIG_STATUSES: &[&str] = &["queued", "sent", "delivered"];
+/// `HX` and 32 hexadecimal digits, as the Content API names templates.
+pub fn is_content_sid(s: &str) -> bool {
+    s.len() == 34 && s.starts_with("HX") && s[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// Upper bound of every configured latency, so deadlines cannot overflow.
 pub const MAX_LATENCY: Duration = Duration::from_secs(3600);
 
@@ -46,6 +51,66 @@ pub struct SimConfig {
     pub callback_retries: u32,
     /// Random failure outcomes by error code. Default empty.
     pub failures: Vec<FailureMix>,
+    /// Approved WhatsApp content templates (the Content API's): a send
+    /// naming another `ContentSid` gets 21655, `ContentVariables` that are
+    /// not a JSON object of strings or miss a placeholder 21656. Default
+    /// one, `HX00000000000000000000000000000001`, "Hello {{1}}, {{2}}".
+    pub content_templates: Vec<ContentTemplate>,
+    /// How long after a person's last message (`POST /sim/inbound`)
+    /// free-form WhatsApp messages are delivered; outside it they fail with
+    /// 63016, as WhatsApp's customer-service window. Default 24h.
+    #[serde(with = "humantime_serde")]
+    pub whatsapp_window: Duration,
+    /// Where `POST /sim/inbound` delivers a person's message as a signed
+    /// inbound webhook (the bridge's `/webhooks/twilio/inbound`); empty:
+    /// nowhere (the window opens all the same). Default empty.
+    pub inbound_url: String,
+}
+
+/// One approved content template: its SID and text, `{{1}}`, `{{2}}`… the
+/// numbered variables.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ContentTemplate {
+    pub sid: String,
+    pub body: String,
+}
+
+impl ContentTemplate {
+    /// The highest `{{N}}` of the body (variables are numbered from 1).
+    pub fn variables(&self) -> usize {
+        let mut max = 0;
+        let mut rest = self.body.as_str();
+        while let Some(i) = rest.find("{{") {
+            rest = &rest[i + 2..];
+            if let Some(j) = rest.find("}}")
+                && let Ok(n) = rest[..j].trim().parse::<usize>()
+            {
+                max = max.max(n);
+            }
+        }
+        max
+    }
+
+    /// The body with `vars` (`{"1": "Ada"}`) in place of its placeholders;
+    /// the error names what is missing.
+    pub fn render(
+        &self,
+        vars: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, String> {
+        let mut out = self.body.clone();
+        for n in 1..=self.variables() {
+            let key = n.to_string();
+            let value = vars.get(&key).and_then(|v| v.as_str()).ok_or_else(|| {
+                format!(
+                    "ContentVariables has no string for {{{{{n}}}}} of {}",
+                    self.sid
+                )
+            })?;
+            out = out.replace(&format!("{{{{{n}}}}}"), value);
+        }
+        Ok(out)
+    }
 }
 
 /// One failure outcome: this share of sends ends `status` with `code`.
@@ -75,6 +140,12 @@ impl Default for SimConfig {
             callback_concurrency: 64,
             callback_retries: 5,
             failures: Vec::new(),
+            content_templates: vec![ContentTemplate {
+                sid: "HX00000000000000000000000000000001".into(),
+                body: "Hello {{1}}, {{2}}".into(),
+            }],
+            whatsapp_window: Duration::from_secs(24 * 3600),
+            inbound_url: String::new(),
         }
     }
 }
@@ -128,6 +199,23 @@ impl SimConfig {
         }
         if sum > 1.0 + 1e-9 {
             anyhow::bail!("provider-sim.failures rates sum to {sum}, more than 1");
+        }
+        for (i, t) in self.content_templates.iter().enumerate() {
+            if !is_content_sid(&t.sid) {
+                anyhow::bail!(
+                    "provider-sim.content-templates[{i}].sid {:?} is not a ContentSid (HX and 32 hex digits)",
+                    t.sid
+                );
+            }
+        }
+        if !self.inbound_url.is_empty()
+            && !url::Url::parse(&self.inbound_url)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+        {
+            anyhow::bail!(
+                "provider-sim.inbound-url {:?} is not an http(s) URL",
+                self.inbound_url
+            );
         }
         Ok(())
     }

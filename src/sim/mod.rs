@@ -71,6 +71,7 @@ impl Simulator {
             index: HashMap::new(),
             by_to: HashMap::new(),
             scripts: HashMap::new(),
+            windows: HashMap::new(),
             stats: Stats::default(),
             bucket: TokenBucket::new(cfg.rate_limit, cfg.burst, Instant::now()),
             rng: StdRng::seed_from_u64(seed),
@@ -101,6 +102,7 @@ impl Simulator {
                     .route("/sim/script", post(script))
                     .route("/sim/reset", post(reset))
                     .route("/sim/stats", get(stats))
+                    .route("/sim/inbound", post(inbound))
                     .route_layer(axum::middleware::from_fn_with_state(
                         self.clone(),
                         control_auth,
@@ -169,7 +171,28 @@ impl Simulator {
         if let Some(code) = outcome.api_error {
             return (lg.reject(ApiError::new(code)), delay);
         }
+        // An approved template, rendered as the provider would.
+        let body = match &req.content_sid {
+            None => req.body.clone(),
+            Some(sid) => match self.content(sid, req.content_variables.as_deref()) {
+                Ok(body) => body,
+                Err(e) => return (lg.reject(e), delay),
+            },
+        };
+        let whatsapp = req.to.starts_with("whatsapp:");
+        // Free-form WhatsApp outside the person's window is accepted, then
+        // fails (63016), as the provider does.
+        let closed = whatsapp
+            && req.content_sid.is_none()
+            && lg
+                .windows
+                .get(&req.to)
+                .is_none_or(|t| t.elapsed() >= self.cfg.whatsapp_window);
         let fate = match outcome.fate() {
+            _ if closed => Fate::Failed {
+                status: "failed".into(),
+                code: 63016,
+            },
             Some(f) => f,
             None if self.cfg.failures.is_empty() => Fate::Delivered,
             None => {
@@ -177,14 +200,14 @@ impl Simulator {
                 random_fate(&self.cfg.failures, u)
             }
         };
-        let plan = plan_callbacks(&self.cfg, &fate, &mut lg.rng);
+        let plan = plan_callbacks(&self.cfg, &fate, whatsapp, &mut lg.rng);
         *lg.stats.fates.entry(fate.status().to_string()).or_default() += 1;
         let message = Message {
             sid: new_sid(),
             to: req.to,
             from: req.from,
             messaging_service_sid: req.messaging_service_sid,
-            body: req.body,
+            body,
             num_media: req.num_media,
             status: "queued".into(),
             error_code: None,
@@ -206,6 +229,62 @@ impl Simulator {
         counter!(crate::metrics::names::SIM_REQUESTS_TOTAL, "outcome" => "accepted").increment(1);
         self.schedule(target, plan, cancel);
         (Ok(answer), delay)
+    }
+
+    /// The text of approved template `sid` with `variables` (a JSON
+    /// object of strings), or the provider's error for them.
+    fn content(&self, sid: &str, variables: Option<&str>) -> Result<String, ApiError> {
+        let template = self
+            .cfg
+            .content_templates
+            .iter()
+            .find(|t| t.sid == sid)
+            .ok_or_else(|| ApiError::with(21655, format!("The ContentSid {sid} is invalid")))?;
+        let vars: serde_json::Map<String, Value> = match variables {
+            None => Default::default(),
+            Some(text) => serde_json::from_str(text).map_err(|e| {
+                ApiError::with(21656, format!("ContentVariables is not a JSON object: {e}"))
+            })?,
+        };
+        template
+            .render(&vars)
+            .map_err(|why| ApiError::with(21656, why))
+    }
+
+    /// A person's message: opens their WhatsApp window and, with
+    /// `inbound-url` set, delivers it there signed; whether it was.
+    async fn inbound(&self, from: &str, to: &str, body: &str) -> bool {
+        self.ledger()
+            .windows
+            .insert(format!("whatsapp:{from}"), Instant::now());
+        if self.cfg.inbound_url.is_empty() {
+            return false;
+        }
+        let sid = new_sid();
+        let params: Vec<(String, String)> = [
+            ("MessageSid", sid.as_str()),
+            ("SmsMessageSid", sid.as_str()),
+            ("AccountSid", self.account_sid.as_str()),
+            ("From", &format!("whatsapp:{from}")),
+            ("To", &format!("whatsapp:{to}")),
+            ("Body", body),
+            ("NumMedia", "0"),
+            ("ApiVersion", crate::twilio::API_VERSION),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let url = self.cfg.inbound_url.clone();
+        let signature = sign(&self.auth_token, &url, &params);
+        let cancel = self.ledger().generation.clone();
+        self.deliver(
+            &url,
+            &params,
+            &signature,
+            &uuid::Uuid::new_v4().to_string(),
+            &cancel,
+        )
+        .await
     }
 
     /// One task per message sleeps until each callback is due, moves the
@@ -327,6 +406,7 @@ impl Simulator {
         lg.index.clear();
         lg.by_to.clear();
         lg.scripts.clear();
+        lg.windows.clear();
         lg.stats = Stats::default();
         lg.bucket = TokenBucket::new(self.cfg.rate_limit, self.cfg.burst, Instant::now());
     }
@@ -540,7 +620,7 @@ mod tests {
     #[test]
     fn plans_in_order_with_failure_and_reorder() {
         let mut rng = StdRng::seed_from_u64(7);
-        let plan = plan_callbacks(&cfg(), &Fate::Delivered, &mut rng);
+        let plan = plan_callbacks(&cfg(), &Fate::Delivered, false, &mut rng);
         let statuses: Vec<&str> = plan.iter().map(|p| p.status.as_str()).collect();
         assert_eq!(statuses, ["sent", "delivered"]);
         assert_eq!(plan[0].at, Duration::from_millis(20));
@@ -549,7 +629,7 @@ mod tests {
             status: "undelivered".into(),
             code: 30003,
         };
-        let plan = plan_callbacks(&cfg(), &failed, &mut rng);
+        let plan = plan_callbacks(&cfg(), &failed, false, &mut rng);
         assert_eq!(plan[1].status, "undelivered");
         assert_eq!(plan[1].error_code, Some(30003));
 
@@ -557,7 +637,7 @@ mod tests {
             reorder_rate: 1.0,
             ..cfg()
         };
-        let plan = plan_callbacks(&reorder, &Fate::Delivered, &mut rng);
+        let plan = plan_callbacks(&reorder, &Fate::Delivered, false, &mut rng);
         assert_eq!(plan[0].status, "delivered");
         assert!(plan[0].at < plan[1].at);
 
@@ -565,7 +645,7 @@ mod tests {
             duplicate_rate: 1.0,
             ..cfg()
         };
-        let plan = plan_callbacks(&dup, &Fate::Delivered, &mut rng);
+        let plan = plan_callbacks(&dup, &Fate::Delivered, false, &mut rng);
         assert_eq!(plan.len(), 4);
         let sent: Vec<&Planned> = plan.iter().filter(|p| p.status == "sent").collect();
         assert_eq!(sent.len(), 2);
@@ -621,6 +701,9 @@ reorder-rate = 0.0
 callback-concurrency = 64
 callback-retries = 5
 failures = []
+content-templates = [{ sid = "HX00000000000000000000000000000001", body = "Hello {{1}}, {{2}}" }]
+whatsapp-window = "24h"
+inbound-url = ""
 "#;
         let c: SimConfig = toml::from_str(defaults).expect("defaults parse");
         assert!(c.validate().is_ok());
@@ -653,5 +736,84 @@ failures = []
             ..SimConfig::default()
         };
         assert!(bad.validate().is_err());
+        let bad = SimConfig {
+            content_templates: vec![crate::config::ContentTemplate {
+                sid: "HXnothex".into(),
+                body: "x".into(),
+            }],
+            ..SimConfig::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    fn whatsapp_send(sim: &Arc<Simulator>, extra: &[(&str, &str)]) -> Result<Value, i32> {
+        let mut params = p(&[
+            ("To", "whatsapp:+14155550100"),
+            ("From", "whatsapp:+15005550006"),
+        ]);
+        params.extend(p(extra));
+        sim.accept(&params).0.map_err(|e| e.code)
+    }
+
+    /// The provider's WhatsApp rules: approved templates only by their SID
+    /// and with every variable; free-form only inside the person's window
+    /// (accepted, then failed with 63016); delivered messages are read.
+    #[tokio::test]
+    async fn whatsapp_templates_window_and_read() {
+        let sim = Simulator::new(cfg(), "AC1".into(), "tok".into()).expect("sim");
+        let hx = "HX00000000000000000000000000000001";
+        assert_eq!(
+            whatsapp_send(
+                &sim,
+                &[("ContentSid", "HX00000000000000000000000000000002")]
+            ),
+            Err(21655)
+        );
+        assert_eq!(
+            whatsapp_send(
+                &sim,
+                &[("ContentSid", hx), ("ContentVariables", r#"{"1": "Ada"}"#)]
+            ),
+            Err(21656),
+            "{{2}} missing"
+        );
+        assert_eq!(
+            whatsapp_send(
+                &sim,
+                &[("ContentSid", hx), ("ContentVariables", "not json")]
+            ),
+            Err(21656)
+        );
+        let sent = whatsapp_send(
+            &sim,
+            &[
+                ("ContentSid", hx),
+                ("ContentVariables", r#"{"1": "Ada", "2": "welcome"}"#),
+            ],
+        )
+        .expect("template accepted");
+        assert_eq!(sent["body"], "Hello Ada, welcome");
+        // Free-form before the person wrote: accepted, planned to fail 63016.
+        whatsapp_send(&sim, &[("Body", "hi")]).expect("accepted");
+        assert_eq!(sim.ledger().stats.fates.get("failed"), Some(&1));
+        sim.inbound("+14155550100", "+15005550006", "hello").await;
+        whatsapp_send(&sim, &[("Body", "hi")]).expect("accepted");
+        assert_eq!(
+            sim.ledger().stats.fates.get("failed"),
+            Some(&1),
+            "window open"
+        );
+        assert_eq!(sim.ledger().stats.fates.get("delivered"), Some(&2));
+
+        let mut rng = StdRng::seed_from_u64(7);
+        let plan = plan_callbacks(&cfg(), &Fate::Delivered, true, &mut rng);
+        let statuses: Vec<&str> = plan.iter().map(|p| p.status.as_str()).collect();
+        assert_eq!(statuses, ["sent", "delivered", "read"]);
+        let failed = Fate::Failed {
+            status: "failed".into(),
+            code: 63016,
+        };
+        let plan = plan_callbacks(&cfg(), &failed, true, &mut rng);
+        assert!(plan.iter().all(|p| p.status != "read"));
     }
 }

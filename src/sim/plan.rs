@@ -122,8 +122,14 @@ pub(super) fn jittered(base: Duration, jitter: Duration, rng: &mut StdRng) -> Du
     Duration::from_micros(micros as u64)
 }
 
-/// The callbacks of one message, sorted by firing time.
-pub(super) fn plan_callbacks(cfg: &SimConfig, fate: &Fate, rng: &mut StdRng) -> Vec<Planned> {
+/// The callbacks of one message, sorted by firing time; a delivered
+/// WhatsApp message is `read` too.
+pub(super) fn plan_callbacks(
+    cfg: &SimConfig,
+    fate: &Fate,
+    whatsapp: bool,
+    rng: &mut StdRng,
+) -> Vec<Planned> {
     let mut steps: Vec<(String, Option<i32>)> = Vec::with_capacity(4);
     let mut final_added = false;
     for s in &cfg.callback_statuses {
@@ -140,12 +146,16 @@ pub(super) fn plan_callbacks(cfg: &SimConfig, fate: &Fate, rng: &mut StdRng) -> 
     {
         steps.push((status.clone(), Some(*code)));
     }
+    if whatsapp && *fate == Fate::Delivered && steps.iter().any(|(s, _)| s == "delivered") {
+        steps.push(("read".into(), None));
+    }
     let mut plan = Vec::with_capacity(steps.len() + 2);
     let mut prev = Duration::ZERO;
     for (status, error_code) in steps {
         let base = match status.as_str() {
             "queued" => Duration::ZERO,
             "sent" => cfg.sent_after,
+            "read" => cfg.delivered_after + cfg.sent_after,
             _ => cfg.delivered_after,
         };
         let at = jittered(base, cfg.jitter, rng).max(prev);
@@ -180,11 +190,12 @@ pub(super) fn plan_callbacks(cfg: &SimConfig, fate: &Fate, rng: &mut StdRng) -> 
     plan
 }
 
-/// queued < sent < final: a message's status only moves forward.
+/// queued < sent < final < read: a message's status only moves forward.
 pub(super) fn rank(status: &str) -> u8 {
     match status {
         "queued" => 0,
         "sent" => 1,
+        "read" => 3,
         _ => 2,
     }
 }
@@ -254,6 +265,8 @@ pub(super) struct Ledger {
     pub(super) index: HashMap<String, usize>,
     pub(super) by_to: HashMap<String, Vec<usize>>,
     pub(super) scripts: HashMap<String, VecDeque<Outcome>>,
+    /// `whatsapp:+…` → when the person last wrote (`POST /sim/inbound`).
+    pub(super) windows: HashMap<String, std::time::Instant>,
     pub(super) stats: Stats,
     pub(super) bucket: TokenBucket,
     pub(super) rng: StdRng,

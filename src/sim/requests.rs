@@ -124,6 +124,10 @@ pub(super) struct SendRequest {
     pub(super) body: String,
     pub(super) num_media: usize,
     pub(super) status_callback: Option<String>,
+    /// An approved template (Content API) instead of a body, and its
+    /// variables as sent (a JSON object).
+    pub(super) content_sid: Option<String>,
+    pub(super) content_variables: Option<String>,
 }
 
 pub(super) fn validate_send(params: &[(String, String)]) -> Result<SendRequest, ApiError> {
@@ -144,7 +148,8 @@ pub(super) fn validate_send(params: &[(String, String)]) -> Result<SendRequest, 
         .filter(|(k, v)| k == "MediaUrl" && !v.is_empty())
         .count();
     let body = param(params, "Body");
-    if body.is_none() && num_media == 0 {
+    let content_sid = param(params, "ContentSid");
+    if body.is_none() && num_media == 0 && content_sid.is_none() {
         return Err(ApiError::new(21602));
     }
     let status_callback = param(params, "StatusCallback");
@@ -160,6 +165,8 @@ pub(super) fn validate_send(params: &[(String, String)]) -> Result<SendRequest, 
         body: body.unwrap_or("").to_string(),
         num_media,
         status_callback: status_callback.map(str::to_string),
+        content_sid: content_sid.map(str::to_string),
+        content_variables: param(params, "ContentVariables").map(str::to_string),
     })
 }
 
@@ -369,6 +376,50 @@ pub(super) async fn script(State(sim): State<Arc<Simulator>>, body: Bytes) -> Re
         queue.len()
     };
     Json(json!({ "to": req.to, "pending": pending })).into_response()
+}
+
+/// `POST /sim/inbound {"from": "+1…", "body": "hi", "to": "+1…"}`: the person
+/// writes on WhatsApp (their window opens; with `inbound-url`, the message
+/// is delivered there signed).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct InboundRequest {
+    pub(super) from: String,
+    #[serde(default)]
+    pub(super) body: String,
+    /// The business's number. Default `+15005550006`.
+    #[serde(default)]
+    pub(super) to: Option<String>,
+}
+
+/// Numbers whose window the simulator keeps at most.
+pub(super) const MAX_WINDOWS: usize = 100_000;
+
+pub(super) async fn inbound(State(sim): State<Arc<Simulator>>, body: Bytes) -> Response {
+    let req: InboundRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(format!("invalid inbound: {e}")),
+    };
+    let to = req.to.unwrap_or_else(|| "+15005550006".into());
+    for (field, n) in [("from", &req.from), ("to", &to)] {
+        if n.starts_with("whatsapp:") || !valid_to(n) {
+            return bad_request(format!(
+                "invalid inbound: {field} {n:?} is not a number (+ and 8-15 digits, no prefix)"
+            ));
+        }
+    }
+    {
+        let lg = sim.ledger();
+        if lg.windows.len() >= MAX_WINDOWS
+            && !lg.windows.contains_key(&format!("whatsapp:{}", req.from))
+        {
+            return too_many(format!(
+                "{MAX_WINDOWS} numbers already have a window; POST /sim/reset first"
+            ));
+        }
+    }
+    let delivered = sim.inbound(&req.from, &to, &req.body).await;
+    Json(json!({ "from": req.from, "window_open": true, "delivered": delivered })).into_response()
 }
 
 pub(super) async fn reset(State(sim): State<Arc<Simulator>>) -> Response {

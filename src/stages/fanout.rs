@@ -126,7 +126,7 @@ SELECT c.id FROM campaigns c JOIN fanout_progress f ON f.campaign_id = c.id
  WHERE c.status = 'RUNNING' AND NOT f.finished ORDER BY c.id";
 
 const CAMPAIGN: &str = "
-SELECT t.body, t.defaults, t.channel, s.filter FROM campaigns c
+SELECT t.body, t.defaults, t.channel, s.filter, t.content_sid, t.content_variables FROM campaigns c
   JOIN templates t ON t.id = c.template_id JOIN segments s ON s.id = c.segment_id
  WHERE c.id = $1";
 
@@ -135,8 +135,9 @@ SELECT last_user_id, pending_to, pending_offsets, skipped_reasons
   FROM fanout_progress WHERE campaign_id = $1";
 
 const INSERT: &str = "
-INSERT INTO messages (campaign_id, user_id, recipient_phone, channel, body)
-SELECT $1, x.u, x.p, $2, x.b FROM unnest($3::bigint[], $4::text[], $5::text[]) AS x(u, p, b)
+INSERT INTO messages (campaign_id, user_id, recipient_phone, channel, body, content_sid, content_variables)
+SELECT $1, x.u, x.p, $2, x.b, $6, x.v
+  FROM unnest($3::bigint[], $4::text[], $5::text[], $7::jsonb[]) AS x(u, p, b, v)
 ON CONFLICT (campaign_id, recipient_phone) DO UPDATE SET campaign_id = EXCLUDED.campaign_id
 RETURNING id, recipient_phone, body";
 
@@ -175,6 +176,10 @@ struct Plan {
     template: template::Template,
     defaults: serde_json::Map<String, serde_json::Value>,
     channel: crate::model::Channel,
+    /// The template's approved content (ContentSid) and the variable that
+    /// fills each numbered one, for WhatsApp.
+    content_sid: Option<String>,
+    content_variables: Vec<String>,
     page_sql: String,
     filter: segment::Compiled,
 }
@@ -250,6 +255,10 @@ impl Driver {
                 _ => Default::default(),
             },
             channel: row.get(2),
+            content_sid: row.get(4),
+            content_variables: serde_json::from_value(row.get(5)).map_err(|e| {
+                anyhow::anyhow!("campaign {id}: stored template content_variables: {e}")
+            })?,
             page_sql,
             filter,
         })
@@ -361,20 +370,38 @@ impl Driver {
             return Ok(None);
         }
         let (mut ids, mut phones, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
+        let mut contents: Vec<Option<serde_json::Value>> = Vec::new();
         let mut skipped = 0i64;
         for u in &users {
             let attributes: serde_json::Value = u.get(2);
-            let rendered = plan.template.render(|name| {
+            let value = |name: &str| {
                 attributes
                     .get(name)
                     .and_then(template::attribute_text)
                     .or_else(|| plan.defaults.get(name).and_then(template::attribute_text))
-            });
-            match rendered {
-                Ok(body) => {
+            };
+            // The numbered variables of the approved content, `{"1": …}`.
+            let content = || -> Result<Option<serde_json::Value>, String> {
+                if plan.content_sid.is_none() {
+                    return Ok(None);
+                }
+                let mut vars = serde_json::Map::new();
+                for (i, name) in plan.content_variables.iter().enumerate() {
+                    let v = value(name).ok_or_else(|| name.clone())?;
+                    vars.insert((i + 1).to_string(), serde_json::Value::String(v));
+                }
+                Ok(Some(serde_json::Value::Object(vars)))
+            };
+            match plan
+                .template
+                .render(value)
+                .and_then(|b| Ok((b, content()?)))
+            {
+                Ok((body, content)) => {
                     ids.push(u.get::<_, i64>(0));
                     phones.push(u.get::<_, String>(1));
                     bodies.push(body);
+                    contents.push(content);
                 }
                 Err(var) => {
                     skipped += 1;
@@ -392,7 +419,18 @@ impl Driver {
             (None, None) => cursor,
         };
         let rows = tx
-            .query(INSERT, &[&id, &plan.channel, &ids, &phones, &bodies])
+            .query(
+                INSERT,
+                &[
+                    &id,
+                    &plan.channel,
+                    &ids,
+                    &phones,
+                    &bodies,
+                    &plan.content_sid,
+                    &contents,
+                ],
+            )
             .await?;
         let already = match redo {
             Some((_, offsets)) => {

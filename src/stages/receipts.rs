@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::runner::{Collector, Deps, Item, Stage, StageError};
 
 use crate::db::calls::APPLY_RECEIPTS as APPLY;
+use crate::db::calls::MARK_UNREACHABLE;
 /// Parked SIDs a message has meanwhile: a fold that parked one can commit
 /// after the sender's fold of that SID looked for it.
 const MATCHED: &str =
@@ -77,6 +78,25 @@ impl Stage for Receipts {
                         .record(secs);
                 }
             }
+        }
+        // A person the provider says is not on this channel (63003…).
+        let failed: Vec<i64> = changed
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.get::<_, MessageStatus>(2),
+                    MessageStatus::Failed | MessageStatus::Undelivered
+                )
+            })
+            .map(|r| r.get(0))
+            .collect();
+        if !failed.is_empty() {
+            let codes = crate::twilio::errors::not_on_channel();
+            tx.execute(
+                &tx.prepare_cached(MARK_UNREACHABLE).await?,
+                &[&failed, &codes],
+            )
+            .await?;
         }
         self.refresh_parked(tx).await?;
         Ok(())

@@ -21,6 +21,14 @@ pub struct Provider {
     pub status_callback: String,
 }
 
+/// What a message sends: its text, or an approved template (Content API)
+/// with its numbered variables (a JSON object, `{"1": "Ada"}`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload<'a> {
+    Body(&'a str),
+    Content { sid: &'a str, variables: String },
+}
+
 /// What one provider call came to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -35,7 +43,9 @@ pub enum Outcome {
 pub fn classify(code: Option<i32>, http_status: u16, message: String) -> Outcome {
     match super::errors::class_of(code, http_status) {
         Class::Transient => Outcome::Transient(code, message),
-        Class::Permanent | Class::OptedOut | Class::Request => Outcome::Permanent(code, message),
+        Class::Permanent | Class::OptedOut | Class::NotOnChannel | Class::Request => {
+            Outcome::Permanent(code, message)
+        }
     }
 }
 
@@ -58,12 +68,18 @@ impl Provider {
     }
 
     /// `POST …/Messages.json`.
-    pub async fn send(&self, channel: Channel, to: &str, body: &str) -> Outcome {
+    pub async fn send(&self, channel: Channel, to: &str, payload: &Payload<'_>) -> Outcome {
         let mut form = vec![
             ("To", Self::address(channel, to)),
-            ("Body", body.to_string()),
             ("StatusCallback", self.status_callback.clone()),
         ];
+        match payload {
+            Payload::Body(body) => form.push(("Body", body.to_string())),
+            Payload::Content { sid, variables } => {
+                form.push(("ContentSid", sid.to_string()));
+                form.push(("ContentVariables", variables.clone()));
+            }
+        }
         if self.cfg.messaging_service_sid.is_empty() {
             form.push(("From", Self::address(channel, &self.cfg.from)));
         } else {
@@ -110,12 +126,14 @@ impl Provider {
         classify(code, status, format!("HTTP {status}: {message}"))
     }
 
-    /// The SID of a message to `to` with `body` created since `since`, if the provider has one.
+    /// The SID of a message to `to` created since `since` whose text is
+    /// `body` (`None`: a template send, whose text the provider renders from
+    /// its own copy: any text), if the provider has one.
     pub async fn find(
         &self,
         channel: Channel,
         to: &str,
-        body: &str,
+        body: Option<&str>,
         since: DateTime<Utc>,
     ) -> anyhow::Result<Option<String>> {
         let url = url::Url::parse_with_params(
@@ -145,7 +163,7 @@ impl Provider {
                     .get("date_created")
                     .and_then(|d| d.as_str())
                     .and_then(|d| DateTime::parse_from_rfc2822(d).ok());
-                m.get("body").and_then(|b| b.as_str()) == Some(body)
+                (body.is_none() || m.get("body").and_then(|b| b.as_str()) == body)
                     && created.is_some_and(|c| c >= since)
             })
             .and_then(|m| m.get("sid").and_then(|s| s.as_str()).map(str::to_string));

@@ -12,6 +12,9 @@ pub enum Class {
     /// The recipient unsubscribed at the carrier (21610): FAILED, and the
     /// person is opted out.
     OptedOut,
+    /// The person cannot be reached on this channel (not a WhatsApp user,
+    /// 63003/63024): FAILED, and the number is marked unreachable there.
+    NotOnChannel,
     /// Not a message outcome: the account or request is wrong (auth, not found).
     Request,
 }
@@ -86,13 +89,53 @@ pub const CODES: &[Code] = &[
     c(30006, Permanent, 0, "Landline or unreachable carrier"),
     c(30007, Permanent, 0, "Carrier violation"),
     c(30008, Transient, 0, "Unknown error"),
+    c(21655, Permanent, 400, "The ContentSid is Invalid"),
+    c(
+        21656,
+        Permanent,
+        400,
+        "The ContentVariables Parameter is invalid",
+    ),
+    // WhatsApp.
+    c(63001, Request, 0, "Channel authentication failed"),
+    c(63003, NotOnChannel, 0, "Channel could not find To address"),
+    c(63005, Permanent, 0, "Channel did not accept given content"),
+    c(
+        63007,
+        Request,
+        400,
+        "Twilio could not find a Channel with the specified From address",
+    ),
     c(
         63016,
         Permanent,
         0,
         "Failed to send freeform message because you are outside the allowed window.",
     ),
+    c(63018, Transient, 0, "Rate limit exceeded for Channel"),
+    c(63024, NotOnChannel, 0, "Invalid message recipient"),
+    c(
+        63032,
+        Permanent,
+        0,
+        "We cannot send this message to this user because of a WhatsApp limitation",
+    ),
+    c(
+        63049,
+        Transient,
+        0,
+        "Meta chose not to deliver this WhatsApp marketing message",
+    ),
 ];
+
+/// The codes that say a person cannot be reached on the channel.
+pub fn not_on_channel() -> Vec<i32> {
+    CODES
+        .iter()
+        .filter(|c| c.class == NotOnChannel)
+        .map(|c| c.code)
+        .collect()
+}
 
 /// The entry for `code`, if the engine knows it.
 pub fn lookup(code: i32) -> Option<&'static Code> {
@@ -124,6 +167,9 @@ mod tests {
             assert_eq!(class_of(Some(code), 400), Permanent, "{code}");
         }
         assert_eq!(class_of(Some(21610), 400), OptedOut);
+        assert_eq!(class_of(Some(63003), 400), NotOnChannel);
+        assert_eq!(class_of(Some(63016), 400), Permanent);
+        assert_eq!(class_of(Some(63018), 400), Transient);
         assert_eq!(class_of(None, 503), Transient);
         assert_eq!(class_of(None, 429), Transient);
         assert_eq!(class_of(Some(99999), 400), Permanent);

@@ -21,3 +21,4 @@ mod reliability;
 mod sender;
 mod single_node;
 mod users;
+mod whatsapp;

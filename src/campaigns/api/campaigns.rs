@@ -243,7 +243,8 @@ pub(super) async fn list_campaigns(
 /// Create a campaign (DRAFT)
 ///
 /// A `template_id` or `segment_id` that names nothing is 422 (the document
-/// cannot say which ids exist).
+/// cannot say which ids exist), and so is a WhatsApp template without an
+/// approved `content_sid`.
 #[utoipa::path(
     post,
     path = "/api/v1/campaigns",
@@ -290,6 +291,23 @@ pub(super) async fn create_campaign(
                 format!("{what} {id} does not exist"),
             ));
         }
+    }
+    // WhatsApp delivers a business-initiated message only as content the
+    // provider approved: a WhatsApp template without it could send nothing.
+    let unapproved = client
+        .query_opt(
+            "SELECT 1 FROM templates WHERE id = $1 AND channel = 'WHATSAPP' AND content_sid IS NULL",
+            &[&c.template_id],
+        )
+        .await?;
+    if unapproved.is_some() {
+        return Err(ApiError::invalid(
+            "/template_id",
+            format!(
+                "template {} is a WhatsApp template without content_sid: WhatsApp sends a campaign only as approved content (set the template's content_sid)",
+                c.template_id
+            ),
+        ));
     }
     let row = client
         .query_one(

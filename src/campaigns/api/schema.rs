@@ -27,6 +27,15 @@ const NAME: &str = r"^[^\x00]*[^\x00\x09-\x0D\x20\u0085\u00A0\u1680\u2000-\u200A
 /// placeholder; at least one of them.
 const TEMPLATE_BODY: &str = r"^(?:[^{}\x00]|\{\{|\}\}|\{[A-Za-z_][A-Za-z0-9_]*\})+$";
 
+/// `HX` and 32 hexadecimal digits.
+const CONTENT_SID: &str = r"^HX[0-9a-fA-F]{32}$";
+
+/// A placeholder's name.
+const VARIABLE_NAME: &str = r"^[A-Za-z_][A-Za-z0-9_]*$";
+
+/// Numbered variables an approved content may have.
+pub(super) const MAX_CONTENT_VARIABLES: usize = 100;
+
 /// `HH:MM` or `HH:MM:SS`.
 const TIME_OF_DAY: &str = r"^(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9])?$";
 
@@ -64,6 +73,32 @@ pub(super) fn template_body() -> Object {
             "Text with `{variable}` placeholders (a letter or `_`, then letters, digits \
              or `_`); `{{` and `}}` are literal braces. No NUL character; at most 1,600 \
              characters (the provider's limit for one message).",
+        ))
+        .build()
+}
+
+/// A template's approved content at the provider (`HX` and 32 hex digits), or null.
+pub(super) fn content_sid() -> Object {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .pattern(Some(CONTENT_SID))
+        .description(Some(
+            "The ContentSid of the template's approved content (Twilio Content API), \
+             which a WhatsApp campaign sends in place of the text; a campaign with \
+             a WhatsApp template without one is 422.",
+        ))
+        .build()
+}
+
+/// The variables that fill an approved content's `{{1}}`, `{{2}}`…, in order.
+pub(super) fn content_variables() -> utoipa::openapi::schema::Array {
+    ArrayBuilder::new()
+        .items(string(VARIABLE_NAME))
+        .max_items(Some(MAX_CONTENT_VARIABLES))
+        .description(Some(
+            "Variable names (as in the body's placeholders, looked up like them: \
+             the user's attribute, else the default) filling the approved \
+             content's {{1}}, {{2}}, … in order; at most 100.",
         ))
         .build()
 }

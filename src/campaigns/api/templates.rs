@@ -81,6 +81,12 @@ pub(super) struct TemplateIn {
     #[serde(default)]
     #[schema(schema_with = super::schema::defaults)]
     defaults: BTreeMap<String, Value>,
+    #[serde(default)]
+    #[schema(schema_with = super::schema::content_sid)]
+    content_sid: Option<String>,
+    #[serde(default)]
+    #[schema(schema_with = super::schema::content_variables)]
+    content_variables: Vec<String>,
 }
 
 /// The SMS alphabet a text needs.
@@ -130,13 +136,17 @@ pub(super) struct Template {
     defaults: Value,
     /// The body's length as written (placeholders counted as typed).
     length: Length,
+    /// The approved content a WhatsApp campaign sends (Twilio Content API).
+    content_sid: Option<String>,
+    /// The variables filling the approved content's `{{1}}`, `{{2}}`…
+    content_variables: Vec<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
 
 macro_rules! columns {
     () => {
-        "id, name, channel, body, variables, defaults, created_at, updated_at"
+        "id, name, channel, body, variables, defaults, content_sid, content_variables, created_at, updated_at"
     };
 }
 
@@ -151,6 +161,9 @@ impl Template {
             defaults: row.get("defaults"),
             length: template::length(&body).into(),
             body,
+            content_sid: row.get("content_sid"),
+            content_variables: serde_json::from_value(row.get("content_variables"))
+                .unwrap_or_default(),
             created_at: row.get("created_at"),
             updated_at: row.get("updated_at"),
         }
@@ -194,6 +207,34 @@ fn check_template(t: &TemplateIn) -> Result<Vec<String>, ApiError> {
                     "a default must be a string, number or boolean",
                 ));
             }
+        }
+    }
+    if let Some(sid) = &t.content_sid
+        && !crate::config::is_content_sid(sid)
+    {
+        return Err(ApiError::invalid(
+            "/content_sid",
+            format!("{sid:?} is not a ContentSid (HX and 32 hex digits)"),
+        ));
+    }
+    if t.content_variables.len() > super::schema::MAX_CONTENT_VARIABLES {
+        return Err(ApiError::invalid(
+            "/content_variables",
+            format!(
+                "{} content variables; at most {}",
+                t.content_variables.len(),
+                super::schema::MAX_CONTENT_VARIABLES
+            ),
+        ));
+    }
+    for (i, name) in t.content_variables.iter().enumerate() {
+        if !template::is_variable_name(name) {
+            return Err(ApiError::invalid(
+                format!("/content_variables/{i}"),
+                format!(
+                    "{name:?} is not a variable name (a letter or _, then letters, digits or _)"
+                ),
+            ));
         }
     }
     Ok(parsed.variables())
@@ -246,11 +287,19 @@ pub(super) async fn create_template(
     let row = client
         .query_one(
             concat!(
-                "INSERT INTO templates (name, channel, body, variables, defaults)
-                 VALUES ($1, $2, $3, $4, $5) RETURNING ",
+                "INSERT INTO templates (name, channel, body, variables, defaults, content_sid, content_variables)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING ",
                 columns!()
             ),
-            &[&t.name, &t.channel.as_str(), &t.body, &vars, &defaults],
+            &[
+                &t.name,
+                &t.channel.as_str(),
+                &t.body,
+                &vars,
+                &defaults,
+                &t.content_sid,
+                &serde_json::json!(t.content_variables),
+            ],
         )
         .await?;
     json(StatusCode::CREATED, Template::from_row(&row))
@@ -297,11 +346,20 @@ pub(super) async fn update_template(
         .query_opt(
             concat!(
                 "UPDATE templates SET name = $2, channel = $3, body = $4, variables = $5,
-                        defaults = $6, updated_at = now()
+                        defaults = $6, content_sid = $7, content_variables = $8, updated_at = now()
                   WHERE id = $1 RETURNING ",
                 columns!()
             ),
-            &[&id, &t.name, &t.channel.as_str(), &t.body, &vars, &defaults],
+            &[
+                &id,
+                &t.name,
+                &t.channel.as_str(),
+                &t.body,
+                &vars,
+                &defaults,
+                &t.content_sid,
+                &serde_json::json!(t.content_variables),
+            ],
         )
         .await?
         .ok_or_else(|| ApiError::not_found("template", id))?;
@@ -333,11 +391,22 @@ pub(super) struct RenderIn {
     variables: BTreeMap<String, Value>,
 }
 
-/// A rendered message.
+/// A rendered message: its text (kept in the message's row) and, for a
+/// template with approved content, what goes to the provider instead.
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct Rendered {
     body: String,
     length: Length,
+    send: Option<ContentSend>,
+}
+
+/// An approved content and its numbered variables, as sent.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct ContentSend {
+    content_sid: String,
+    /// `{"1": "Ada", …}`: the provider's `ContentVariables`.
+    #[schema(value_type = Object)]
+    content_variables: Value,
 }
 
 /// Render with variables; characters and SMS segments
@@ -368,32 +437,52 @@ pub(super) async fn render_template(
     }
     let client = a.pool.get().await?;
     let row = client
-        .query_opt("SELECT body, defaults FROM templates WHERE id = $1", &[&id])
+        .query_opt(
+            "SELECT body, defaults, content_sid, content_variables FROM templates WHERE id = $1",
+            &[&id],
+        )
         .await?
         .ok_or_else(|| ApiError::not_found("template", id))?;
     let text: String = row.get(0);
     let defaults: Value = row.get(1);
+    let content_sid: Option<String> = row.get(2);
+    let content_variables: Vec<String> = serde_json::from_value(row.get(3)).unwrap_or_default();
     let parsed = template::parse(&text).map_err(|e| ApiError::invalid("/body", e.to_string()))?;
-    let rendered = parsed
-        .render(|name| {
-            input
-                .variables
-                .get(name)
-                .and_then(template::attribute_text)
-                .or_else(|| defaults.get(name).and_then(template::attribute_text))
-        })
-        .map_err(|var| {
-            ApiError::invalid(
-                format!("/variables/{}", pointer_escape(&var)),
-                format!("no value for variable {var} and the template has no default"),
-            )
-        })?;
+    let value = |name: &str| {
+        input
+            .variables
+            .get(name)
+            .and_then(template::attribute_text)
+            .or_else(|| defaults.get(name).and_then(template::attribute_text))
+    };
+    let missing = |var: String| {
+        ApiError::invalid(
+            format!("/variables/{}", pointer_escape(&var)),
+            format!("no value for variable {var} and the template has no default"),
+        )
+    };
+    let rendered = parsed.render(value).map_err(missing)?;
+    let send = match content_sid {
+        None => None,
+        Some(content_sid) => {
+            let mut vars = serde_json::Map::new();
+            for (i, name) in content_variables.iter().enumerate() {
+                let v = value(name).ok_or_else(|| missing(name.clone()))?;
+                vars.insert((i + 1).to_string(), Value::String(v));
+            }
+            Some(ContentSend {
+                content_sid,
+                content_variables: Value::Object(vars),
+            })
+        }
+    };
     let length = template::length(&rendered).into();
     json(
         StatusCode::OK,
         Rendered {
             body: rendered,
             length,
+            send,
         },
     )
 }

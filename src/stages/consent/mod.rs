@@ -29,6 +29,18 @@ ON CONFLICT (phone_number) DO UPDATE
    SET last_message_received = GREATEST(u.last_message_received, EXCLUDED.last_message_received)
  WHERE u.last_message_received IS DISTINCT FROM GREATEST(u.last_message_received, EXCLUDED.last_message_received)";
 
+/// Each person's last message per channel (on WhatsApp, their window); a
+/// message there also says they can be reached there again.
+const TOUCH_CHANNELS: &str = "
+INSERT INTO user_channels AS uc (phone_number, channel, last_inbound_at)
+SELECT p, c, max(t) FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS x(p, c, t)
+ GROUP BY p, c ORDER BY p, c
+ON CONFLICT (phone_number, channel) DO UPDATE
+   SET last_inbound_at = GREATEST(uc.last_inbound_at, EXCLUDED.last_inbound_at),
+       unreachable_at = NULL, unreachable_code = NULL
+ WHERE uc.last_inbound_at IS DISTINCT FROM GREATEST(uc.last_inbound_at, EXCLUDED.last_inbound_at)
+    OR uc.unreachable_at IS NOT NULL";
+
 use crate::db::calls::APPLY_CONSENT as APPLY;
 
 const DECISIONS: &str = "
@@ -175,6 +187,12 @@ impl Stage for Consent {
         let times: Vec<DateTime<Utc>> = live.iter().map(|(_, at, ..)| *at).collect();
         tx.execute(&tx.prepare_cached(TOUCH_USERS).await?, &[&phones, &times])
             .await?;
+        let channels: Vec<&str> = live.iter().map(|(m, ..)| m.channel.as_str()).collect();
+        tx.execute(
+            &tx.prepare_cached(TOUCH_CHANNELS).await?,
+            &[&phones, &channels, &times],
+        )
+        .await?;
 
         // Mentions that decide nothing, after the users exist.
         let unclear: Vec<_> = live

@@ -22,6 +22,10 @@ pub(super) struct Msg {
     pub timezone: Option<String>,
     /// As stored on the row; the send record's own `kind` is not trusted.
     pub kind: SendKind,
+    /// An approved template and its rendered numbered variables, in place of `body`.
+    pub content: Option<(String, serde_json::Value)>,
+    /// The person's last WhatsApp message (their window).
+    pub last_whatsapp: Option<DateTime<Utc>>,
 }
 
 pub(super) enum Decision {
@@ -47,6 +51,15 @@ impl Sender {
             }
             _ => {}
         }
+        if m.channel == Channel::Whatsapp
+            && m.content.is_none()
+            && !self.window_open(m, now)
+            && self.cfg.whatsapp_fallback_content_sid.is_empty()
+        {
+            return Decision::Fail(
+                "outside the person's WhatsApp 24-hour window: a free-form message needs their message first, or sender.whatsapp-fallback-content-sid",
+            );
+        }
         match m.campaign_status {
             Some(CampaignStatus::Cancelled) => return Decision::Fail("campaign cancelled"),
             Some(CampaignStatus::Completed) => return Decision::Fail("campaign completed"),
@@ -65,6 +78,36 @@ impl Sender {
             return Decision::Park(until, "quiet hours");
         }
         Decision::Send
+    }
+
+    /// Whether free-form WhatsApp may go to `m`'s recipient now.
+    fn window_open(&self, m: &Msg, now: DateTime<Utc>) -> bool {
+        m.last_whatsapp.is_some_and(|t| {
+            chrono::Duration::from_std(self.cfg.whatsapp_window).is_ok_and(|w| t + w > now)
+        })
+    }
+
+    /// What the call sends: the message's approved template; on WhatsApp,
+    /// its text inside the window, else the fallback template with the text
+    /// as `{{1}}`; elsewhere its text.
+    pub(super) fn payload<'a>(&'a self, m: &'a Msg) -> crate::twilio::client::Payload<'a> {
+        use crate::twilio::client::Payload;
+        if let Some((sid, vars)) = &m.content {
+            return Payload::Content {
+                sid,
+                variables: vars.to_string(),
+            };
+        }
+        if m.channel == Channel::Whatsapp
+            && !self.window_open(m, Utc::now())
+            && !self.cfg.whatsapp_fallback_content_sid.is_empty()
+        {
+            return Payload::Content {
+                sid: &self.cfg.whatsapp_fallback_content_sid,
+                variables: serde_json::json!({ "1": m.body }).to_string(),
+            };
+        }
+        Payload::Body(&m.body)
     }
 
     /// The recipient's zone: attribute `timezone`, else the number's region, else the default.

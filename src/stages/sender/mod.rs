@@ -87,6 +87,7 @@ pub fn start(deps: Deps, shutdown: CancellationToken) -> BoxFuture<'static, anyh
             interval: settings.sender.pump_interval,
             reconcile_after: settings.sender.reconcile_after,
             produce_timeout: settings.kafka.produce_timeout,
+            whatsapp_fallback: !settings.sender.whatsapp_fallback_content_sid.is_empty(),
         };
         let stage = Sender {
             pool: deps.pool.clone(),
@@ -203,6 +204,14 @@ impl Sender {
                 consent: r.get(11),
                 timezone: r.get(12),
                 kind: r.get(13),
+                content: r.get::<_, Option<String>>(14).map(|sid| {
+                    (
+                        sid,
+                        r.get::<_, Option<serde_json::Value>>(15)
+                            .unwrap_or_default(),
+                    )
+                }),
+                last_whatsapp: r.get(16),
             };
             msgs.insert(m.id, m);
         }
@@ -367,6 +376,9 @@ impl Sender {
             let codes: Vec<Option<i32>> = fail.iter().map(|f| f.1).collect();
             let why: Vec<&str> = fail.iter().map(|f| f.2.as_str()).collect();
             tx.execute(FAIL, &[&ids, &codes, &why]).await?;
+            let unreachable = crate::twilio::errors::not_on_channel();
+            tx.execute(crate::db::calls::MARK_UNREACHABLE, &[&ids, &unreachable])
+                .await?;
         }
         if !opt_outs.is_empty() {
             let phones: Vec<&str> = opt_outs.iter().map(|o| o.0.as_str()).collect();
@@ -424,7 +436,10 @@ impl Sender {
                 let why = "claimed too long ago to call safely; not called".to_string();
                 return (n, m, Some(Outcome::Unknown(why)));
             }
-            let outcome = self.provider.send(m.channel, &m.phone, &m.body).await;
+            let outcome = self
+                .provider
+                .send(m.channel, &m.phone, &self.payload(&m))
+                .await;
             (n, m, Some(outcome))
         });
         let results = futures::future::join_all(calls).await;

@@ -28,6 +28,8 @@ pub struct Pump {
     pub interval: Duration,
     pub reconcile_after: Duration,
     pub produce_timeout: Duration,
+    /// Free-form WhatsApp may go as this template (`sender.whatsapp-fallback-content-sid`).
+    pub whatsapp_fallback: bool,
 }
 
 const DROP_CANCELLED: &str = "
@@ -49,7 +51,7 @@ const UNPARK: &str = "
 UPDATE messages SET parked_until = NULL, parked_reason = NULL WHERE id = ANY($1)";
 
 const STUCK: &str = "
-SELECT id, recipient_phone, channel, body, claimed_at FROM messages
+SELECT id, recipient_phone, channel, body, claimed_at, content_sid IS NOT NULL FROM messages
  WHERE status = 'SENDING' AND claimed_at < now() - make_interval(secs => $1::float8)
  ORDER BY claimed_at LIMIT 100";
 
@@ -108,7 +110,11 @@ impl Pump {
         for r in client.query(STUCK, &[&secs]).await? {
             let (id, phone, channel, body, claimed): (i64, String, Channel, String, DateTime<Utc>) =
                 (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-            match self.provider.find(channel, &phone, &body, claimed).await? {
+            // A template's text is the provider's rendering: any text matches.
+            let template =
+                r.get::<_, bool>(5) || (channel == Channel::Whatsapp && self.whatsapp_fallback);
+            let text = (!template).then_some(body.as_str());
+            match self.provider.find(channel, &phone, text, claimed).await? {
                 Some(sid) => {
                     client
                         .execute(

@@ -3,10 +3,12 @@
 pub const LOOKUP: &str = "
 SELECT m.id, m.status, m.recipient_phone, m.channel, m.body, m.retry_count, m.campaign_id,
        c.status, c.rate_limit_per_second, c.quiet_hours_start, c.quiet_hours_end,
-       u.consent_state, u.attributes ->> 'timezone', m.kind
+       u.consent_state, u.attributes ->> 'timezone', m.kind,
+       m.content_sid, m.content_variables, uc.last_inbound_at
   FROM messages m
   LEFT JOIN campaigns c ON c.id = m.campaign_id
   LEFT JOIN users u ON u.phone_number = m.recipient_phone
+  LEFT JOIN user_channels uc ON uc.phone_number = m.recipient_phone AND uc.channel = 'WHATSAPP'
  WHERE m.id = ANY($1)";
 
 /// Claims a few messages right before their calls, consent checked again

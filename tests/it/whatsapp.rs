@@ -1,0 +1,369 @@
+//! WhatsApp as the provider runs it: a campaign goes as approved content
+//! (ContentSid + ContentVariables), free-form messages keep to the person's
+//! 24-hour window (open, expired, fallback template, no fallback), and the
+//! simulator refuses what the provider refuses.
+
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Loop, Proc, kill9};
+
+const APPROVED: &str = "HX00000000000000000000000000000001"; // "Hello {{1}}, {{2}}"
+const FALLBACK: &str = "HX00000000000000000000000000000002"; // "{{1}}"
+
+const CONFIG: &str = r#"
+[provider-sim]
+content-templates = [
+  { sid = "HX00000000000000000000000000000001", body = "Hello {{1}}, {{2}}" },
+  { sid = "HX00000000000000000000000000000002", body = "{{1}}" },
+]
+"#;
+
+async fn wait_until(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The person writes on WhatsApp: the simulator opens their window and the
+/// bridge gets the signed inbound webhook, as from the provider.
+async fn person_writes(l: &Loop, from: &str, body: &str) {
+    let r = l
+        .bridge
+        .http
+        .post(format!("{}/sim/inbound", l.sim_base))
+        .basic_auth(crate::harness::SIM_ACCOUNT, Some(crate::fixtures::TOKEN))
+        .json(&json!({"from": from, "body": body}))
+        .send()
+        .await
+        .expect("simulator answers");
+    assert_eq!(r.status(), 200);
+    let path = "/webhooks/twilio/inbound";
+    let sid = format!("SM{}", uuid::Uuid::new_v4().simple());
+    let params: Vec<(String, String)> = [
+        ("MessageSid", sid.as_str()),
+        ("AccountSid", crate::harness::SIM_ACCOUNT),
+        ("From", &format!("whatsapp:{from}")),
+        ("To", "whatsapp:+15005550006"),
+        ("Body", body),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let url = format!("{}{path}", l.app.settings.bridge.public_url);
+    let signature = ese::twilio::signature::sign(crate::fixtures::TOKEN, &url, &params);
+    let form = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(&params)
+        .finish();
+    let r = l
+        .bridge
+        .http
+        .post(format!("{}{path}", l.bridge.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-twilio-signature", signature)
+        .body(form)
+        .send()
+        .await
+        .expect("bridge answers");
+    assert_eq!(r.status(), 200);
+}
+
+/// A free-form WhatsApp reply row and its send record; its id.
+async fn reply(l: &Loop, to: &str, text: &str) -> i64 {
+    let c = l.app.pool.get().await.unwrap();
+    let id: i64 = c
+        .query_one(
+            "INSERT INTO messages (recipient_phone, channel, body, kind)
+             VALUES ($1, 'WHATSAPP', $2, 'reply') RETURNING id",
+            &[&to, &text],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let send = ese::records::SendRequest {
+        message_id: id,
+        campaign_id: None,
+        recipient: to.to_string(),
+        channel: ese::model::Channel::Whatsapp,
+        body: text.to_string(),
+        attempt: 0,
+        kind: ese::model::SendKind::Reply,
+        not_before: None,
+    };
+    let topic = l.app.topic("sends");
+    let payload = l.app.codec.encode(&topic, &send).await.unwrap();
+    l.app.produce(&topic, to.as_bytes(), &payload).await;
+    id
+}
+
+async fn status(l: &Loop, id: i64) -> (String, Option<String>, Option<i32>) {
+    let c = l.app.pool.get().await.unwrap();
+    let r = c
+        .query_one(
+            "SELECT status, failure_reason, error_code FROM messages WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+async fn wait_final(l: &Loop, id: i64) -> (String, Option<String>, Option<i32>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(l, id).await;
+        if !matches!(s.0.as_str(), "QUEUED" | "SENDING" | "SENT") {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "message {id} stuck: {s:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What the provider holds for `to`: the texts it rendered and sent.
+async fn provider_bodies(l: &Loop, to: &str) -> Vec<String> {
+    let url = url::Url::parse_with_params(
+        &format!(
+            "{}/2010-04-01/Accounts/{}/Messages.json",
+            l.sim_base,
+            crate::harness::SIM_ACCOUNT
+        ),
+        &[("To", format!("whatsapp:{to}"))],
+    )
+    .unwrap();
+    let page: Value = l
+        .bridge
+        .http
+        .get(url)
+        .basic_auth(crate::harness::SIM_ACCOUNT, Some(crate::fixtures::TOKEN))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    page["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["body"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn sender(l: &Loop, fallback: Option<&str>) -> Child {
+    let env: Vec<(&str, String)> = fallback
+        .map(|f| ("ESE__SENDER__WHATSAPP_FALLBACK_CONTENT_SID", f.to_string()))
+        .into_iter()
+        .collect();
+    l.app.spawn_ese_piped(&["run", "sender"], &env)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whatsapp_campaign_goes_as_approved_content_and_free_form_keeps_to_the_window() {
+    let l = Loop::start(CONFIG).await;
+    let (ada, bob, cid, dee, eve, fay) = (
+        "+14155550301",
+        "+14155550302",
+        "+14155550303",
+        "+14155550304",
+        "+14155550305",
+        "+14155550306",
+    );
+    let c = l.app.pool.get().await.unwrap();
+    for (phone, name) in [(ada, "Ada"), (bob, "Bob"), (fay, "Fay")] {
+        c.execute(
+            "INSERT INTO users (phone_number, attributes) VALUES ($1, jsonb_build_object('plan', 'wa', 'first_name', $2::text))",
+            &[&phone, &name],
+        )
+        .await
+        .unwrap();
+    }
+    let api = &l.api;
+    // A WhatsApp template without approved content cannot make a campaign.
+    let bare = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/templates",
+            Some(json!({"name": "bare", "channel": "WHATSAPP", "body": "Hi {first_name}"})),
+        )
+        .await;
+    let seg = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/segments",
+            Some(json!({"name": "wa", "filter": {"attribute": "plan", "operator": "equals", "value": "wa"}})),
+        )
+        .await;
+    let refused = api
+        .expect(
+            422,
+            "POST",
+            "/api/v1/campaigns",
+            Some(json!({"name": "bare", "template_id": bare["id"], "segment_id": seg["id"]})),
+        )
+        .await;
+    assert_eq!(refused["error"]["field"], "/template_id", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("content_sid")),
+        "{refused}"
+    );
+    // The approved one: the preview shows the text and what is sent.
+    let t = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/templates",
+            Some(json!({
+                "name": "offer", "channel": "WHATSAPP", "body": "Hi {first_name}, your {plan} offer",
+                "content_sid": APPROVED, "content_variables": ["first_name", "plan"]
+            })),
+        )
+        .await;
+    assert_eq!(t["content_sid"], APPROVED);
+    let preview = api
+        .expect(
+            200,
+            "POST",
+            &format!("/api/v1/templates/{}/render", t["id"]),
+            Some(json!({"variables": {"first_name": "Ada", "plan": "wa"}})),
+        )
+        .await;
+    assert_eq!(preview["body"], "Hi Ada, your wa offer");
+    assert_eq!(
+        preview["send"],
+        json!({"content_sid": APPROVED, "content_variables": {"1": "Ada", "2": "wa"}})
+    );
+    let bad = api
+        .expect(
+            422,
+            "POST",
+            "/api/v1/templates",
+            Some(json!({"name": "x", "channel": "WHATSAPP", "body": "x", "content_sid": "HX12"})),
+        )
+        .await;
+    assert_eq!(bad["error"]["field"], "/content_sid");
+
+    let stages: Vec<_> = ["fanout", "normalize", "receipts", "consent"]
+        .into_iter()
+        .map(|s| l.app.start_stage(s))
+        .collect();
+    let mut child = Proc::new(sender(&l, None));
+    // Fay is not on WhatsApp: the provider says so in her callback.
+    l.script(
+        &format!("whatsapp:{fay}"),
+        json!([{"delivery": "undelivered", "error_code": 63003}]),
+    )
+    .await;
+    let campaign = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/campaigns",
+            Some(json!({"name": "offer", "template_id": t["id"], "segment_id": seg["id"], "rate_limit_per_second": 100})),
+        )
+        .await;
+    let id = campaign["id"].as_i64().unwrap();
+    api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/ready"), None)
+        .await;
+    api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/start"), None)
+        .await;
+    // Sent as approved content (nobody wrote first, so free-form would
+    // fail): delivered, then read; Fay's undelivered, and she is marked
+    // unreachable on WhatsApp.
+    wait_until("two read, one undelivered", Duration::from_secs(90), async || {
+        l.app
+            .count("SELECT count(*) FROM messages WHERE campaign_id IS NOT NULL AND status = 'READ'")
+            .await
+            == 2
+            && l
+                .app
+                .count("SELECT count(*) FROM messages WHERE status = 'UNDELIVERED' AND error_code = 63003")
+                .await
+                == 1
+    })
+    .await;
+    assert_eq!(
+        l.app
+            .count(&format!(
+                "SELECT count(*) FROM user_channels WHERE phone_number = '{fay}' AND channel = 'WHATSAPP' AND unreachable_code = 63003"
+            ))
+            .await,
+        1
+    );
+    let row = c
+        .query_one(
+            "SELECT body, content_sid, content_variables FROM messages WHERE recipient_phone = $1",
+            &[&ada],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, String>(0),
+        "Hi Ada, your wa offer",
+        "the text, for the audit trail"
+    );
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some(APPROVED));
+    assert_eq!(
+        row.get::<_, Option<Value>>(2),
+        Some(json!({"1": "Ada", "2": "wa"}))
+    );
+    assert_eq!(provider_bodies(&l, ada).await, ["Hello Ada, wa"]);
+
+    // Free-form: Bob wrote, so a reply goes; Cid wrote 25 hours ago and
+    // Dee never did: FAILED with the reason, no call.
+    person_writes(&l, bob, "thanks!").await;
+    wait_until("Bob's window recorded", Duration::from_secs(60), async || {
+        l.app
+            .count(&format!(
+                "SELECT count(*) FROM user_channels WHERE phone_number = '{bob}' AND channel = 'WHATSAPP' AND last_inbound_at IS NOT NULL"
+            ))
+            .await
+            == 1
+    })
+    .await;
+    c.execute(
+        "INSERT INTO user_channels (phone_number, channel, last_inbound_at) VALUES ($1, 'WHATSAPP', now() - interval '25 hours')",
+        &[&cid],
+    )
+    .await
+    .unwrap();
+    let to_bob = reply(&l, bob, "You're welcome").await;
+    let to_cid = reply(&l, cid, "Late answer").await;
+    let to_dee = reply(&l, dee, "Unasked").await;
+    let (s, ..) = wait_final(&l, to_bob).await;
+    assert!(matches!(s.as_str(), "DELIVERED" | "READ"), "{s}");
+    assert_eq!(
+        provider_bodies(&l, bob).await.first().map(String::as_str),
+        Some("You're welcome")
+    );
+    for id in [to_cid, to_dee] {
+        let (s, why, _) = wait_final(&l, id).await;
+        assert_eq!(s, "FAILED");
+        assert!(
+            why.as_deref().is_some_and(|w| w.contains("24-hour window")),
+            "{why:?}"
+        );
+    }
+    assert!(provider_bodies(&l, cid).await.is_empty(), "no call for Cid");
+    assert!(provider_bodies(&l, dee).await.is_empty(), "no call for Dee");
+
+    // With a fallback template, Eve (no window) gets the text inside it.
+    kill9(child.child());
+    child = Proc::new(sender(&l, Some(FALLBACK)));
+    let to_eve = reply(&l, eve, "Your order shipped").await;
+    let (s, ..) = wait_final(&l, to_eve).await;
+    assert!(matches!(s.as_str(), "DELIVERED" | "READ"), "{s}");
+    assert_eq!(provider_bodies(&l, eve).await, ["Your order shipped"]);
+    drop(child);
+    for s in stages {
+        s.stop().await;
+    }
+}
