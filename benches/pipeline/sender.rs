@@ -12,25 +12,29 @@ use ese::config::Settings;
 const ACCOUNT: &str = "ACbench00000000000000000000000000";
 const TOKEN: &str = "bench-token";
 
-/// `ese bench sender --seconds S`: 100/s and 1,000/s for S seconds, then limits off.
+/// `ese bench sender --seconds S`: SMS campaigns at 100/s and 1,000/s for S
+/// seconds, a WhatsApp campaign at 1,000/s held to the WhatsApp sender's
+/// limit (`sender.whatsapp-rate-limit`, 80/s), then limits off.
 pub async fn sender(settings: Settings, seconds: u64, ceiling_sends: u64) -> anyhow::Result<()> {
-    for (limit, n) in [
-        (100, 100 * seconds),
-        (1000, 1000 * seconds),
-        (0, ceiling_sends),
+    let wa = settings.sender.whatsapp_rate_limit as u64;
+    for (channel, limit, n) in [
+        ("SMS", 100, 100 * seconds),
+        ("SMS", 1000, 1000 * seconds),
+        ("WHATSAPP", 1000, wa * seconds),
+        ("SMS", 0, ceiling_sends),
     ] {
         if n == 0 {
             continue;
         }
         let scratch = Scratch::new(settings.clone()).await?;
-        let result = run(&scratch, limit, n as i64).await;
+        let result = run(&scratch, channel, limit, n as i64).await;
         scratch.cleanup().await?;
         result?;
     }
     Ok(())
 }
 
-async fn run(scratch: &Scratch, limit: i32, n: i64) -> anyhow::Result<()> {
+async fn run(scratch: &Scratch, channel: &str, limit: i32, n: i64) -> anyhow::Result<()> {
     let mut settings = scratch.settings.clone();
     let mut sim_cfg = settings.provider_sim.clone();
     sim_cfg.callback_statuses = Vec::new(); // sends only: no bridge in this bench
@@ -56,12 +60,16 @@ async fn run(scratch: &Scratch, limit: i32, n: i64) -> anyhow::Result<()> {
     let per_second = if limit == 0 { 1_000_000 } else { limit };
     let campaign: i64 = client
         .query_one(
-            "WITH t AS (INSERT INTO templates (name, body) VALUES ('bench', 'Hello from the bench') RETURNING id),
+            "WITH t AS (INSERT INTO templates (name, body, channel, content_sid, content_variables)
+                        SELECT 'bench', 'Hello {plan}', $2::text,
+                               CASE WHEN $2 = 'WHATSAPP' THEN 'HX00000000000000000000000000000001' END,
+                               '[\"plan\", \"plan\"]'::jsonb
+                        RETURNING id),
                   s AS (INSERT INTO segments (name, filter) VALUES
                           ('bench', '{\"attribute\": \"plan\", \"operator\": \"equals\", \"value\": \"pro\"}') RETURNING id)
              INSERT INTO campaigns (name, template_id, segment_id, status, rate_limit_per_second)
              SELECT 'bench', t.id, s.id, 'READY', $1 FROM t, s RETURNING id",
-            &[&per_second],
+            &[&per_second, &channel],
         )
         .await?
         .get(0);
@@ -127,17 +135,33 @@ async fn run(scratch: &Scratch, limit: i32, n: i64) -> anyhow::Result<()> {
     let span = (last - first + 1) as u64;
     let counts: Vec<String> = seconds.values().map(u64::to_string).collect();
     println!("  sends per second: {}", counts.join(" "));
+    let burst = settings.sender.burst as i32;
     if limit == 0 {
         println!(
             "sender bench, limits off: {n} sends in {span} s → {:.0} sends/s (mean of whole seconds {mean:.0}, busiest second {busiest}; target ≥ 5,000/s)",
             rate(n as usize, Duration::from_secs(span))
         );
     } else {
+        // The limit that holds: the campaign's, or the sender's on the
+        // channel when lower.
+        let channel_limit = match channel {
+            "WHATSAPP" => settings.sender.whatsapp_rate_limit as i32,
+            _ => settings.sender.sms_rate_limit().unwrap_or(0) as i32,
+        };
+        let (what, limit) = if channel_limit > 0 && channel_limit < limit {
+            (
+                format!("{channel} sender limit {channel_limit}/s under a campaign at {limit}/s"),
+                channel_limit,
+            )
+        } else {
+            (format!("{channel} campaign at {limit}/s"), limit)
+        };
+        let over = busiest as i32 > limit + burst;
         println!(
-            "sender bench at {limit}/s (burst {burst}): {n} sends over {span} s; mean of whole seconds {mean:.1}/s ({:+.2}% of the limit; target ±1%), busiest second {busiest} (limit + burst {})",
+            "sender bench, {what} (burst {burst}): {n} sends over {span} s; mean of whole seconds {mean:.1}/s ({:+.2}% of the limit; target ±1%), busiest second {busiest} (limit + burst {}: {})",
             100.0 * (mean - limit as f64) / limit as f64,
-            limit + settings.sender.burst as i32,
-            burst = settings.sender.burst
+            limit + burst,
+            if over { "OVER" } else { "within" }
         );
     }
     Ok(())

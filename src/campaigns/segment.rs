@@ -6,6 +6,11 @@
 //! - leaf: `{"attribute": "plan", "operator": "equals", "value": "gold"}`
 //! - compound: `{"operator": "AND" | "OR" | "NOT", "conditions": [ ... ]}`
 //!   (compound names are case-insensitive; NOT takes exactly one condition).
+//! - channel: `{"channel": "WHATSAPP" | "SMS", "operator": "window_open" |
+//!   "reachable"}` or `{"channel": …, "operator": "last_inbound_after" |
+//!   "last_inbound_before", "value": date}`: the person on that channel
+//!   (`user_channels`): wrote within the last 24 hours (WhatsApp's window),
+//!   is not marked unreachable there, last wrote after / before a time.
 //!
 //! Attribute names and values are user data of any content: they only ever
 //! travel as bind parameters, never inside the SQL text.
@@ -46,6 +51,49 @@ pub enum Node {
     And(Vec<Node>),
     Or(Vec<Node>),
     Not(Box<Node>),
+    /// `value` is `Value::Null` for window_open / reachable.
+    Channel {
+        channel: crate::model::Channel,
+        op: ChannelOp,
+        value: Value,
+    },
+}
+
+/// What a channel condition asks of the person on that channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelOp {
+    /// Wrote there within the last 24 hours (WhatsApp's customer-service window).
+    WindowOpen,
+    /// Not marked unreachable there by the provider.
+    Reachable,
+    LastInboundAfter,
+    LastInboundBefore,
+}
+
+impl ChannelOp {
+    pub const ALL: [ChannelOp; 4] = [
+        ChannelOp::WindowOpen,
+        ChannelOp::Reachable,
+        ChannelOp::LastInboundAfter,
+        ChannelOp::LastInboundBefore,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ChannelOp::WindowOpen => "window_open",
+            ChannelOp::Reachable => "reachable",
+            ChannelOp::LastInboundAfter => "last_inbound_after",
+            ChannelOp::LastInboundBefore => "last_inbound_before",
+        }
+    }
+
+    /// Whether it compares with a time (`value`).
+    pub fn takes_time(self) -> bool {
+        matches!(
+            self,
+            ChannelOp::LastInboundAfter | ChannelOp::LastInboundBefore
+        )
+    }
 }
 
 /// Leaf operators.
@@ -177,6 +225,7 @@ fn parse_node(
     };
     match compound {
         Some(kind) => parse_compound(object, pointer, kind, depth, max_depth),
+        None if object.contains_key("channel") => parse_channel(object, pointer, operator),
         None => parse_leaf(object, pointer, operator),
     }
 }
@@ -292,6 +341,45 @@ fn parse_leaf(
         op,
         value,
     })
+}
+
+fn parse_channel(
+    object: &serde_json::Map<String, Value>,
+    pointer: &str,
+    operator: &str,
+) -> Result<Node, FilterError> {
+    let Some(op) = ChannelOp::ALL.into_iter().find(|op| op.name() == operator) else {
+        let names: Vec<&str> = ChannelOp::ALL.iter().map(|op| op.name()).collect();
+        return Err(error(
+            &child(pointer, "operator"),
+            format!(
+                "unknown channel operator {operator:?}; expected one of {}",
+                names.join(", ")
+            ),
+        ));
+    };
+    check_keys(object, pointer, &["channel", "operator", "value"])?;
+    let channel = match object.get("channel") {
+        Some(Value::String(c)) if c == "SMS" || c == "WHATSAPP" => c
+            .parse::<crate::model::Channel>()
+            .map_err(|e| error(&child(pointer, "channel"), e.to_string()))?,
+        _ => {
+            return Err(error(
+                &child(pointer, "channel"),
+                "\"channel\" must be \"SMS\" or \"WHATSAPP\"",
+            ));
+        }
+    };
+    let as_attribute = if op.takes_time() {
+        Op::After
+    } else {
+        Op::Exists
+    };
+    let value = check_value(as_attribute, object.get("value"), pointer).map_err(|mut e| {
+        e.message = e.message.replacen(as_attribute.name(), op.name(), 1);
+        e
+    })?;
+    Ok(Node::Channel { channel, op, value })
 }
 
 /// A string, number or boolean (what an attribute can be compared with).
@@ -416,16 +504,19 @@ impl Compiled {
     }
 }
 
-/// Compiles `node` into SQL over `column`, a trusted SQL expression from our
-/// own code (it is spliced as is). Placeholders are `$first`, `$first+1`, …
+/// Compiles `node` into SQL over the users row `user` (a table alias from
+/// our own code, spliced as is: attributes are `{user}.attributes`, channel
+/// conditions look up `{user}.phone_number` in `user_channels`). Placeholders are `$first`, `$first+1`, …
 /// in order of first appearance; every one carries an explicit cast.
 ///
 /// Every leaf evaluates to true or false, never NULL (given a non-NULL
 /// column), so NOT and NOT IN-style operators treat users without the
 /// attribute as "not matching" the inner condition.
-pub fn compile(node: &Node, column: &str, first: usize) -> Compiled {
+pub fn compile(node: &Node, user: &str, first: usize) -> Compiled {
+    let column = format!("{user}.attributes");
     let mut builder = Builder {
-        column,
+        user,
+        column: &column,
         sql: String::new(),
         params: Vec::new(),
         next: first,
@@ -438,6 +529,7 @@ pub fn compile(node: &Node, column: &str, first: usize) -> Compiled {
 }
 
 struct Builder<'a> {
+    user: &'a str,
     column: &'a str,
     sql: String,
     params: Vec<SqlParam>,
@@ -469,6 +561,36 @@ impl Builder<'_> {
                 self.sql.push_str("(NOT ");
                 self.node(inner);
                 self.sql.push(')');
+            }
+            Node::Channel { channel, op, value } => {
+                let sql = self.channel(*channel, *op, value);
+                self.sql.push_str(&sql);
+            }
+        }
+    }
+
+    /// The SQL of one channel condition.
+    fn channel(&mut self, channel: crate::model::Channel, op: ChannelOp, value: &Value) -> String {
+        let u = self.user;
+        let c = self.param(SqlParam::Text(channel.as_str().to_owned()));
+        let row = format!(
+            "SELECT 1 FROM user_channels uc WHERE uc.phone_number = {u}.phone_number AND uc.channel = {c}::text"
+        );
+        match op {
+            ChannelOp::WindowOpen => {
+                format!("EXISTS ({row} AND uc.last_inbound_at > now() - interval '24 hours')")
+            }
+            ChannelOp::Reachable => {
+                format!("(NOT EXISTS ({row} AND uc.unreachable_at IS NOT NULL))")
+            }
+            ChannelOp::LastInboundAfter | ChannelOp::LastInboundBefore => {
+                let cmp = if op == ChannelOp::LastInboundAfter {
+                    ">"
+                } else {
+                    "<"
+                };
+                let t = self.param(SqlParam::Text(scalar_text(value)));
+                format!("EXISTS ({row} AND uc.last_inbound_at {cmp} {t}::text::timestamptz)")
             }
         }
     }
@@ -835,7 +957,7 @@ mod tests {
             3,
         )
         .expect("valid");
-        let compiled = compile(&node, "u.attributes", 5);
+        let compiled = compile(&node, "u", 5);
         assert_eq!(
             compiled.sql,
             "((u.attributes @> jsonb_build_object($5::text, $6::jsonb)) AND \
@@ -877,7 +999,7 @@ mod tests {
         ]});
         let node = parse(&filter, 4).expect("valid");
         let first = 3;
-        let compiled = compile(&node, "u.attributes", first);
+        let compiled = compile(&node, "u", first);
         let sql = &compiled.sql;
         for needle in [
             "DROP",
@@ -953,7 +1075,7 @@ mod tests {
         ];
         for filter in cases {
             let node = parse(&filter, 1).expect("valid");
-            let compiled = compile(&node, "a", 1);
+            let compiled = compile(&node, "u", 1);
             let opens = compiled.sql.matches('(').count();
             let closes = compiled.sql.matches(')').count();
             assert_eq!(opens, closes, "unbalanced {}", compiled.sql);

@@ -380,8 +380,16 @@ pub struct ProviderConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct SenderConfig {
-    /// Messages per second per sender number across all sender processes; 0 = off. Default 0.
+    /// SMS messages per second per sender number across all sender
+    /// processes; 0 = the default of `sms-number-kind`. Default 0.
     pub global_rate_limit: u32,
+    /// What kind of SMS number the sender is, for its carrier's default
+    /// rate when `global-rate-limit` is 0: `long-code` (1/s), `toll-free`
+    /// (3/s), `short-code` (100/s); empty: no limit. Default empty.
+    pub sms_number_kind: String,
+    /// WhatsApp messages per second per sender across all sender processes
+    /// (the provider's default, 80); 0 = off. Default 80.
+    pub whatsapp_rate_limit: u32,
     /// Sends the limiters may let through at once above the steady rate,
     /// split across sender processes like the rate; absorbs timer lateness so
     /// the mean rate holds. Default 20.
@@ -410,6 +418,25 @@ pub struct SenderConfig {
     /// empty: such a message is FAILED with the reason, without a call.
     /// Default empty.
     pub whatsapp_fallback_content_sid: String,
+}
+
+impl SenderConfig {
+    /// SMS messages per second per sender number (0: none): the configured
+    /// limit, else the number kind's carrier default.
+    pub fn sms_rate_limit(&self) -> anyhow::Result<u32> {
+        if self.global_rate_limit > 0 {
+            return Ok(self.global_rate_limit);
+        }
+        match self.sms_number_kind.as_str() {
+            "" => Ok(0),
+            "long-code" => Ok(1),
+            "toll-free" => Ok(3),
+            "short-code" => Ok(100),
+            other => anyhow::bail!(
+                "sender.sms-number-kind: {other:?} is not long-code, toll-free, short-code or empty"
+            ),
+        }
+    }
 }
 
 /// One stage's wiring and tuning (`pipelines/<stage>.toml`).
@@ -560,6 +587,7 @@ impl Settings {
                 self.kafka.ssl_ca_file
             );
         }
+        self.sender.sms_rate_limit()?;
         let fallback = &self.sender.whatsapp_fallback_content_sid;
         if !fallback.is_empty() && !is_content_sid(fallback) {
             anyhow::bail!(

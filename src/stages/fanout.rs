@@ -239,7 +239,7 @@ impl Driver {
             .map_err(|e| anyhow::anyhow!("campaign {id}: stored template: {e}"))?;
         let node = segment::parse(&filter, self.max_depth)
             .map_err(|e| anyhow::anyhow!("campaign {id}: stored segment: {e}"))?;
-        let filter = segment::compile(&node, "u.attributes", 4);
+        let filter = segment::compile(&node, "u", 4);
         let page_sql = format!(
             "SELECT u.id, u.phone_number, u.attributes FROM users u
               WHERE u.id > $1 AND ($2::bigint IS NULL OR u.id <= $2)

@@ -335,6 +335,46 @@ async fn a_whatsapp_campaign_goes_as_approved_content_and_free_form_keeps_to_the
     )
     .await
     .unwrap();
+    // Segments see the channel: Bob's window is open, Fay is unreachable.
+    for (filter, want) in [
+        (json!({"channel": "WHATSAPP", "operator": "window_open"}), 1),
+        (json!({"channel": "WHATSAPP", "operator": "reachable"}), 2),
+        (
+            json!({"channel": "WHATSAPP", "operator": "last_inbound_after", "value": "2020-01-01"}),
+            1,
+        ),
+        (
+            json!({"operator": "NOT", "conditions": [{"channel": "SMS", "operator": "window_open"}]}),
+            3,
+        ),
+    ] {
+        let seg = api
+            .expect(
+                201,
+                "POST",
+                "/api/v1/segments",
+                Some(json!({"name": format!("channel {filter}"), "filter": filter})),
+            )
+            .await;
+        let est = api
+            .expect(
+                200,
+                "GET",
+                &format!("/api/v1/segments/{}/estimate", seg["id"]),
+                None,
+            )
+            .await;
+        assert_eq!(est["estimated_audience_size"], want, "{filter}");
+    }
+    let bad = api
+        .expect(
+            422,
+            "POST",
+            "/api/v1/segments",
+            Some(json!({"name": "bad", "filter": {"channel": "FAX", "operator": "window_open"}})),
+        )
+        .await;
+    assert_eq!(bad["error"]["field"], "/filter/channel", "{bad}");
     let to_bob = reply(&l, bob, "You're welcome").await;
     let to_cid = reply(&l, cid, "Late answer").await;
     let to_dee = reply(&l, dee, "Unasked").await;
@@ -363,6 +403,80 @@ async fn a_whatsapp_campaign_goes_as_approved_content_and_free_form_keeps_to_the
     assert!(matches!(s.as_str(), "DELIVERED" | "READ"), "{s}");
     assert_eq!(provider_bodies(&l, eve).await, ["Your order shipped"]);
     drop(child);
+    for s in stages {
+        s.stop().await;
+    }
+}
+
+/// A WhatsApp campaign at 100/s from a sender limited to 10/s on WhatsApp
+/// (burst 1): the provider sees 10/s, never a whole second above 11.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatsapp_sends_keep_to_the_senders_channel_limit() {
+    let l = Loop::start(&format!(
+        "{CONFIG}\n[sender]\nwhatsapp-rate-limit = 10\nburst = 1\n"
+    ))
+    .await;
+    const N: i64 = 40;
+    l.app
+        .seed_users(
+            N,
+            "jsonb_build_object('plan', 'wa', 'first_name', 'U' || i)",
+        )
+        .await;
+    let api = &l.api;
+    let t = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/templates",
+            Some(json!({
+                "name": "limited", "channel": "WHATSAPP", "body": "Hi {first_name}",
+                "content_sid": APPROVED, "content_variables": ["first_name", "plan"]
+            })),
+        )
+        .await;
+    let seg = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/segments",
+            Some(json!({"name": "wa", "filter": {"attribute": "plan", "operator": "equals", "value": "wa"}})),
+        )
+        .await;
+    let stages: Vec<_> = ["fanout", "normalize", "receipts"]
+        .into_iter()
+        .map(|s| l.app.start_stage(s))
+        .collect();
+    let _sender = Proc::new(sender(&l, None));
+    let c = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/campaigns",
+            Some(json!({"name": "limited", "template_id": t["id"], "segment_id": seg["id"], "rate_limit_per_second": 100})),
+        )
+        .await;
+    let id = c["id"].as_i64().unwrap();
+    api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/ready"), None)
+        .await;
+    api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/start"), None)
+        .await;
+    wait_until("every send made", Duration::from_secs(60), async || {
+        l.stats().await["accepted"].as_i64().unwrap_or(0) >= N
+    })
+    .await;
+    let stats = l.stats().await;
+    let seconds: std::collections::BTreeMap<i64, u64> =
+        serde_json::from_value(stats["per_second"].clone()).unwrap();
+    let span = seconds.keys().last().unwrap() - seconds.keys().next().unwrap() + 1;
+    assert!(
+        span >= 4,
+        "40 sends at 10/s take at least 4 seconds, not {span}: {seconds:?}"
+    );
+    assert!(
+        seconds.values().all(|n| *n <= 11),
+        "no second above the limit plus the burst: {seconds:?}"
+    );
     for s in stages {
         s.stop().await;
     }

@@ -13,7 +13,7 @@ use utoipa::openapi::schema::{
 };
 
 use super::extract::NAME_MAX;
-use crate::campaigns::segment::Op;
+use crate::campaigns::segment::{ChannelOp, Op};
 use crate::model::CampaignStatus;
 
 /// Text PostgreSQL can store: no NUL.
@@ -277,6 +277,46 @@ fn condition() -> AnyOfBuilder {
         }
         any = any.item(leaf);
     }
+    // Conditions on the person's channel (`user_channels`).
+    for timed in [false, true] {
+        let operators: Vec<&str> = ChannelOp::ALL
+            .into_iter()
+            .filter(|op| op.takes_time() == timed)
+            .map(ChannelOp::name)
+            .collect();
+        let value = if timed {
+            ValueKind::Moment
+        } else {
+            ValueKind::Nothing
+        };
+        let mut leaf = ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some(
+                "A condition on the person's channel: window_open (wrote within 24 hours), \
+                 reachable (not marked unreachable by the provider), last_inbound_after / \
+                 last_inbound_before a time.",
+            ))
+            .property(
+                "channel",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(["SMS", "WHATSAPP"])),
+            )
+            .property(
+                "operator",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(operators)),
+            )
+            .property("value", value.schema())
+            .required("channel")
+            .required("operator")
+            .additional_properties(Some(AdditionalProperties::FreeForm(false)));
+        if timed {
+            leaf = leaf.required("value");
+        }
+        any = any.item(leaf);
+    }
     any
 }
 
@@ -380,6 +420,10 @@ mod tests {
                     .map_or(0, Vec::len)
             })
             .sum();
-        assert_eq!(operators, Op::ALL.len(), "every operator in one branch");
+        assert_eq!(
+            operators,
+            Op::ALL.len() + ChannelOp::ALL.len(),
+            "every operator in one branch"
+        );
     }
 }

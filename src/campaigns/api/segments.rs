@@ -275,7 +275,7 @@ async fn audience(
         .ok_or_else(|| ApiError::not_found("segment", id))?;
     let node = segment::parse(&row.get(0), max_depth)
         .map_err(|e| ApiError::invalid(format!("/filter{}", e.pointer), e.message))?;
-    Ok(segment::compile(&node, "u.attributes", first))
+    Ok(segment::compile(&node, "u", first))
 }
 
 /// A fresh audience count.

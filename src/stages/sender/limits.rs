@@ -10,18 +10,21 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tracing::info;
 
 use crate::config::SenderConfig;
+use crate::model::Channel;
 
 pub(super) type Limiter = Arc<DefaultDirectRateLimiter>;
 
-/// Per-campaign and per-sender-number limiters, scaled by this process's
-/// share of the `sends` partitions.
+/// Per-campaign and per-sender-and-channel limiters, scaled by this
+/// process's share of the `sends` partitions.
 pub struct Limits {
     sends_topic: String,
     partitions: usize,
     burst: u32,
-    global_rate: u32,
+    sms_rate: u32,
+    whatsapp_rate: u32,
     share: Mutex<f64>,
-    global: Mutex<Option<(f64, Limiter)>>,
+    sms: Mutex<Option<(f64, Limiter)>>,
+    whatsapp: Mutex<Option<(f64, Limiter)>>,
     campaigns: Mutex<HashMap<i64, (f64, Limiter)>>,
 }
 
@@ -31,9 +34,11 @@ impl Limits {
             sends_topic: sends_topic.to_string(),
             partitions: partitions.max(1),
             burst: cfg.burst.max(1),
-            global_rate: cfg.global_rate_limit,
+            sms_rate: cfg.sms_rate_limit().unwrap_or(0),
+            whatsapp_rate: cfg.whatsapp_rate_limit,
             share: Mutex::new(1.0),
-            global: Mutex::new(None),
+            sms: Mutex::new(None),
+            whatsapp: Mutex::new(None),
             campaigns: Mutex::new(HashMap::new()),
         }
     }
@@ -47,12 +52,21 @@ impl Limits {
         info!(share, "sender rate share");
     }
 
-    /// A limiter for this process's share: `per_second` is already scaled; the
-    /// burst is scaled the same way, so the group as a whole never goes over
-    /// the limit plus the configured burst in any second.
+    /// The most messages the sender calls at once under a limit: half the
+    /// burst (the limiters hold the other half), since a chunk's calls land
+    /// together up to one chunk after their permits.
+    pub(super) fn max_chunk(&self) -> usize {
+        (self.burst / 2).max(1) as usize
+    }
+
+    /// A limiter for this process's share: `per_second` is already scaled;
+    /// its burst is the half of the configured one that chunks leave,
+    /// scaled the same way, so the group as a whole never goes over the
+    /// limit plus the configured burst in any second.
     fn make(&self, per_second: f64, share: f64) -> Limiter {
         let period = Duration::from_secs_f64(1.0 / per_second.max(1e-3));
-        let burst = (self.burst as f64 * share).round() as u32;
+        let burst = self.burst - self.burst / 2;
+        let burst = (burst as f64 * share).round() as u32;
         let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
         let quota = Quota::with_period(period)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
@@ -73,11 +87,24 @@ impl Limits {
         }
     }
 
-    pub(super) fn global(&self) -> Option<Limiter> {
-        (self.global_rate > 0).then(|| {
-            let mut g = self.global.lock().unwrap_or_else(|p| p.into_inner());
-            self.scaled(&mut g, self.global_rate)
-        })
+    /// The sender's limit on `channel` (messages/s, whole group), if any.
+    pub(super) fn channel_rate(&self, channel: Channel) -> Option<u32> {
+        let rate = match channel {
+            Channel::Sms => self.sms_rate,
+            Channel::Whatsapp => self.whatsapp_rate,
+        };
+        (rate > 0).then_some(rate)
+    }
+
+    /// This process's share of the sender's limiter on `channel`.
+    pub(super) fn channel(&self, channel: Channel) -> Option<Limiter> {
+        let rate = self.channel_rate(channel)?;
+        let slot = match channel {
+            Channel::Sms => &self.sms,
+            Channel::Whatsapp => &self.whatsapp,
+        };
+        let mut g = slot.lock().unwrap_or_else(|p| p.into_inner());
+        Some(self.scaled(&mut g, rate))
     }
 
     pub(super) fn campaign(&self, id: i64, rate: u32) -> Limiter {

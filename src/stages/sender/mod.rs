@@ -264,17 +264,27 @@ impl Sender {
         Ok(())
     }
 
-    /// Paces, claims and calls, in chunks of about 100 ms of sends at the
-    /// slowest campaign's rate (one commit per chunk, not per message), two
+    /// Claims, paces and calls, in chunks of about 100 ms of sends at the
+    /// slowest campaign's or channel's rate (one commit per chunk, not per message), two
     /// chunks ahead at most: a pause stops sends within ~200 ms.
     async fn dispatch(&self, work: Vec<(usize, Msg)>) -> Vec<Attempt> {
         let slowest = work
             .iter()
-            .filter_map(|(_, m)| m.rate)
+            .flat_map(|(_, m)| {
+                let channel = self.limits.channel_rate(m.channel).map(|r| r as i32);
+                [m.rate, channel]
+            })
+            .flatten()
             .min()
             .unwrap_or(i32::MAX);
         let concurrency = self.provider.cfg.concurrency.max(1);
-        let chunk = ((slowest / 10).max(1) as usize).min(concurrency);
+        let chunk = if slowest == i32::MAX {
+            concurrency
+        } else {
+            ((slowest / 10).max(1) as usize)
+                .min(self.limits.max_chunk())
+                .min(concurrency)
+        };
         let mut chunks = Vec::new();
         let mut rest = work.into_iter().peekable();
         while rest.peek().is_some() {
@@ -403,7 +413,11 @@ impl Sender {
     /// first so a claim is followed by its call right away: the reconciler
     /// takes a row left SENDING longer than `reconcile-after` for one whose
     /// call never happened, so no call may start that late — one that would
-    /// is not made, and the reconciler queues it again. `None`: not claimed
+    /// is not made, and the reconciler queues it again. The calls of a chunk
+    /// land together, one chunk after their permits at most; a limited
+    /// chunk is therefore at most half the burst, and the limiters keep the
+    /// other half, so no second at the provider passes the limit plus the
+    /// burst. `None`: not claimed
     /// (campaign paused or recipient opted out meanwhile, or taken by another
     /// sender).
     async fn call_chunk(&self, chunk: Vec<(usize, Msg)>) -> Vec<Attempt> {
@@ -481,7 +495,7 @@ impl Sender {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
-    /// Waits for the campaign's and the sender number's limiters.
+    /// Waits for the campaign's and the sender's limiters on its channel.
     async fn pace(&self, m: &Msg) {
         let started = Instant::now();
         if let (Some(id), Some(rate)) = (m.campaign, m.rate) {
@@ -490,7 +504,7 @@ impl Sender {
                 .until_ready()
                 .await;
         }
-        if let Some(g) = self.limits.global() {
+        if let Some(g) = self.limits.channel(m.channel) {
             g.until_ready().await;
         }
         histogram!(crate::metrics::names::SENDER_RATE_LIMIT_WAIT_SECONDS)
