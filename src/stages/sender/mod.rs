@@ -278,11 +278,16 @@ impl Sender {
             .min()
             .unwrap_or(i32::MAX);
         let concurrency = self.provider.cfg.concurrency.max(1);
+        // A chunk's calls land together, up to a chunk after their permits:
+        // at most half the burst (the limiters keep the other half), or
+        // 10 ms of sends at high rates (then a second passes the limit by
+        // at most 1%).
         let chunk = if slowest == i32::MAX {
             concurrency
         } else {
-            ((slowest / 10).max(1) as usize)
-                .min(self.limits.max_chunk())
+            let slowest = slowest.max(1) as usize;
+            (slowest / 10)
+                .clamp(1, self.limits.max_chunk().max(slowest / 100))
                 .min(concurrency)
         };
         let mut chunks = Vec::new();
@@ -415,9 +420,10 @@ impl Sender {
     /// call never happened, so no call may start that late — one that would
     /// is not made, and the reconciler queues it again. The calls of a chunk
     /// land together, one chunk after their permits at most; a limited
-    /// chunk is therefore at most half the burst, and the limiters keep the
-    /// other half, so no second at the provider passes the limit plus the
-    /// burst. `None`: not claimed
+    /// chunk is therefore at most half the burst (or 10 ms of sends at high
+    /// rates), and the limiters keep the other half, so no second at the
+    /// provider passes the limit plus the burst (by 1% at most above
+    /// 100 × half the burst per second). `None`: not claimed
     /// (campaign paused or recipient opted out meanwhile, or taken by another
     /// sender).
     async fn call_chunk(&self, chunk: Vec<(usize, Msg)>) -> Vec<Attempt> {
