@@ -626,3 +626,14 @@ pub async fn group_lag(settings: &Settings, group: &str, topics: &[String]) -> O
     }
     Some(behind)
 }
+
+/// Keeps a failing external checker's whole report in
+/// `target/tmp/reports/NAME.txt`, which `scripts/test` prints after a failed
+/// pass, so the end of a cut CI log still shows what was found.
+pub fn keep_report(name: &str, text: &str) {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("reports");
+    let path = dir.join(format!("{name}.txt"));
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, text)) {
+        eprintln!("cannot keep the {name} report in {}: {e}", path.display());
+    }
+}
