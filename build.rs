@@ -7,10 +7,15 @@
 use std::fmt::Write;
 
 fn main() {
+    // The checkout being built, read when the script runs: `env!` would be
+    // the checkout the script was first compiled in, and a target directory
+    // shared by two checkouts then embeds the other one's files.
+    let root =
+        std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     println!("cargo:rerun-if-changed=migrations");
     println!("cargo:rerun-if-changed=sql");
     println!("cargo:rerun-if-changed=pipelines");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let dir = root.join("pipelines");
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .expect("pipelines/ is readable")
         .filter_map(|e| {
@@ -32,7 +37,7 @@ fn main() {
     std::fs::write(out_dir.join("pipelines.rs"), out).expect("write pipelines.rs");
 
     // Every `sql/functions/*.sql`, applied after the migrations.
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/functions");
+    let dir = root.join("sql/functions");
     let mut files: Vec<String> = std::fs::read_dir(&dir)
         .expect("sql/functions/ is readable")
         .filter_map(|e| {

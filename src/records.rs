@@ -171,6 +171,10 @@ pub struct ConsentChange {
     pub keyword: Option<String>,
     pub source_event_id: String,
     pub occurred_at: i64,
+    /// The one channel the decision is for (`consent.stop-scope =
+    /// "channel"`); `None`: every channel.
+    #[serde(default)]
+    pub channel: Option<crate::model::Channel>,
 }
 
 impl Record for ConsentChange {
@@ -247,7 +251,10 @@ impl Kind {
             Kind::ReceiptNormalized => &[include_str!("../schemas/receipt_normalized.v1.avsc")],
             Kind::InboundNormalized => &[include_str!("../schemas/inbound_normalized.v1.avsc")],
             Kind::SendRequest => &[include_str!("../schemas/send_request.v1.avsc")],
-            Kind::ConsentChange => &[include_str!("../schemas/consent_change.v1.avsc")],
+            Kind::ConsentChange => &[
+                include_str!("../schemas/consent_change.v1.avsc"),
+                include_str!("../schemas/consent_change.v2.avsc"),
+            ],
             Kind::CampaignCommand => &[include_str!("../schemas/campaign_command.v1.avsc")],
         }
     }

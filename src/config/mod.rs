@@ -325,6 +325,21 @@ pub struct ConsentConfig {
     /// Operator rules: a keyword and its reply (numbers not opted out).
     #[serde(default)]
     pub rules: Vec<ReplyRule>,
+    /// What a STOP stops: `all` (default: every channel; the person's
+    /// overall `users.consent_state`) or `channel` (the channel it came on,
+    /// which then keeps its own consent, `user_channels.consent_state`;
+    /// START works the same way). Provider opt-outs (21610) follow it too.
+    #[serde(default)]
+    pub stop_scope: StopScope,
+}
+
+/// `consent.stop-scope`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StopScope {
+    #[default]
+    All,
+    Channel,
 }
 
 fn default_max_plain_words() -> usize {

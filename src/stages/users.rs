@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 
-use crate::db::calls::APPLY_CONSENT;
+use crate::db::calls::{ConsentDecision, apply_consent};
 use crate::model::ConsentState;
 use crate::phone::Normalizer;
 use futures::future::BoxFuture;
@@ -75,7 +75,7 @@ impl Stage for Users {
                             item.record.topic, item.record.partition, item.record.offset
                         ),
                     };
-                    decisions.push((phone.clone(), (phone.clone(), state, at, event)));
+                    decisions.push((phone.clone(), state, at, event));
                 }
                 Some(_) => {
                     out.dead_letter(
@@ -100,16 +100,21 @@ impl Stage for Users {
             rows.push((phone.clone(), (phone, attrs, times, at)));
         }
         // Stated consent first, so a new profile is created with it.
-        let apply = tx.prepare_cached(APPLY_CONSENT).await?;
-        for round in crate::db::rounds(decisions) {
-            let p: Vec<&str> = round.iter().map(|d| d.0.as_str()).collect();
-            let s: Vec<ConsentState> = round.iter().map(|d| d.1).collect();
-            let t: Vec<DateTime<Utc>> = round.iter().map(|d| d.2).collect();
-            let src = vec!["profile"; round.len()];
-            let k: Vec<Option<&str>> = vec![None; round.len()];
-            let e: Vec<&str> = round.iter().map(|d| d.3.as_str()).collect();
-            tx.execute(&apply, &[&p, &s, &t, &src, &k, &e]).await?;
-        }
+        apply_consent(
+            tx,
+            decisions
+                .iter()
+                .map(|(phone, state, at, event)| ConsentDecision {
+                    phone,
+                    channel: None,
+                    state: *state,
+                    at: *at,
+                    source: "profile",
+                    keyword: None,
+                    event_id: event,
+                }),
+        )
+        .await?;
         let stmt = tx.prepare_cached(UPSERT).await?;
         for round in crate::db::rounds(rows) {
             let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

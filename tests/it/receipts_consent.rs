@@ -726,3 +726,100 @@ async fn an_unclear_mention_is_clarified_once_per_interval_and_not_when_off() {
         consent.stop().await;
     }
 }
+
+/// Channel decisions (`consent.stop-scope = "channel"`) and overall ones
+/// apply by event time, whatever the order they arrive in: a channel
+/// decision older than the overall one changes nothing, an overall one
+/// replaces the older channel decisions, a newer channel one stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_and_overall_consent_apply_by_event_time() {
+    use ese::db::calls::{ConsentDecision, apply_consent};
+    use ese::model::{Channel, ConsentState};
+    let app = TestApp::spawn().await;
+    let eve = "+14155550105";
+    let mut c = app.pool.get().await.unwrap();
+    let mut n = 0;
+    let mut decide = async |channel: Option<Channel>, state: ConsentState, ms: i64| {
+        n += 1;
+        let tx = c.transaction().await.unwrap();
+        let event = format!("test-{n}");
+        apply_consent(
+            &tx,
+            [ConsentDecision {
+                phone: eve,
+                channel,
+                state,
+                at: at(T0 + ms),
+                source: "keyword",
+                keyword: None,
+                event_id: &event,
+            }],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    };
+    // A new number's START on WhatsApp: WhatsApp only; overall UNKNOWN.
+    decide(Some(Channel::Whatsapp), ConsentState::OptIn, 10_000).await;
+    let states = async || -> (String, String, String) {
+        let c = app.pool.get().await.unwrap();
+        let r = c
+            .query_one(
+                "SELECT consent_state, ese_consent_on(phone_number, 'SMS', consent_state),
+                        ese_consent_on(phone_number, 'WHATSAPP', consent_state)
+                   FROM users WHERE phone_number = $1",
+                &[&eve],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    let s = |a: &str, b: &str, w: &str| (a.to_string(), b.to_string(), w.to_string());
+    assert_eq!(states().await, s("UNKNOWN", "UNKNOWN", "OPT_IN"));
+    // An overall STOP, newer: every channel stops.
+    decide(None, ConsentState::OptOut, 20_000).await;
+    assert_eq!(states().await, s("OPT_OUT", "OPT_OUT", "OPT_OUT"));
+    // A channel START older than it arrives late: nothing changes.
+    decide(Some(Channel::Whatsapp), ConsentState::OptIn, 15_000).await;
+    assert_eq!(states().await, s("OPT_OUT", "OPT_OUT", "OPT_OUT"));
+    // A newer channel START: that channel alone.
+    decide(Some(Channel::Whatsapp), ConsentState::OptIn, 30_000).await;
+    assert_eq!(states().await, s("OPT_OUT", "OPT_OUT", "OPT_IN"));
+    // An overall START between the two: applied, the newer channel
+    // decision stays.
+    decide(None, ConsentState::OptIn, 25_000).await;
+    assert_eq!(states().await, s("OPT_IN", "OPT_IN", "OPT_IN"));
+    let kept = app
+        .count("SELECT count(*) FROM user_channels WHERE channel = 'WHATSAPP' AND consent_state = 'OPT_IN'")
+        .await;
+    assert_eq!(kept, 1, "WhatsApp's own decision (30 s) is newer");
+    // STOP on SMS alone.
+    decide(Some(Channel::Sms), ConsentState::OptOut, 35_000).await;
+    assert_eq!(states().await, s("OPT_IN", "OPT_OUT", "OPT_IN"));
+    // An overall STOP at 32 s, arriving last: replaces WhatsApp's decision
+    // (30 s), not SMS's (35 s).
+    decide(None, ConsentState::OptOut, 32_000).await;
+    assert_eq!(states().await, s("OPT_OUT", "OPT_OUT", "OPT_OUT"));
+    let left: Vec<(String, String)> = app
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query(
+            "SELECT channel, consent_state FROM user_channels WHERE consent_state IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(left, [("SMS".to_string(), "OPT_OUT".to_string())]);
+    let unapplied = app
+        .count("SELECT count(*) FROM consent_events WHERE NOT applied")
+        .await;
+    assert_eq!(
+        unapplied, 1,
+        "only the late WhatsApp START (15 s) was not applied"
+    );
+}

@@ -481,3 +481,144 @@ async fn whatsapp_sends_keep_to_the_senders_channel_limit() {
         s.stop().await;
     }
 }
+
+/// `consent.stop-scope = "channel"`: a STOP on WhatsApp stops WhatsApp
+/// alone (the person's overall state and SMS stay opted in), the decision
+/// says its channel on `consent.changes`, and a START there opens it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_scoped_to_its_channel_stops_that_channel_alone() {
+    let l = Loop::start(&format!("{CONFIG}\n[consent]\nstop-scope = \"channel\"\n")).await;
+    let ada = "+14155550321";
+    let c = l.app.pool.get().await.unwrap();
+    c.execute(
+        "INSERT INTO users (phone_number, attributes) VALUES ($1, '{\"plan\": \"both\", \"first_name\": \"Ada\"}')",
+        &[&ada],
+    )
+    .await
+    .unwrap();
+    let stages: Vec<_> = ["fanout", "normalize", "receipts", "consent"]
+        .into_iter()
+        .map(|s| l.app.start_stage(s))
+        .collect();
+    let child = Proc::new(sender(&l, None));
+    let channel_state = async |channel: &str| -> Option<String> {
+        c.query_opt(
+            "SELECT consent_state FROM user_channels WHERE phone_number = $1 AND channel = $2",
+            &[&ada, &channel],
+        )
+        .await
+        .unwrap()
+        .and_then(|r| r.get(0))
+    };
+
+    person_writes(&l, ada, "STOP").await;
+    wait_until("the WhatsApp opt-out", Duration::from_secs(60), async || {
+        l.app
+            .count("SELECT count(*) FROM consent_events WHERE channel = 'WHATSAPP' AND new_state = 'OPT_OUT' AND applied")
+            .await
+            == 1
+    })
+    .await;
+    assert_eq!(channel_state("WHATSAPP").await.as_deref(), Some("OPT_OUT"));
+    assert_eq!(
+        channel_state("SMS").await,
+        None,
+        "SMS follows the overall state"
+    );
+    let overall: String = c
+        .query_one(
+            "SELECT consent_state FROM users WHERE phone_number = $1",
+            &[&ada],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        overall, "OPT_IN",
+        "the person's overall consent is untouched"
+    );
+    let changes = l
+        .app
+        .read_topic(&l.app.topic("consent.changes"), 1, Duration::from_secs(20));
+    assert_eq!(changes.len(), 1);
+    let change: ese::records::ConsentChange = l
+        .app
+        .codec
+        .decode(changes[0].payload.as_deref().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(change.channel, Some(ese::model::Channel::Whatsapp));
+    assert_eq!(change.state, ese::model::ConsentState::OptOut);
+
+    // The same audience on both channels: SMS reaches her, WhatsApp does not.
+    let api = &l.api;
+    let seg = api
+        .expect(
+            201,
+            "POST",
+            "/api/v1/segments",
+            Some(json!({"name": "both", "filter": {"attribute": "plan", "operator": "equals", "value": "both"}})),
+        )
+        .await;
+    let mut campaigns = Vec::new();
+    for (name, template) in [
+        ("sms", json!({"name": "sms", "body": "Hi {first_name}"})),
+        (
+            "wa",
+            json!({"name": "wa", "channel": "WHATSAPP", "body": "Hi {first_name}, your {plan} offer",
+                   "content_sid": APPROVED, "content_variables": ["first_name", "plan"]}),
+        ),
+    ] {
+        let t = api
+            .expect(201, "POST", "/api/v1/templates", Some(template))
+            .await;
+        let campaign = api
+            .expect(
+                201,
+                "POST",
+                "/api/v1/campaigns",
+                Some(json!({"name": name, "template_id": t["id"], "segment_id": seg["id"], "rate_limit_per_second": 100})),
+            )
+            .await;
+        let id = campaign["id"].as_i64().unwrap();
+        api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/ready"), None)
+            .await;
+        api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/start"), None)
+            .await;
+        campaigns.push(id);
+    }
+    wait_until(
+        "both campaigns fanned out",
+        Duration::from_secs(60),
+        async || {
+            l.app
+                .count("SELECT count(*) FROM fanout_progress WHERE finished")
+                .await
+                == 2
+        },
+    )
+    .await;
+    let sent = async |campaign: i64| {
+        l.app
+            .count(&format!(
+                "SELECT count(*) FROM messages WHERE campaign_id = {campaign} AND recipient_phone = '{ada}'"
+            ))
+            .await
+    };
+    assert_eq!(sent(campaigns[0]).await, 1, "SMS still reaches her");
+    assert_eq!(sent(campaigns[1]).await, 0, "WhatsApp does not");
+
+    // START on WhatsApp opens that channel again.
+    person_writes(&l, ada, "START").await;
+    wait_until("the WhatsApp opt-in", Duration::from_secs(60), async || {
+        l.app
+            .count("SELECT count(*) FROM user_channels WHERE channel = 'WHATSAPP' AND consent_state = 'OPT_IN'")
+            .await
+            == 1
+    })
+    .await;
+    drop(child);
+    for s in stages {
+        s.stop().await;
+    }
+}

@@ -11,7 +11,7 @@
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 
-use crate::config::ConsentConfig;
+use crate::config::{ConsentConfig, StopScope};
 use crate::model::{ConsentState, SendKind};
 use crate::records::{ConsentChange, InboundNormalized, SendRequest};
 use futures::future::BoxFuture;
@@ -41,25 +41,27 @@ ON CONFLICT (phone_number, channel) DO UPDATE
  WHERE uc.last_inbound_at IS DISTINCT FROM GREATEST(uc.last_inbound_at, EXCLUDED.last_inbound_at)
     OR uc.unreachable_at IS NOT NULL";
 
-use crate::db::calls::APPLY_CONSENT as APPLY;
+use crate::db::calls::{ConsentDecision, apply_consent};
 
 const DECISIONS: &str = "
-SELECT source_event_id, phone_number, old_state, new_state, applied, keyword, source, occurred_at
+SELECT source_event_id, phone_number, old_state, new_state, applied, keyword, source, occurred_at, channel
   FROM consent_events WHERE source_event_id = ANY($1::text[])";
 
-/// Consent in force at each message's time: the newest decision at or before
-/// it; before any decision, the state the first one found (none: UNKNOWN);
-/// else the stored one.
+/// Consent in force at each message's time on its channel: the newest
+/// decision at or before it (every channel's, or that channel's); before any
+/// decision, the state the first one found (none: UNKNOWN); else the stored one.
 const STATES_AT: &str = "
 SELECT x.e, coalesce(
     (SELECT c.new_state FROM consent_events c
       WHERE c.phone_number = x.p AND c.occurred_at <= x.t AND c.new_state <> 'UNCLEAR'
+        AND (c.channel IS NULL OR c.channel = x.c)
       ORDER BY c.occurred_at DESC, c.id DESC LIMIT 1),
     (SELECT coalesce(c.old_state, 'UNKNOWN') FROM consent_events c
-      WHERE c.phone_number = x.p AND c.new_state <> 'UNCLEAR' ORDER BY c.occurred_at, c.id LIMIT 1),
-    (SELECT u.consent_state FROM users u WHERE u.phone_number = x.p),
+      WHERE c.phone_number = x.p AND c.new_state <> 'UNCLEAR' AND (c.channel IS NULL OR c.channel = x.c)
+      ORDER BY c.occurred_at, c.id LIMIT 1),
+    (SELECT ese_consent_on(u.phone_number, x.c, u.consent_state) FROM users u WHERE u.phone_number = x.p),
     'UNKNOWN')
-  FROM unnest($1::text[], $2::timestamptz[], $3::text[]) AS x(p, t, e)";
+  FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[]) AS x(p, t, e, c)";
 
 /// A mention that decides nothing, kept for the audit trail.
 const UNCLEAR: &str = "
@@ -151,34 +153,27 @@ impl Stage for Consent {
             live.push((m, at, event_uuid, self.keywords.classify(&m.body)));
         }
 
-        // Decisions, in rounds so a phone appears once per call.
-        let decisions = live.iter().filter_map(|(m, at, _, intent)| {
-            let (state, kw) = match intent {
-                Intent::OptOut(k) => (ConsentState::OptOut, k),
-                Intent::OptIn(k) => (ConsentState::OptIn, k),
-                _ => return None,
-            };
-            Some((
-                m.from.as_str(),
-                (
-                    m.from.as_str(),
+        // Decisions: every channel's, or the one it came on (stop-scope).
+        apply_consent(
+            tx,
+            live.iter().filter_map(|(m, at, _, intent)| {
+                let (state, kw) = match intent {
+                    Intent::OptOut(k) => (ConsentState::OptOut, k),
+                    Intent::OptIn(k) => (ConsentState::OptIn, k),
+                    _ => return None,
+                };
+                Some(ConsentDecision {
+                    phone: &m.from,
+                    channel: (self.cfg.stop_scope == StopScope::Channel).then_some(m.channel),
                     state,
-                    *at,
-                    kw.as_str(),
-                    m.event_id.as_str(),
-                ),
-            ))
-        });
-        let apply = tx.prepare_cached(APPLY).await?;
-        for round in crate::db::rounds(decisions) {
-            let p: Vec<&str> = round.iter().map(|r| r.0).collect();
-            let s: Vec<ConsentState> = round.iter().map(|r| r.1).collect();
-            let t: Vec<DateTime<Utc>> = round.iter().map(|r| r.2).collect();
-            let src: Vec<&str> = round.iter().map(|_| "keyword").collect();
-            let k: Vec<&str> = round.iter().map(|r| r.3).collect();
-            let e: Vec<&str> = round.iter().map(|r| r.4).collect();
-            tx.execute(&apply, &[&p, &s, &t, &src, &k, &e]).await?;
-        }
+                    at: *at,
+                    source: "keyword",
+                    keyword: Some(kw),
+                    event_id: &m.event_id,
+                })
+            }),
+        )
+        .await?;
 
         // Every sender exists as a user (ordinary messages: opted in), with its
         // latest message time. After the decisions, so a new number's first
@@ -234,7 +229,8 @@ impl Stage for Consent {
             let p: Vec<&str> = asking.iter().map(|(m, ..)| m.from.as_str()).collect();
             let t: Vec<DateTime<Utc>> = asking.iter().map(|(_, at, ..)| *at).collect();
             let e: Vec<&str> = asking.iter().map(|(m, ..)| m.event_id.as_str()).collect();
-            tx.query(&tx.prepare_cached(STATES_AT).await?, &[&p, &t, &e])
+            let c: Vec<&str> = asking.iter().map(|(m, ..)| m.channel.as_str()).collect();
+            tx.query(&tx.prepare_cached(STATES_AT).await?, &[&p, &t, &e, &c])
                 .await?
                 .iter()
                 .map(|r| (r.get(0), r.get(1)))
@@ -253,6 +249,7 @@ impl Stage for Consent {
                 keyword: r.get(5),
                 source_event_id: r.get(0),
                 occurred_at: at.timestamp_millis(),
+                channel: r.get(8),
             };
             out.emit(from(&change.source_event_id), "changes", phone, &change)
                 .await?;

@@ -40,7 +40,8 @@ use metrics::{counter, histogram};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::config::SenderConfig;
+use crate::config::{SenderConfig, StopScope};
+use crate::db::calls::{ConsentDecision, apply_consent};
 use crate::model::ConsentState;
 use crate::phone::Normalizer;
 use crate::records::SendRequest;
@@ -96,6 +97,7 @@ pub fn start(deps: Deps, shutdown: CancellationToken) -> BoxFuture<'static, anyh
             phones: Normalizer::new(&settings.phone.default_region),
             default_tz,
             limits: Limits::new(&sends_topic, partitions, &settings.sender),
+            stop_scope: settings.consent.stop_scope,
         };
         let stop = shutdown.child_token();
         let pumping = tokio::spawn(pump.run(stop.clone()));
@@ -114,6 +116,8 @@ pub struct Sender {
     pub phones: Normalizer,
     pub default_tz: chrono_tz::Tz,
     pub limits: Limits,
+    /// Whose consent a provider opt-out (21610) withdraws.
+    pub stop_scope: StopScope,
 }
 
 impl Stage for Sender {
@@ -364,7 +368,11 @@ impl Sender {
                 )),
                 Outcome::Permanent(code, why) => {
                     if code == Some(21610) {
-                        opt_outs.push((m.phone.clone(), format!("provider-21610:{}", m.id)));
+                        opt_outs.push((
+                            m.phone.clone(),
+                            format!("provider-21610:{}", m.id),
+                            m.channel,
+                        ));
                     }
                     fail.push((m.id, code, why));
                 }
@@ -395,19 +403,21 @@ impl Sender {
             tx.execute(crate::db::calls::MARK_UNREACHABLE, &[&ids, &unreachable])
                 .await?;
         }
-        if !opt_outs.is_empty() {
-            let phones: Vec<&str> = opt_outs.iter().map(|o| o.0.as_str()).collect();
-            let states = vec![ConsentState::OptOut; phones.len()];
-            let ats = vec![now; phones.len()];
-            let sources = vec!["provider"; phones.len()];
-            let keywords: Vec<Option<&str>> = vec![None; phones.len()];
-            let events: Vec<&str> = opt_outs.iter().map(|o| o.1.as_str()).collect();
-            tx.execute(
-                OPT_OUT,
-                &[&phones, &states, &ats, &sources, &keywords, &events],
-            )
-            .await?;
-        }
+        apply_consent(
+            tx,
+            opt_outs
+                .iter()
+                .map(|(phone, event, channel)| ConsentDecision {
+                    phone,
+                    channel: (self.stop_scope == StopScope::Channel).then_some(*channel),
+                    state: ConsentState::OptOut,
+                    at: now,
+                    source: "provider",
+                    keyword: None,
+                    event_id: event,
+                }),
+        )
+        .await?;
         Ok(())
     }
 }

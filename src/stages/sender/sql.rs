@@ -3,7 +3,7 @@
 pub const LOOKUP: &str = "
 SELECT m.id, m.status, m.recipient_phone, m.channel, m.body, m.retry_count, m.campaign_id,
        c.status, c.rate_limit_per_second, c.quiet_hours_start, c.quiet_hours_end,
-       u.consent_state, u.attributes ->> 'timezone', m.kind,
+       ese_consent_on(m.recipient_phone, m.channel, u.consent_state), u.attributes ->> 'timezone', m.kind,
        m.content_sid, m.content_variables, uc.last_inbound_at
   FROM messages m
   LEFT JOIN campaigns c ON c.id = m.campaign_id
@@ -13,8 +13,9 @@ SELECT m.id, m.status, m.recipient_phone, m.channel, m.body, m.retry_count, m.ca
 
 /// Claims a few messages right before their calls, consent checked again
 /// for every message by the kind its row was made with: a campaign message
-/// only while its campaign runs and to an opted-in number, a reply or a
-/// clarification to anyone not opted out, an opt-out confirmation always. A
+/// only while its campaign runs and to a number opted in on its channel, a
+/// reply or a clarification to anyone not opted out there, an opt-out
+/// confirmation always. A
 /// pause or an opt-out committed after the batch was looked up still stops
 /// the send (within ~100 ms of sends, not after the batch).
 pub const CLAIM: &str = "
@@ -25,10 +26,10 @@ UPDATE messages m SET status = 'SENDING', claimed_at = now(), updated_at = now()
         OR EXISTS (SELECT 1 FROM campaigns c WHERE c.id = m.campaign_id AND c.status = 'RUNNING'))
    AND CASE m.kind
          WHEN 'opt_out_confirmation' THEN true
-         WHEN 'campaign' THEN EXISTS (SELECT 1 FROM users u
-                                       WHERE u.phone_number = m.recipient_phone AND u.consent_state = 'OPT_IN')
-         ELSE NOT EXISTS (SELECT 1 FROM users u
-                           WHERE u.phone_number = m.recipient_phone AND u.consent_state = 'OPT_OUT')
+         WHEN 'campaign' THEN EXISTS (SELECT 1 FROM users u WHERE u.phone_number = m.recipient_phone
+                                         AND ese_consent_on(u.phone_number, m.channel, u.consent_state) = 'OPT_IN')
+         ELSE NOT EXISTS (SELECT 1 FROM users u WHERE u.phone_number = m.recipient_phone
+                             AND ese_consent_on(u.phone_number, m.channel, u.consent_state) = 'OPT_OUT')
        END
 RETURNING id";
 
@@ -54,4 +55,4 @@ UPDATE messages m SET status = 'QUEUED', retry_count = m.retry_count + 1, error_
   FROM unnest($1::bigint[], $2::int[], $3::text[]) AS x(id, c, r)
  WHERE m.id = x.id AND m.status = 'SENDING'";
 
-pub use crate::db::calls::{APPLY_CONSENT as OPT_OUT, APPLY_RECEIPTS};
+pub use crate::db::calls::APPLY_RECEIPTS;
