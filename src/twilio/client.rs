@@ -126,16 +126,18 @@ impl Provider {
         classify(code, status, format!("HTTP {status}: {message}"))
     }
 
-    /// The SID of a message to `to` created since `since` whose text is
+    /// The SIDs of the messages to `to` created since `since` whose text is
     /// `body` (`None`: a template send, whose text the provider renders from
-    /// its own copy: any text), if the provider has one.
+    /// its own copy: any text), newest first. More than one when the person
+    /// got the same text twice (two opt-out confirmations): the caller tells
+    /// them apart by the SIDs it already holds.
     pub async fn find(
         &self,
         channel: Channel,
         to: &str,
         body: Option<&str>,
         since: DateTime<Utc>,
-    ) -> anyhow::Result<Option<String>> {
+    ) -> anyhow::Result<Vec<String>> {
         let url = url::Url::parse_with_params(
             &self.url("Messages.json"),
             &[
@@ -158,7 +160,7 @@ impl Provider {
             .and_then(|m| m.as_array())
             .into_iter()
             .flatten()
-            .find(|m| {
+            .filter(|m| {
                 let created = m
                     .get("date_created")
                     .and_then(|d| d.as_str())
@@ -166,7 +168,8 @@ impl Provider {
                 (body.is_none() || m.get("body").and_then(|b| b.as_str()) == body)
                     && created.is_some_and(|c| c >= since)
             })
-            .and_then(|m| m.get("sid").and_then(|s| s.as_str()).map(str::to_string));
+            .filter_map(|m| m.get("sid").and_then(|s| s.as_str()).map(str::to_string))
+            .collect();
         Ok(found)
     }
 }

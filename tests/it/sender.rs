@@ -585,3 +585,71 @@ async fn the_sender_reads_a_messages_kind_from_its_row_never_from_the_record() {
         "one call each: hal's confirmation, ivy's and jay's replies"
     );
 }
+
+/// A sender killed after claiming a message and before calling leaves it
+/// SENDING; the reconciler asks the provider. The person already got the
+/// same text (a second opt-out confirmation): that send is the other
+/// message's, so this one is sent, not marked with the other's SID.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_text_twice_is_reconciled_as_two_messages() {
+    let l = Loop::start("").await;
+    let stages = Stages::start(&l, 1);
+    let to = "+14155550401";
+    let text = "You are unsubscribed.";
+    let c = l.app.pool.get().await.unwrap();
+    let insert = "INSERT INTO messages (recipient_phone, body, kind, idempotency_key)
+                  VALUES ($1, $2, 'opt_out_confirmation', $3) RETURNING id";
+    let first: i64 = c
+        .query_one(insert, &[&to, &text, &"reply:first"])
+        .await
+        .unwrap()
+        .get(0);
+    let send = ese::records::SendRequest {
+        message_id: first,
+        campaign_id: None,
+        recipient: to.to_string(),
+        channel: ese::model::Channel::Sms,
+        body: text.to_string(),
+        attempt: 0,
+        kind: ese::model::SendKind::OptOutConfirmation,
+        not_before: None,
+    };
+    let topic = l.app.topic("sends");
+    let payload = l.app.codec.encode(&topic, &send).await.unwrap();
+    l.app.produce(&topic, to.as_bytes(), &payload).await;
+    let sid_of = async |id: i64| -> (String, Option<String>) {
+        let r = c
+            .query_one(
+                "SELECT status, provider_sid FROM messages WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    wait_until("the first delivered", Duration::from_secs(60), async || {
+        sid_of(first).await.0 == "DELIVERED"
+    })
+    .await;
+    // The second: claimed 10 s ago by a sender that died before its call.
+    let second: i64 = c
+        .query_one(
+            "INSERT INTO messages (recipient_phone, body, kind, idempotency_key, status, claimed_at)
+             VALUES ($1, $2, 'opt_out_confirmation', 'reply:second', 'SENDING', now() - interval '10 seconds')
+             RETURNING id",
+            &[&to, &text],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    wait_until(
+        "the second delivered",
+        Duration::from_secs(60),
+        async || sid_of(second).await.0 == "DELIVERED",
+    )
+    .await;
+    let (a, b) = (sid_of(first).await.1, sid_of(second).await.1);
+    assert!(a.is_some() && b.is_some() && a != b, "{a:?} {b:?}");
+    assert_eq!(per_recipient(&l.stats().await).get(to), Some(&2));
+    stages.stop().await;
+}
