@@ -712,16 +712,19 @@ impl Delegate {
     }
 
     #[instrument(skip_all)]
+    /// ese patch: the watermark and the topition's id, which the record
+    /// and header inserts of the batch then use directly (each looked the
+    /// cluster, topic and partition up again by name before).
     async fn watermark_select_for_update(
         &self,
         topition: &Topition,
         connection: &PoolConnection,
-    ) -> Result<(Option<i64>, Option<i64>)> {
+    ) -> Result<(Option<i64>, Option<i64>, i64)> {
         debug!(?topition);
 
         let mut rows = connection
             .query(
-                "watermark_select_no_update.sql",
+                "watermark_topition_select.sql",
                 (
                     self.cluster.as_str(),
                     topition.topic(),
@@ -738,6 +741,7 @@ impl Delegate {
             Ok((
                 row.get::<Option<i64>>(0).inspect_err(|err| error!(?err))?,
                 row.get::<Option<i64>>(1).inspect_err(|err| error!(?err))?,
+                row.get::<i64>(2).inspect_err(|err| error!(?err))?,
             ))
         } else {
             Err(Error::Api(ErrorCode::UnknownTopicOrPartition))
@@ -765,7 +769,7 @@ impl Delegate {
 
         debug!(after_idempotent_check = elapsed_millis(start));
 
-        let (low, high) = self
+        let (low, high, topition_id) = self
             .watermark_select_for_update(topition, connection)
             .await
             .inspect_err(|err| error!(?err))?;
@@ -843,13 +847,12 @@ impl Delegate {
 
                 debug!(?delta, ?offset);
 
+                // ese patch: by the topition's id, resolved once per batch.
                 _ = connection
                     .execute(
-                        "record_insert.sql",
+                        "record_insert_by_topition.sql",
                         (
-                            self.cluster.as_str(),
-                            topic,
-                            partition,
+                            topition_id,
                             offset,
                             inflated.attributes,
                             if transaction_id.is_none() {
@@ -879,8 +882,8 @@ impl Delegate {
 
                     _ = connection
                         .execute(
-                            "header_insert.sql",
-                            (self.cluster.as_str(), topic, partition, offset, key, value),
+                            "header_insert_by_topition.sql",
+                            (topition_id, offset, key, value),
                         )
                         .await
                         .inspect_err(|err| {

@@ -126,6 +126,10 @@ pub(crate) static SQL: LazyLock<Cache> = LazyLock::new(|| {
         ("header_fetch.sql", include_sql!("sql/header_fetch.sql")),
         ("header_insert.sql", include_sql!("sql/header_insert.sql")),
         (
+            "header_insert_by_topition.sql",
+            include_sql!("sql/header_insert_by_topition.sql"),
+        ),
+        (
             "list_earliest_offset.sql",
             include_sql!("sql/list_earliest_offset.sql"),
         ),
@@ -193,6 +197,10 @@ pub(crate) static SQL: LazyLock<Cache> = LazyLock::new(|| {
         ("record_fetch.sql", include_sql!("sql/record_fetch.sql")),
         ("record_fetch_pg.sql", include_sql!("pg/record_fetch.sql")),
         ("record_insert.sql", include_sql!("sql/record_insert.sql")),
+        (
+            "record_insert_by_topition.sql",
+            include_sql!("sql/record_insert_by_topition.sql"),
+        ),
         (
             "register_broker.sql",
             include_sql!("sql/register_broker.sql"),
@@ -380,6 +388,10 @@ pub(crate) static SQL: LazyLock<Cache> = LazyLock::new(|| {
         (
             "watermark_select_no_update.sql",
             include_sql!("sql/watermark_select_no_update.sql"),
+        ),
+        (
+            "watermark_topition_select.sql",
+            include_sql!("sql/watermark_topition_select.sql"),
         ),
         (
             "watermark_select_stable.sql",
