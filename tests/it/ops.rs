@@ -376,3 +376,43 @@ async fn replay_cli_shows_the_plan_and_moves_only_what_it_names() {
     assert!(ok, "{err}");
     assert!(out.contains("0 records will be processed again"), "{out}");
 }
+
+/// `ese status` on the durable SQLite storage that `ese up` runs by
+/// default: the running stage's group is described with its member and no
+/// lag (the storage read a group's stored detail as a JSON string and the
+/// broker dropped every DescribeGroups).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_describes_running_groups_on_durable_storage() {
+    let port = crate::harness::free_port();
+    let db = crate::harness::BrokerDb::new();
+    let mut broker = crate::harness::spawn_broker(port, &db.storage());
+    let app = TestApp::spawn_with(
+        toml::from_str(&format!("[kafka]\nbrokers = \"127.0.0.1:{port}\"")).unwrap(),
+    )
+    .await;
+    produce_upserts(
+        &app,
+        &[upsert(
+            "+14155552671",
+            json!({"plan": "pro"}),
+            1_767_225_600_000,
+        )],
+    )
+    .await;
+    let users = app.start_stage("users");
+    app.wait_caught_up("users", WAIT).await;
+    let status = ops::status(&app.settings)
+        .await
+        .expect("status on SQLite storage");
+    let s = status
+        .iter()
+        .find(|s| s.stage == "users")
+        .expect("users listed");
+    assert_eq!(s.members.len(), 1, "{s:?}");
+    assert_eq!(s.lag, 0, "{s:?}");
+    let (ok, out, err) = app.run_ese(&["status"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("users"), "{out}");
+    users.stop().await;
+    broker.kill9();
+}

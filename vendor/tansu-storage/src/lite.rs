@@ -2467,212 +2467,144 @@ impl Storage for Delegate {
             .await
             .inspect_err(|err| error!(?err))?;
 
-        let mut batches = vec![];
+        // ese patch: the records first, then every header of them in one
+        // query (one query per record before: the storage serves every
+        // client on one task, and a fetch of thousands of records held it
+        // for as many queries).
+        struct Fetched {
+            offset: i64,
+            attributes: i16,
+            timestamp: i64,
+            k: Option<Bytes>,
+            v: Option<Bytes>,
+            producer_id: i64,
+            producer_epoch: i16,
+        }
 
-        if let Some(row) = records.next().await? {
-            let offset_delta = 0;
-            let timestamp_delta = 0;
+        let mut fetched = vec![];
 
-            let record_builder = {
-                let mut record_builder = Record::builder()
-                    .offset_delta(offset_delta)
-                    .timestamp_delta(timestamp_delta)
-                    .key(
-                        row.get::<Option<Vec<u8>>>(3)
-                            .map(|o| o.map(Bytes::from))
-                            .inspect(|k| debug!(?k))
-                            .inspect_err(|err| error!(?err))?,
-                    )
-                    .value(
-                        row.get::<Option<Vec<u8>>>(4)
-                            .map(|o| o.map(Bytes::from))
-                            .inspect(|v| debug!(?v))
-                            .inspect_err(|err| error!(?err))?,
-                    );
-
-                let mut headers = c
-                    .query(
-                        "header_fetch.sql",
-                        (
-                            self.cluster.as_str(),
-                            topition.topic(),
-                            topition.partition(),
-                            offset,
-                        ),
-                    )
-                    .await?;
-
-                while let Some(header) = headers.next().await? {
-                    let mut header_builder = Header::builder();
-
-                    if let Some(k) = header
-                        .get::<Option<Vec<u8>>>(0)
-                        .inspect_err(|err| error!(?err))?
-                    {
-                        header_builder = header_builder.key(Bytes::from(k));
-                    }
-
-                    if let Some(v) = header
-                        .get::<Option<Vec<u8>>>(1)
-                        .inspect_err(|err| error!(?err))?
-                    {
-                        header_builder = header_builder.value(Bytes::from(v));
-                    }
-
-                    record_builder = record_builder.header(header_builder);
-                }
-
-                record_builder
-            };
-
-            let mut batch_builder = inflated::Batch::builder()
-                .base_offset(
-                    row.get::<i64>(0)
-                        .inspect(|base_offset| debug!(base_offset))
-                        .inspect_err(|err| error!(?err))?,
-                )
-                .attributes(
-                    row.get::<Option<i32>>(1)
-                        .map(|attributes| attributes.unwrap_or(0))
-                        .inspect_err(|err| error!(?err))? as i16,
-                )
-                .base_timestamp(
-                    row.get_value(2)
-                        .map_err(Error::from)
-                        .and_then(LiteTimestamp::try_from)
-                        .and_then(|system_time| to_timestamp(&system_time.0).map_err(Into::into))
-                        .inspect_err(|err| error!(?err))?,
-                )
-                .producer_id(
-                    row.get::<Option<i64>>(6)
-                        .map(|producer_id| producer_id.unwrap_or(-1))
-                        .inspect_err(|err| error!(?err))?,
-                )
-                .producer_epoch(
-                    row.get::<Option<i32>>(7)
-                        .map(|producer_epoch| producer_epoch.unwrap_or(-1))
-                        .inspect_err(|err| error!(?err))? as i16,
-                )
-                .record(record_builder)
-                .last_offset_delta(offset_delta);
-
-            while let Some(row) = records.next().await? {
-                let attributes = row
-                    .get::<Option<i32>>(1)
-                    .map(|attributes| attributes.unwrap_or(0))
-                    .inspect_err(|err| error!(?err))? as i16;
-
-                let producer_id = row
-                    .get::<Option<i64>>(6)
-                    .map(|producer_id| producer_id.unwrap_or(-1))
-                    .inspect_err(|err| error!(?err))?;
-                let producer_epoch = row
-                    .get::<Option<i32>>(7)
-                    .map(|producer_epoch| producer_epoch.unwrap_or(-1))
-                    .inspect_err(|err| error!(?err))? as i16;
-
-                if batch_builder.attributes != attributes
-                    || batch_builder.producer_id != producer_id
-                    || batch_builder.producer_epoch != producer_epoch
-                {
-                    batches.push(batch_builder.build().and_then(TryInto::try_into)?);
-
-                    batch_builder = inflated::Batch::builder()
-                        .base_offset(
-                            row.get::<i64>(0)
-                                .inspect(|base_offset| debug!(base_offset))
-                                .inspect_err(|err| error!(?err))?,
-                        )
-                        .base_timestamp(
-                            row.get_value(2)
-                                .map_err(Error::from)
-                                .and_then(LiteTimestamp::try_from)
-                                .and_then(|system_time| {
-                                    to_timestamp(&system_time.0).map_err(Into::into)
-                                })
-                                .inspect_err(|err| error!(?err))?,
-                        )
-                        .attributes(attributes)
-                        .producer_id(producer_id)
-                        .producer_epoch(producer_epoch);
-                }
-
-                let offset = row
+        while let Some(row) = records.next().await? {
+            fetched.push(Fetched {
+                offset: row
                     .get::<i64>(0)
                     .inspect(|offset| debug!(offset))
-                    .inspect_err(|err| error!(?err))?;
-                let offset_delta = i32::try_from(offset - batch_builder.base_offset)?;
-
-                let timestamp_delta = row
+                    .inspect_err(|err| error!(?err))?,
+                attributes: row
+                    .get::<Option<i32>>(1)
+                    .map(|attributes| attributes.unwrap_or(0))
+                    .inspect_err(|err| error!(?err))? as i16,
+                timestamp: row
                     .get_value(2)
                     .map_err(Error::from)
                     .and_then(LiteTimestamp::try_from)
-                    .and_then(|system_time| {
-                        to_timestamp(&system_time.0)
-                            .map(|timestamp| timestamp - batch_builder.base_timestamp)
-                            .map_err(Into::into)
-                    })
-                    .inspect(|timestamp| debug!(?timestamp))
-                    .inspect_err(|err| error!(?err))?;
+                    .and_then(|system_time| to_timestamp(&system_time.0).map_err(Into::into))
+                    .inspect_err(|err| error!(?err))?,
+                k: row
+                    .get::<Option<Vec<u8>>>(3)
+                    .map(|o| o.map(Bytes::from))
+                    .inspect_err(|err| error!(?err))?,
+                v: row
+                    .get::<Option<Vec<u8>>>(4)
+                    .map(|o| o.map(Bytes::from))
+                    .inspect_err(|err| error!(?err))?,
+                producer_id: row
+                    .get::<Option<i64>>(6)
+                    .map(|producer_id| producer_id.unwrap_or(-1))
+                    .inspect_err(|err| error!(?err))?,
+                producer_epoch: row
+                    .get::<Option<i32>>(7)
+                    .map(|producer_epoch| producer_epoch.unwrap_or(-1))
+                    .inspect_err(|err| error!(?err))? as i16,
+            });
+        }
 
-                let record_builder = {
-                    let mut record_builder = Record::builder()
-                        .offset_delta(offset_delta)
-                        .timestamp_delta(timestamp_delta)
-                        .key(
-                            row.get::<Option<Vec<u8>>>(3)
-                                .map(|o| o.map(Bytes::from))
-                                .inspect(|k| debug!(?k))
-                                .inspect_err(|err| error!(?err))?,
-                        )
-                        .value(
-                            row.get::<Option<Vec<u8>>>(4)
-                                .map(|o| o.map(Bytes::from))
-                                .inspect(|v| debug!(?v))
-                                .inspect_err(|err| error!(?err))?,
-                        );
+        let mut headers: BTreeMap<i64, Vec<(Option<Bytes>, Option<Bytes>)>> = BTreeMap::new();
 
-                    let mut headers = c
-                        .query(
-                            "header_fetch.sql",
-                            (
-                                self.cluster.as_str(),
-                                topition.topic(),
-                                topition.partition(),
-                                offset,
-                            ),
-                        )
-                        .await?;
+        if let (Some(first), Some(last)) = (fetched.first(), fetched.last()) {
+            let mut rows = c
+                .query(
+                    "header_fetch_range.sql",
+                    (
+                        self.cluster.as_str(),
+                        topition.topic(),
+                        topition.partition(),
+                        first.offset,
+                        last.offset,
+                    ),
+                )
+                .await?;
 
-                    while let Some(header) = headers.next().await? {
-                        let mut header_builder = Header::builder();
+            while let Some(header) = rows.next().await? {
+                let offset = header.get::<i64>(0).inspect_err(|err| error!(?err))?;
+                let k = header
+                    .get::<Option<Vec<u8>>>(1)
+                    .inspect_err(|err| error!(?err))?
+                    .map(Bytes::from);
+                let v = header
+                    .get::<Option<Vec<u8>>>(2)
+                    .inspect_err(|err| error!(?err))?
+                    .map(Bytes::from);
+                headers.entry(offset).or_default().push((k, v));
+            }
+        }
 
-                        if let Some(k) = header
-                            .get::<Option<Vec<u8>>>(0)
-                            .inspect_err(|err| error!(?err))?
-                        {
-                            header_builder = header_builder.key(Bytes::from(k));
-                        }
+        let mut batches = vec![];
+        let mut batch_builder: Option<inflated::Builder> = None;
 
-                        if let Some(v) = header
-                            .get::<Option<Vec<u8>>>(1)
-                            .inspect_err(|err| error!(?err))?
-                        {
-                            header_builder = header_builder.value(Bytes::from(v));
-                        }
-
-                        record_builder = record_builder.header(header_builder);
+        for record in fetched {
+            let builder = match batch_builder.take() {
+                Some(builder)
+                    if builder.attributes == record.attributes
+                        && builder.producer_id == record.producer_id
+                        && builder.producer_epoch == record.producer_epoch =>
+                {
+                    builder
+                }
+                previous => {
+                    if let Some(previous) = previous {
+                        batches.push(previous.build().and_then(TryInto::try_into)?);
                     }
 
-                    record_builder
-                };
+                    inflated::Batch::builder()
+                        .base_offset(record.offset)
+                        .base_timestamp(record.timestamp)
+                        .attributes(record.attributes)
+                        .producer_id(record.producer_id)
+                        .producer_epoch(record.producer_epoch)
+                }
+            };
 
-                batch_builder = batch_builder
-                    .record(record_builder)
-                    .last_offset_delta(offset_delta);
+            let offset_delta = i32::try_from(record.offset - builder.base_offset)?;
+
+            let mut record_builder = Record::builder()
+                .offset_delta(offset_delta)
+                .timestamp_delta(record.timestamp - builder.base_timestamp)
+                .key(record.k)
+                .value(record.v);
+
+            for (k, v) in headers.remove(&record.offset).unwrap_or_default() {
+                let mut header_builder = Header::builder();
+
+                if let Some(k) = k {
+                    header_builder = header_builder.key(k);
+                }
+
+                if let Some(v) = v {
+                    header_builder = header_builder.value(v);
+                }
+
+                record_builder = record_builder.header(header_builder);
             }
 
-            batches.push(batch_builder.build().and_then(TryInto::try_into)?);
+            batch_builder = Some(
+                builder
+                    .record(record_builder)
+                    .last_offset_delta(offset_delta),
+            );
+        }
+
+        if let Some(builder) = batch_builder {
+            batches.push(builder.build().and_then(TryInto::try_into)?);
         } else {
             batches.push(
                 inflated::Batch::builder()
@@ -3747,14 +3679,16 @@ impl Storage for Delegate {
                     .await
                     .inspect_err(|err| error!(?err, group_id))?
                 {
-                    let value = row
+                    // ese patch: the detail is stored as JSON text; it was
+                    // read as a JSON *string*, so DescribeGroups failed
+                    // (and the broker dropped the connection) for every
+                    // group on this storage.
+                    let current = row
                         .get_str(1)
                         .map_err(Error::from)
-                        .map(serde_json::Value::from)
+                        .and_then(|value| serde_json::from_str::<GroupDetail>(value).map_err(Into::into))
+                        .inspect(|current| debug!(?current))
                         .inspect_err(|err| error!(?err, group_id))?;
-
-                    let current = serde_json::from_value::<GroupDetail>(value)
-                        .inspect(|current| debug!(?current))?;
 
                     results.push(NamedGroupDetail::found(group_id.into(), current));
                 } else {

@@ -126,6 +126,10 @@ pub(crate) static SQL: LazyLock<Cache> = LazyLock::new(|| {
         ("header_fetch.sql", include_sql!("sql/header_fetch.sql")),
         ("header_insert.sql", include_sql!("sql/header_insert.sql")),
         (
+            "header_fetch_range.sql",
+            include_sql!("sql/header_fetch_range.sql"),
+        ),
+        (
             "header_insert_by_topition.sql",
             include_sql!("sql/header_insert_by_topition.sql"),
         ),
