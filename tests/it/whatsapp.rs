@@ -512,13 +512,13 @@ async fn a_stop_scoped_to_its_channel_stops_that_channel_alone() {
     };
 
     person_writes(&l, ada, "STOP").await;
-    wait_until("the WhatsApp opt-out", Duration::from_secs(60), async || {
-        l.app
-            .count("SELECT count(*) FROM consent_events WHERE channel = 'WHATSAPP' AND new_state = 'OPT_OUT' AND applied")
-            .await
-            == 1
-    })
-    .await;
+    l.app
+        .wait_for_count(
+            "SELECT count(*) FROM consent_events WHERE channel = 'WHATSAPP' AND new_state = 'OPT_OUT' AND applied",
+            1,
+            Duration::from_secs(60),
+        )
+        .await;
     assert_eq!(channel_state("WHATSAPP").await.as_deref(), Some("OPT_OUT"));
     assert_eq!(
         channel_state("SMS").await,
@@ -587,17 +587,13 @@ async fn a_stop_scoped_to_its_channel_stops_that_channel_alone() {
             .await;
         campaigns.push(id);
     }
-    wait_until(
-        "both campaigns fanned out",
-        Duration::from_secs(60),
-        async || {
-            l.app
-                .count("SELECT count(*) FROM fanout_progress WHERE finished")
-                .await
-                == 2
-        },
-    )
-    .await;
+    l.app
+        .wait_for_count(
+            "SELECT count(*) FROM fanout_progress WHERE finished",
+            2,
+            Duration::from_secs(60),
+        )
+        .await;
     let sent = async |campaign: i64| {
         l.app
             .count(&format!(
@@ -610,13 +606,13 @@ async fn a_stop_scoped_to_its_channel_stops_that_channel_alone() {
 
     // START on WhatsApp opens that channel again.
     person_writes(&l, ada, "START").await;
-    wait_until("the WhatsApp opt-in", Duration::from_secs(60), async || {
-        l.app
-            .count("SELECT count(*) FROM user_channels WHERE channel = 'WHATSAPP' AND consent_state = 'OPT_IN'")
-            .await
-            == 1
-    })
-    .await;
+    l.app
+        .wait_for_count(
+            "SELECT count(*) FROM user_channels WHERE channel = 'WHATSAPP' AND consent_state = 'OPT_IN'",
+            1,
+            Duration::from_secs(60),
+        )
+        .await;
     drop(child);
     for s in stages {
         s.stop().await;

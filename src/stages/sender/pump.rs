@@ -117,15 +117,19 @@ impl Pump {
             // A SID another message already holds is that message's send
             // of the same text, not this one's.
             let candidates = self.provider.find(channel, &phone, text, claimed).await?;
-            let held: Vec<String> = client
-                .query(
-                    "SELECT provider_sid FROM messages WHERE provider_sid = ANY($1)",
-                    &[&candidates],
-                )
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let held: Vec<String> = if candidates.is_empty() {
+                Vec::new()
+            } else {
+                client
+                    .query(
+                        "SELECT provider_sid FROM messages WHERE provider_sid = ANY($1)",
+                        &[&candidates],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect()
+            };
             match candidates.into_iter().find(|sid| !held.contains(sid)) {
                 Some(sid) => {
                     client
