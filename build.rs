@@ -58,5 +58,24 @@ fn main() {
         .expect("write to a String");
     }
     out.push_str("];\n");
+    // `embed_migrations!` reads migrations/ when the crate compiles, which
+    // cargo does not track: a digest of them here makes a changed migration
+    // recompile the crate that embeds it.
+    let mut digest = std::collections::hash_map::DefaultHasher::new();
+    let mut migrations: Vec<_> = std::fs::read_dir(root.join("migrations"))
+        .expect("migrations/ is readable")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    migrations.sort();
+    for path in migrations {
+        std::hash::Hash::hash(&path, &mut digest);
+        std::hash::Hash::hash(&std::fs::read(&path).unwrap_or_default(), &mut digest);
+    }
+    writeln!(
+        out,
+        "// migrations/ digest {:x}",
+        std::hash::Hasher::finish(&digest)
+    )
+    .expect("write to a String");
     std::fs::write(out_dir.join("functions.rs"), out).expect("write functions.rs");
 }

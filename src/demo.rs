@@ -106,7 +106,7 @@ pub async fn run(settings: &Settings, users: u32, timeout: Duration) -> anyhow::
         .call(
             Method::POST,
             "/templates",
-            Some(json!({"name": format!("demo {run}"), "body": "Hi {first_name}, this is the ese demo."})),
+            Some(json!({"name": format!("demo {run}"), "content": "Hi {first_name}, this is the ese demo."})),
         )
         .await?;
     let segment = admin
@@ -114,7 +114,7 @@ pub async fn run(settings: &Settings, users: u32, timeout: Duration) -> anyhow::
             Method::POST,
             "/segments",
             Some(json!({"name": format!("demo {run}"),
-                        "filter": {"attribute": "demo", "operator": "equals", "value": run}})),
+                        "filter_criteria": {"attribute": "demo", "operator": "equals", "value": run}})),
         )
         .await?;
     let deadline = Instant::now() + timeout;
@@ -138,7 +138,9 @@ pub async fn run(settings: &Settings, users: u32, timeout: Duration) -> anyhow::
             "/campaigns",
             Some(
                 json!({"name": format!("demo {run}"), "template_id": template["id"],
-                        "segment_id": segment["id"], "rate_limit_per_second": 100}),
+                        "segment_id": segment["id"], "rate_limit_per_second": 100,
+                        // A demo runs at any hour: no quiet hours.
+                        "quiet_hours_start": null, "quiet_hours_end": null}),
             ),
         )
         .await?;

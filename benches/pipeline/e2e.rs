@@ -146,10 +146,19 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
     let client = pool.get().await?;
 
     // The messages the callbacks belong to; their COPY is the Postgres ceiling.
+    client
+        .execute(
+            "INSERT INTO users (phone_e164)
+             SELECT '+1415' || lpad((200 + (i / 10000) % 800)::text, 3, '0') || lpad((i % 10000)::text, 4, '0')
+               FROM generate_series(0, $1::bigint - 1) i
+             ON CONFLICT (phone_e164) DO NOTHING",
+            &[&(n as i64)],
+        )
+        .await?;
     let campaign: i64 = client
         .query_one(
-            "WITH t AS (INSERT INTO templates (name, body) VALUES ('e2e', 'Hello') RETURNING id),
-                  s AS (INSERT INTO segments (name, filter) VALUES ('e2e', '{}') RETURNING id)
+            "WITH t AS (INSERT INTO templates (name, content) VALUES ('e2e', 'Hello') RETURNING id),
+                  s AS (INSERT INTO segments (name, filter_criteria) VALUES ('e2e', '{}') RETURNING id)
              INSERT INTO campaigns (name, template_id, segment_id, status)
              SELECT 'e2e webhooks', t.id, s.id, 'RUNNING' FROM t, s RETURNING id",
             &[],
@@ -158,7 +167,7 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
         .get(0);
     let started = Instant::now();
     let sink = client
-        .copy_in("COPY messages (campaign_id, recipient_phone, body, provider_sid, status, sent_at) FROM STDIN BINARY")
+        .copy_in("COPY messages (campaign_id, recipient_phone, rendered_content, provider_sid, status, sent_at) FROM STDIN BINARY")
         .await?;
     let writer = BinaryCopyInWriter::new(
         sink,
@@ -386,19 +395,21 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
     // A campaign at rate limit off: start → every message final.
     client
         .execute(
-            "INSERT INTO users (phone_number, attributes)
+            "INSERT INTO users (phone_e164, attributes)
              SELECT '+1415' || (2000000 + i)::text, jsonb_build_object('first_name', 'User' || i, 'plan', 'e2e')
-               FROM generate_series(1, $1::bigint) i",
+               FROM generate_series(1, $1::bigint) i
+             ON CONFLICT (phone_e164) DO UPDATE SET attributes = EXCLUDED.attributes",
             &[&users],
         )
         .await?;
     let id: i64 = client
         .query_one(
-            "WITH t AS (INSERT INTO templates (name, body) VALUES ('e2e campaign', 'Hi {first_name}') RETURNING id),
-                  s AS (INSERT INTO segments (name, filter) VALUES ('e2e campaign',
+            "WITH t AS (INSERT INTO templates (name, content) VALUES ('e2e campaign', 'Hi {first_name}') RETURNING id),
+                  s AS (INSERT INTO segments (name, filter_criteria) VALUES ('e2e campaign',
                           '{\"attribute\": \"plan\", \"operator\": \"equals\", \"value\": \"e2e\"}') RETURNING id)
-             INSERT INTO campaigns (name, template_id, segment_id, status, rate_limit_per_second)
-             SELECT 'e2e campaign', t.id, s.id, 'READY', 1000000 FROM t, s RETURNING id",
+             INSERT INTO campaigns (name, template_id, segment_id, status, rate_limit_per_second,
+                                    quiet_hours_start, quiet_hours_end)
+             SELECT 'e2e campaign', t.id, s.id, 'READY', 1000000, NULL, NULL FROM t, s RETURNING id",
             &[],
         )
         .await?

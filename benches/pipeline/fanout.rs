@@ -34,7 +34,7 @@ async fn run(scratch: &Scratch, n: i64) -> anyhow::Result<()> {
     let started = Instant::now();
     client
         .execute(
-            "INSERT INTO users (phone_number, attributes)
+            "INSERT INTO users (phone_e164, attributes)
              SELECT '+1' || (2000000000 + i)::text,
                     jsonb_build_object('first_name', 'User' || i, 'plan', 'pro', 'age', 20 + i % 60)
                FROM generate_series(1, $1::bigint) i",
@@ -48,12 +48,12 @@ async fn run(scratch: &Scratch, n: i64) -> anyhow::Result<()> {
     );
     let campaign: i64 = client
         .query_one(
-            "WITH t AS (INSERT INTO templates (name, body, variables) VALUES
-                          ('bench', 'Hello {first_name}, our spring sale starts today.', '{first_name}') RETURNING id),
-                  s AS (INSERT INTO segments (name, filter) VALUES
+            "WITH t AS (INSERT INTO templates (name, content, variables) VALUES
+                          ('bench', 'Hello {first_name}, our spring sale starts today.', '[\"first_name\"]') RETURNING id),
+                  s AS (INSERT INTO segments (name, filter_criteria) VALUES
                           ('bench', '{\"attribute\": \"plan\", \"operator\": \"equals\", \"value\": \"pro\"}') RETURNING id)
-             INSERT INTO campaigns (name, template_id, segment_id, status)
-             SELECT 'bench', t.id, s.id, 'READY' FROM t, s RETURNING id",
+             INSERT INTO campaigns (name, template_id, segment_id, status, quiet_hours_start, quiet_hours_end)
+             SELECT 'bench', t.id, s.id, 'READY', NULL, NULL FROM t, s RETURNING id",
             &[],
         )
         .await?
@@ -66,25 +66,22 @@ async fn run(scratch: &Scratch, n: i64) -> anyhow::Result<()> {
         .await?;
     let rows = client
         .query(
-            "SELECT id, phone_number, 'Hello ' || (attributes->>'first_name') || ', our spring sale starts today.'
-               FROM users ORDER BY id",
+            "SELECT phone_e164, 'Hello ' || (attributes->>'first_name') || ', our spring sale starts today.'
+               FROM users ORDER BY seq",
             &[],
         )
         .await?;
     let started = Instant::now();
     let sink = client
         .copy_in(
-            "COPY bench_messages (campaign_id, user_id, recipient_phone, body) FROM STDIN BINARY",
+            "COPY bench_messages (campaign_id, recipient_phone, rendered_content) FROM STDIN BINARY",
         )
         .await?;
-    let writer = BinaryCopyInWriter::new(sink, &[Type::INT8, Type::INT8, Type::TEXT, Type::TEXT]);
+    let writer = BinaryCopyInWriter::new(sink, &[Type::INT8, Type::TEXT, Type::TEXT]);
     futures::pin_mut!(writer);
     for r in &rows {
-        let (id, phone, body): (i64, String, String) = (r.get(0), r.get(1), r.get(2));
-        writer
-            .as_mut()
-            .write(&[&campaign, &id, &phone, &body])
-            .await?;
+        let (phone, body): (String, String) = (r.get(0), r.get(1));
+        writer.as_mut().write(&[&campaign, &phone, &body]).await?;
     }
     writer.finish().await?;
     let copy = started.elapsed();

@@ -396,7 +396,7 @@ async fn users_in(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
     let started = Instant::now();
     let sink = client
         .copy_in(
-            "COPY users (phone_number, attributes, attribute_times, updated_at) FROM STDIN BINARY",
+            "COPY users (phone_e164, attributes, attribute_times, last_updated) FROM STDIN BINARY",
         )
         .await?;
     let writer = BinaryCopyInWriter::new(

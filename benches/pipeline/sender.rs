@@ -51,7 +51,7 @@ async fn run(scratch: &Scratch, channel: &str, limit: i32, n: i64) -> anyhow::Re
     let client = pool.get().await?;
     client
         .execute(
-            "INSERT INTO users (phone_number, attributes)
+            "INSERT INTO users (phone_e164, attributes)
              SELECT '+1' || (2000000000 + i)::text, jsonb_build_object('plan', 'pro', 'timezone', 'UTC')
                FROM generate_series(1, $1::bigint) i",
             &[&n],
@@ -60,15 +60,16 @@ async fn run(scratch: &Scratch, channel: &str, limit: i32, n: i64) -> anyhow::Re
     let per_second = if limit == 0 { 1_000_000 } else { limit };
     let campaign: i64 = client
         .query_one(
-            "WITH t AS (INSERT INTO templates (name, body, channel, content_sid, content_variables)
+            "WITH t AS (INSERT INTO templates (name, content, channel, content_sid, content_variables)
                         SELECT 'bench', 'Hello {plan}', $2::text,
                                CASE WHEN $2 = 'WHATSAPP' THEN 'HX00000000000000000000000000000001' END,
                                '[\"plan\", \"plan\"]'::jsonb
                         RETURNING id),
-                  s AS (INSERT INTO segments (name, filter) VALUES
+                  s AS (INSERT INTO segments (name, filter_criteria) VALUES
                           ('bench', '{\"attribute\": \"plan\", \"operator\": \"equals\", \"value\": \"pro\"}') RETURNING id)
-             INSERT INTO campaigns (name, template_id, segment_id, status, rate_limit_per_second)
-             SELECT 'bench', t.id, s.id, 'READY', $1 FROM t, s RETURNING id",
+             INSERT INTO campaigns (name, template_id, segment_id, status, rate_limit_per_second,
+                                    quiet_hours_start, quiet_hours_end)
+             SELECT 'bench', t.id, s.id, 'READY', $1, NULL, NULL FROM t, s RETURNING id",
             &[&per_second, &channel],
         )
         .await?

@@ -100,11 +100,18 @@ async fn run(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
     let now = chrono::Utc::now();
     client
         .execute(
-            "WITH t AS (INSERT INTO templates (name, body) VALUES ('bench', 'hi') RETURNING id),
-                  s AS (INSERT INTO segments (name, filter) VALUES ('bench', '{}') RETURNING id),
+            "INSERT INTO users (phone_e164)
+             SELECT '+1415' || lpad((2000000 + g)::text, 7, '0') FROM generate_series(1, $1::int) g",
+            &[&(n as i32)],
+        )
+        .await?;
+    client
+        .execute(
+            "WITH t AS (INSERT INTO templates (name, content) VALUES ('bench', 'hi') RETURNING id),
+                  s AS (INSERT INTO segments (name, filter_criteria) VALUES ('bench', '{}') RETURNING id),
                   c AS (INSERT INTO campaigns (name, template_id, segment_id, status)
                         SELECT 'bench', t.id, s.id, 'RUNNING' FROM t, s RETURNING id)
-             INSERT INTO messages (campaign_id, recipient_phone, body, status, provider_sid, sent_at)
+             INSERT INTO messages (campaign_id, recipient_phone, rendered_content, status, provider_sid, sent_at)
              SELECT c.id, '+1415' || lpad((2000000 + g)::text, 7, '0'), 'hi', 'SENT', 'SM' || g, $1
                FROM c, generate_series(1, $2::int) g",
             &[&now, &(n as i32)],
@@ -112,7 +119,7 @@ async fn run(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
         .await?;
     client
         .execute(
-            "INSERT INTO delivery_receipts (event_id, message_sid, status, raw_payload, received_at)
+            "INSERT INTO delivery_receipts (event_id, message_sid, message_status, raw_payload, received_at)
              SELECT gen_random_uuid(), 'SM' || g, 'delivered', '{}'::jsonb, $1::timestamptz + interval '1 second'
                FROM generate_series(1, $2::int) g",
             &[&now, &(n as i32)],

@@ -17,13 +17,13 @@ DECLARE
     created text[];
 BEGIN
     WITH c AS (
-        INSERT INTO users (phone_number, consent_state)
+        INSERT INTO users (phone_e164, consent_state)
         SELECT p, CASE WHEN ch IS NULL THEN s ELSE 'UNKNOWN' END
           FROM unnest(phones, channels, states) AS x(p, ch, s)
-        ON CONFLICT (phone_number) DO NOTHING
-        RETURNING phone_number
+        ON CONFLICT (phone_e164) DO NOTHING
+        RETURNING phone_e164
     )
-    SELECT coalesce(array_agg(phone_number), '{}') INTO created FROM c;
+    SELECT coalesce(array_agg(phone_e164), '{}') INTO created FROM c;
 
     INSERT INTO user_channels (phone_number, channel)
     SELECT p, ch FROM unnest(phones, channels) AS x(p, ch) WHERE ch IS NOT NULL
@@ -40,7 +40,7 @@ BEGIN
                     ELSE coalesce(uc.consent_state, u.consent_state) END AS state,
                CASE WHEN x.channel IS NULL THEN u.consent_updated_at
                     ELSE GREATEST(u.consent_updated_at, uc.consent_updated_at) END AS updated_at
-          FROM x JOIN users u ON u.phone_number = x.phone
+          FROM x JOIN users u ON u.phone_e164 = x.phone
           LEFT JOIN user_channels uc ON uc.phone_number = x.phone AND uc.channel = x.channel
          ORDER BY x.phone
            FOR UPDATE OF u
@@ -57,10 +57,10 @@ BEGIN
         RETURNING phone_number, channel, new_state, occurred_at, applied
     ), overall AS (
         UPDATE users u
-           SET consent_state = ins.new_state, consent_updated_at = ins.occurred_at, updated_at = now()
+           SET consent_state = ins.new_state, consent_updated_at = ins.occurred_at, last_updated = now()
           FROM ins
-         WHERE ins.applied AND ins.channel IS NULL AND u.phone_number = ins.phone_number
-        RETURNING u.phone_number, ins.occurred_at
+         WHERE ins.applied AND ins.channel IS NULL AND u.phone_e164 = ins.phone_number
+        RETURNING u.phone_e164 AS phone_number, ins.occurred_at
     ), superseded AS (
         UPDATE user_channels uc SET consent_state = NULL, consent_updated_at = NULL
           FROM overall

@@ -11,14 +11,14 @@ LANGUAGE sql AS $$
     WITH agg AS (
         SELECT d.message_sid AS sid,
                min(d.received_at) AS first_received,
-               (array_agg(ese_receipt_message_status(d.status)
-                    ORDER BY ese_status_rank(ese_receipt_message_status(d.status)) DESC, d.received_at, d.event_id)
-                    FILTER (WHERE ese_receipt_message_status(d.status) IS NOT NULL))[1] AS best,
-               min(d.received_at) FILTER (WHERE d.status IN ('sent', 'delivered', 'read', 'undelivered')) AS first_sent,
-               min(d.received_at) FILTER (WHERE d.status IN ('delivered', 'read')) AS first_delivered,
-               min(d.received_at) FILTER (WHERE d.status = 'read') AS first_read,
+               (array_agg(ese_receipt_message_status(d.message_status)
+                    ORDER BY ese_status_rank(ese_receipt_message_status(d.message_status)) DESC, d.received_at, d.event_id)
+                    FILTER (WHERE ese_receipt_message_status(d.message_status) IS NOT NULL))[1] AS best,
+               min(d.received_at) FILTER (WHERE d.message_status IN ('sent', 'delivered', 'read', 'undelivered')) AS first_sent,
+               min(d.received_at) FILTER (WHERE d.message_status IN ('delivered', 'read')) AS first_delivered,
+               min(d.received_at) FILTER (WHERE d.message_status = 'read') AS first_read,
                (array_agg(d.error_code ORDER BY d.received_at DESC, d.event_id DESC)
-                    FILTER (WHERE d.status IN ('failed', 'undelivered') AND d.error_code IS NOT NULL))[1] AS err
+                    FILTER (WHERE d.message_status IN ('failed', 'undelivered') AND d.error_code IS NOT NULL))[1] AS err
           FROM delivery_receipts d
          WHERE d.message_sid = ANY (sids)
          GROUP BY d.message_sid

@@ -574,7 +574,7 @@ impl Builder<'_> {
         let u = self.user;
         let c = self.param(SqlParam::Text(channel.as_str().to_owned()));
         let row = format!(
-            "SELECT 1 FROM user_channels uc WHERE uc.phone_number = {u}.phone_number AND uc.channel = {c}::text"
+            "SELECT 1 FROM user_channels uc WHERE uc.phone_number = {u}.phone_e164 AND uc.channel = {c}::text"
         );
         match op {
             ChannelOp::WindowOpen => {

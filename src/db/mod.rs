@@ -196,6 +196,19 @@ pub async fn migrate(url: &str) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// Applies the migrations up to and including `version`, and no SQL
+/// function (their live definitions name the newest schema): a database as
+/// an older release left it, for testing the upgrade from it.
+pub async fn migrate_until(url: &str, version: i32) -> anyhow::Result<()> {
+    let mut client = connect(url).await?;
+    embedded::migrations::runner()
+        .set_target(refinery::Target::Version(version))
+        .run_async(&mut client)
+        .await
+        .map_err(|e| anyhow::anyhow!("migration failed: {e}"))?;
+    Ok(())
+}
+
 /// Appends `rows` with a binary `COPY` (`copy`: `COPY t (cols) FROM STDIN
 /// BINARY`, `types` its column types) inside a savepoint. `Ok(false)` when a
 /// row violates a unique constraint (a replay of rows already stored): the

@@ -10,7 +10,7 @@
 //!    (`ON CONFLICT (campaign_id, recipient_phone)` returns the existing row),
 //!    and the page marked pending with the send topic's end offsets;
 //! 2. the page's send records produced and acknowledged;
-//! 3. the page marked done (`fanout_progress.last_user_id`).
+//! 3. the page marked done (`fanout_progress.last_user_id`, a `users.seq`).
 //!
 //! A crash between 1 and 3 leaves the page pending: the next run reads the
 //! send topic from the recorded offsets and produces only the messages not
@@ -126,7 +126,7 @@ SELECT c.id FROM campaigns c JOIN fanout_progress f ON f.campaign_id = c.id
  WHERE c.status = 'RUNNING' AND NOT f.finished ORDER BY c.id";
 
 const CAMPAIGN: &str = "
-SELECT t.body, t.defaults, t.channel, s.filter, t.content_sid, t.content_variables FROM campaigns c
+SELECT t.content, t.defaults, t.channel, s.filter_criteria, t.content_sid, t.content_variables FROM campaigns c
   JOIN templates t ON t.id = c.template_id JOIN segments s ON s.id = c.segment_id
  WHERE c.id = $1";
 
@@ -135,11 +135,11 @@ SELECT last_user_id, pending_to, pending_offsets, skipped_reasons
   FROM fanout_progress WHERE campaign_id = $1";
 
 const INSERT: &str = "
-INSERT INTO messages (campaign_id, user_id, recipient_phone, channel, body, content_sid, content_variables)
-SELECT $1, x.u, x.p, $2, x.b, $6, x.v
-  FROM unnest($3::bigint[], $4::text[], $5::text[], $7::jsonb[]) AS x(u, p, b, v)
+INSERT INTO messages (campaign_id, recipient_phone, channel, rendered_content, content_sid, content_variables)
+SELECT $1, x.p, $2, x.b, $5, x.v
+  FROM unnest($3::text[], $4::text[], $6::jsonb[]) AS x(p, b, v)
 ON CONFLICT (campaign_id, recipient_phone) DO UPDATE SET campaign_id = EXCLUDED.campaign_id
-RETURNING id, recipient_phone, body";
+RETURNING id, recipient_phone, rendered_content";
 
 const PENDING: &str = "
 UPDATE fanout_progress SET pending_to = $2, pending_offsets = coalesce(pending_offsets, $3),
@@ -249,16 +249,16 @@ impl Driver {
         // the enum's fixed names, so it is written in the text; the
         // filter's values are parameters from $4.
         let page_sql = format!(
-            "SELECT u.id, u.phone_number, u.attributes FROM users u
-              WHERE u.id > $1 AND ($2::bigint IS NULL OR u.id <= $2)
-                AND ((u.consent_state = 'OPT_IN' AND u.phone_number NOT IN (
+            "SELECT u.seq, u.phone_e164, u.attributes FROM users u
+              WHERE u.seq > $1 AND ($2::bigint IS NULL OR u.seq <= $2)
+                AND ((u.consent_state = 'OPT_IN' AND u.phone_e164 NOT IN (
                         SELECT uc.phone_number FROM user_channels uc
                          WHERE uc.channel = '{c}' AND uc.consent_state = 'OPT_OUT'))
-                     OR u.phone_number IN (
+                     OR u.phone_e164 IN (
                         SELECT uc.phone_number FROM user_channels uc
                          WHERE uc.channel = '{c}' AND uc.consent_state = 'OPT_IN'))
                 AND {}
-              ORDER BY u.id LIMIT $3",
+              ORDER BY u.seq LIMIT $3",
             filter.sql,
             c = channel.as_str(),
         );
@@ -384,7 +384,7 @@ impl Driver {
         if users.is_empty() && redo.is_none() {
             return Ok(None);
         }
-        let (mut ids, mut phones, mut bodies) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut phones, mut bodies) = (Vec::new(), Vec::new());
         let mut contents: Vec<Option<serde_json::Value>> = Vec::new();
         let mut skipped = 0i64;
         for u in &users {
@@ -413,7 +413,6 @@ impl Driver {
                 .and_then(|b| Ok((b, content()?)))
             {
                 Ok((body, content)) => {
-                    ids.push(u.get::<_, i64>(0));
                     phones.push(u.get::<_, String>(1));
                     bodies.push(body);
                     contents.push(content);
@@ -439,7 +438,6 @@ impl Driver {
                 &[
                     &id,
                     &plan.channel,
-                    &ids,
                     &phones,
                     &bodies,
                     &plan.content_sid,

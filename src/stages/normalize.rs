@@ -34,12 +34,12 @@ pub const STATUSES: &[&str] = &[
 ];
 
 const INSERT_RECEIPTS: &str = "
-INSERT INTO delivery_receipts (event_id, message_sid, status, error_code, raw_payload, received_at, phone_valid)
+INSERT INTO delivery_receipts (event_id, message_sid, message_status, error_code, raw_payload, received_at, phone_valid)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::jsonb[], $6::timestamptz[], $7::bool[])
 ON CONFLICT (event_id) DO NOTHING";
 
 /// Audit rows of status callbacks by binary COPY, and its column types.
-pub const COPY_RECEIPTS: &str = "COPY delivery_receipts (event_id, message_sid, status, error_code, raw_payload, received_at, phone_valid) FROM STDIN BINARY";
+pub const COPY_RECEIPTS: &str = "COPY delivery_receipts (event_id, message_sid, message_status, error_code, raw_payload, received_at, phone_valid) FROM STDIN BINARY";
 
 pub const RECEIPT_TYPES: &[Type] = &[
     Type::UUID,

@@ -19,13 +19,13 @@ use crate::runner::{Collector, Deps, Item, Stage, StageError};
 pub use crate::records::UserUpsert;
 
 const UPSERT: &str = "
-INSERT INTO users AS u (phone_number, attributes, attribute_times, updated_at)
+INSERT INTO users AS u (phone_e164, attributes, attribute_times, last_updated)
 SELECT p, a, at, t
   FROM unnest($1::text[], $2::jsonb[], $3::jsonb[], $4::timestamptz[]) AS x(p, a, at, t)
-ON CONFLICT (phone_number) DO UPDATE SET
-    attributes = ese_merge_attributes(u.attributes, u.attribute_times, EXCLUDED.attributes, EXCLUDED.updated_at),
-    attribute_times = ese_merge_attribute_times(u.attribute_times, EXCLUDED.attributes, EXCLUDED.updated_at),
-    updated_at = GREATEST(u.updated_at, EXCLUDED.updated_at)";
+ON CONFLICT (phone_e164) DO UPDATE SET
+    attributes = ese_merge_attributes(u.attributes, u.attribute_times, EXCLUDED.attributes, EXCLUDED.last_updated),
+    attribute_times = ese_merge_attribute_times(u.attribute_times, EXCLUDED.attributes, EXCLUDED.last_updated),
+    last_updated = GREATEST(u.last_updated, EXCLUDED.last_updated)";
 
 /// The users stage.
 pub struct Users {

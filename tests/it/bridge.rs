@@ -42,7 +42,7 @@ async fn realistic_callbacks_reach_the_audit_trail_once() {
     let c = app.pool.get().await.unwrap();
     let row = c
         .query_one(
-            "SELECT status, error_code, phone_valid FROM delivery_receipts WHERE message_sid = 'SM00000000000000000000000000000002'",
+            "SELECT message_status, error_code, phone_valid FROM delivery_receipts WHERE message_sid = 'SM00000000000000000000000000000002'",
             &[],
         )
         .await
@@ -52,7 +52,7 @@ async fn realistic_callbacks_reach_the_audit_trail_once() {
     assert!(row.get::<_, bool>(2));
     let row = c
         .query_one(
-            "SELECT status, raw_payload->>'EventType', raw_payload->>'ChannelPrefix', raw_payload->>'ChannelInstallSid'
+            "SELECT message_status, raw_payload->>'EventType', raw_payload->>'ChannelPrefix', raw_payload->>'ChannelInstallSid'
                FROM delivery_receipts WHERE message_sid = 'SM00000000000000000000000000000004'",
             &[],
         )
@@ -67,7 +67,7 @@ async fn realistic_callbacks_reach_the_audit_trail_once() {
     );
     let statuses: Vec<String> = c
         .query(
-            "SELECT status FROM delivery_receipts WHERE message_sid = 'SM00000000000000000000000000000001' ORDER BY received_at",
+            "SELECT message_status FROM delivery_receipts WHERE message_sid = 'SM00000000000000000000000000000001' ORDER BY received_at",
             &[],
         )
         .await
@@ -462,7 +462,10 @@ async fn broker_down_means_503_and_nothing_lost_or_doubled_after_retry() {
     stage.stop().await;
     let c = app.pool.get().await.unwrap();
     let statuses: Vec<String> = c
-        .query("SELECT status FROM delivery_receipts ORDER BY status", &[])
+        .query(
+            "SELECT message_status FROM delivery_receipts ORDER BY message_status",
+            &[],
+        )
         .await
         .unwrap()
         .iter()

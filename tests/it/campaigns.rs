@@ -16,7 +16,7 @@ async fn campaign(api: &RunningApi, name: &str, body: &str, filter: Value) -> i6
             201,
             "POST",
             "/api/v1/templates",
-            Some(json!({"name": format!("{name}-t"), "body": body})),
+            Some(json!({"name": format!("{name}-t"), "content": body})),
         )
         .await;
     let s = api
@@ -24,7 +24,7 @@ async fn campaign(api: &RunningApi, name: &str, body: &str, filter: Value) -> i6
             201,
             "POST",
             "/api/v1/segments",
-            Some(json!({"name": format!("{name}-s"), "filter": filter})),
+            Some(json!({"name": format!("{name}-s"), "filter_criteria": filter})),
         )
         .await;
     let c = api
@@ -59,7 +59,7 @@ async fn every_operator_and_nesting_selects_the_right_users() {
         let phone = format!("+1415555000{}", i + 1);
         let consent = if i == 5 { "OPT_OUT" } else { "OPT_IN" };
         c.execute(
-            "INSERT INTO users (phone_number, attributes, consent_state) VALUES ($1, $2, $3)",
+            "INSERT INTO users (phone_e164, attributes, consent_state) VALUES ($1, $2, $3)",
             &[&phone, attrs, &consent],
         )
         .await
@@ -167,7 +167,7 @@ async fn every_operator_and_nesting_selects_the_right_users() {
                 201,
                 "POST",
                 "/api/v1/segments",
-                Some(json!({"name": format!("case {i}"), "filter": filter})),
+                Some(json!({"name": format!("case {i}"), "filter_criteria": filter})),
             )
             .await;
         let id = s["id"].as_i64().unwrap();
@@ -184,7 +184,7 @@ async fn every_operator_and_nesting_selects_the_right_users() {
             .unwrap()
             .iter()
             .map(|u| {
-                let p = u["phone_number"].as_str().unwrap();
+                let p = u["phone_e164"].as_str().unwrap();
                 p[p.len() - 1..].parse().unwrap()
             })
             .collect();
@@ -195,7 +195,7 @@ async fn every_operator_and_nesting_selects_the_right_users() {
         assert_eq!(est["estimated_audience_size"], expected.len(), "{what}");
         let stored = app
             .count(&format!(
-                "SELECT estimated_audience_size FROM segments WHERE id = {id}"
+                "SELECT estimated_audience_size::bigint FROM segments WHERE id = {id}"
             ))
             .await;
         assert_eq!(stored, expected.len() as i64, "{what}");
@@ -212,13 +212,16 @@ async fn every_operator_and_nesting_selects_the_right_users() {
             "POST",
             "/api/v1/segments",
             Some(
-                json!({"name": "bad", "filter": {"operator": "AND", "conditions": [
+                json!({"name": "bad", "filter_criteria": {"operator": "AND", "conditions": [
                 leaf("age", "gt", json!(1)), leaf("age", "gt", json!("old"))]}}),
             ),
         )
         .await;
     assert_eq!(status, 422, "{err}");
-    assert_eq!(err["error"]["field"], "/filter/conditions/1/value", "{err}");
+    assert_eq!(
+        err["error"]["field"], "/filter_criteria/conditions/1/value",
+        "{err}"
+    );
     let mut deep = leaf("a", "exists", Value::Null);
     for _ in 0..app.settings.campaigns.max_filter_depth {
         deep = json!({"operator": "NOT", "conditions": [deep]});
@@ -227,7 +230,7 @@ async fn every_operator_and_nesting_selects_the_right_users() {
         .call(
             "POST",
             "/api/v1/segments",
-            Some(json!({"name": "deep", "filter": deep})),
+            Some(json!({"name": "deep", "filter_criteria": deep})),
         )
         .await;
     assert_eq!(status, 422, "{err}");
@@ -235,7 +238,7 @@ async fn every_operator_and_nesting_selects_the_right_users() {
         err["error"]["field"]
             .as_str()
             .unwrap()
-            .starts_with("/filter/conditions/0"),
+            .starts_with("/filter_criteria/conditions/0"),
         "{err}"
     );
 }
@@ -249,7 +252,7 @@ async fn templates_are_checked_rendered_and_protected_while_used() {
             201,
             "POST",
             "/api/v1/templates",
-            Some(json!({"name": "promo", "body": "Hi {first_name}, {{sale}} ends {day}. {first_name}!",
+            Some(json!({"name": "promo", "content": "Hi {first_name}, {{sale}} ends {day}. {first_name}!",
                         "defaults": {"day": "Friday"}})),
         )
         .await;
@@ -260,11 +263,11 @@ async fn templates_are_checked_rendered_and_protected_while_used() {
         .call(
             "POST",
             "/api/v1/templates",
-            Some(json!({"name": "bad", "body": "Hi {first name}"})),
+            Some(json!({"name": "bad", "content": "Hi {first name}"})),
         )
         .await;
     assert_eq!(status, 422);
-    assert_eq!(err["error"]["field"], "/body");
+    assert_eq!(err["error"]["field"], "/content");
     assert!(
         err["error"]["message"]
             .as_str()
@@ -281,7 +284,7 @@ async fn templates_are_checked_rendered_and_protected_while_used() {
             Some(json!({"variables": {"first_name": "Zoé"}})),
         )
         .await;
-    assert_eq!(r["body"], "Hi Zoé, {sale} ends Friday. Zoé!");
+    assert_eq!(r["rendered_content"], "Hi Zoé, {sale} ends Friday. Zoé!");
     assert_eq!(r["length"]["encoding"], "GSM-7");
     assert_eq!(r["length"]["segments"], 1);
     let (status, err) = api
@@ -299,7 +302,7 @@ async fn templates_are_checked_rendered_and_protected_while_used() {
             201,
             "POST",
             "/api/v1/templates",
-            Some(json!({"name": "long", "body": "a".repeat(161)})),
+            Some(json!({"name": "long", "content": "a".repeat(161)})),
         )
         .await;
     assert_eq!(long["length"]["segments"], 2);
@@ -308,7 +311,7 @@ async fn templates_are_checked_rendered_and_protected_while_used() {
             201,
             "POST",
             "/api/v1/templates",
-            Some(json!({"name": "emoji", "body": "Sale 🎉"})),
+            Some(json!({"name": "emoji", "content": "Sale 🎉"})),
         )
         .await;
     assert_eq!(emoji["length"]["encoding"], "UCS-2");
@@ -319,7 +322,7 @@ async fn templates_are_checked_rendered_and_protected_while_used() {
             201,
             "POST",
             "/api/v1/segments",
-            Some(json!({"name": "all", "filter": {"attribute": "x", "operator": "not_exists"}})),
+            Some(json!({"name": "all", "filter_criteria": {"attribute": "x", "operator": "not_exists"}})),
         )
         .await;
     let c = api
@@ -346,7 +349,7 @@ async fn templates_are_checked_rendered_and_protected_while_used() {
         .call(
             "PUT",
             &format!("/api/v1/templates/{id}"),
-            Some(json!({"name": "promo", "body": "changed"})),
+            Some(json!({"name": "promo", "content": "changed"})),
         )
         .await;
     assert_eq!(status, 409);
@@ -539,7 +542,7 @@ async fn every_route_needs_the_token_and_is_documented() {
             201,
             "POST",
             "/api/v1/templates",
-            Some(json!({"name": "t", "body": "Hi"})),
+            Some(json!({"name": "t", "content": "Hi"})),
         )
         .await;
     let s = api
@@ -547,7 +550,7 @@ async fn every_route_needs_the_token_and_is_documented() {
             201,
             "POST",
             "/api/v1/segments",
-            Some(json!({"name": "s", "filter": {"attribute": "x", "operator": "exists"}})),
+            Some(json!({"name": "s", "filter_criteria": {"attribute": "x", "operator": "exists"}})),
         )
         .await;
     let whole = |v: &Value| json!(v.as_i64().unwrap() as f64);
@@ -565,7 +568,7 @@ async fn every_route_needs_the_token_and_is_documented() {
         .call(
             "POST",
             "/api/v1/templates",
-            Some(json!({"name": " \u{3000}\t", "body": "Hi"})),
+            Some(json!({"name": " \u{3000}\t", "content": "Hi"})),
         )
         .await;
     assert_eq!(status, 422, "{err}");
@@ -812,7 +815,7 @@ async fn fanout_pauses_resumes_skips_missing_variables_and_completes() {
     .await;
     let c = app.pool.get().await.unwrap();
     c.execute(
-        "UPDATE users SET consent_state = 'OPT_OUT' WHERE id > 40",
+        "UPDATE users SET consent_state = 'OPT_OUT' WHERE seq > 40",
         &[],
     )
     .await
@@ -856,7 +859,7 @@ async fn fanout_pauses_resumes_skips_missing_variables_and_completes() {
     );
     assert_eq!(
         app.count(
-            "SELECT count(*) FROM messages WHERE body = 'Hi U' || (substr(recipient_phone, 6)::int - 2000000)"
+            "SELECT count(*) FROM messages WHERE rendered_content = 'Hi U' || (substr(recipient_phone, 6)::int - 2000000)"
         )
         .await,
         32,
@@ -994,7 +997,7 @@ async fn inputs_are_bounded_and_the_bounds_are_documented() {
         201,
         "POST",
         "/api/v1/templates",
-        Some(json!({"name": "long", "body": at_limit})),
+        Some(json!({"name": "long", "content": at_limit})),
     )
     .await;
     let over = api
@@ -1002,16 +1005,16 @@ async fn inputs_are_bounded_and_the_bounds_are_documented() {
             422,
             "POST",
             "/api/v1/templates",
-            Some(json!({"name": "too-long", "body": "é".repeat(1601)})),
+            Some(json!({"name": "too-long", "content": "é".repeat(1601)})),
         )
         .await;
-    assert_eq!(over["error"]["field"], "/body", "{over}");
+    assert_eq!(over["error"]["field"], "/content", "{over}");
     let leaf = json!({"attribute": "city", "operator": "equals", "value": "Paris"});
     api.expect(
         201,
         "POST",
         "/api/v1/segments",
-        Some(json!({"name": "wide", "filter": {"operator": "OR", "conditions": vec![leaf.clone(); 100]}})),
+        Some(json!({"name": "wide", "filter_criteria": {"operator": "OR", "conditions": vec![leaf.clone(); 100]}})),
     )
     .await;
     let over = api
@@ -1019,17 +1022,20 @@ async fn inputs_are_bounded_and_the_bounds_are_documented() {
             422,
             "POST",
             "/api/v1/segments",
-            Some(json!({"name": "too-wide", "filter": {"operator": "OR", "conditions": vec![leaf; 101]}})),
+            Some(json!({"name": "too-wide", "filter_criteria": {"operator": "OR", "conditions": vec![leaf; 101]}})),
         )
         .await;
-    assert_eq!(over["error"]["field"], "/filter/conditions", "{over}");
+    assert_eq!(
+        over["error"]["field"], "/filter_criteria/conditions",
+        "{over}"
+    );
     // A number PostgreSQL writes back as 309 digits reads back (it did not).
     let huge = api
         .expect(
             201,
             "POST",
             "/api/v1/segments",
-            Some(json!({"name": "huge", "filter": {"attribute": "score", "operator": "lt", "value": f64::MAX}})),
+            Some(json!({"name": "huge", "filter_criteria": {"attribute": "score", "operator": "lt", "value": f64::MAX}})),
         )
         .await;
     let got = api
@@ -1040,7 +1046,7 @@ async fn inputs_are_bounded_and_the_bounds_are_documented() {
             None,
         )
         .await;
-    assert_eq!(got["filter"]["value"], json!(f64::MAX));
+    assert_eq!(got["filter_criteria"]["value"], json!(f64::MAX));
     let doc = ese::campaigns::api::openapi_json();
     assert!(
         doc.contains("\"maxLength\": 1600"),

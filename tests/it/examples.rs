@@ -38,7 +38,7 @@ fn produce(app: &TestApp, phone: &str, sid: &str, extra: &[&str], env: &[(&str, 
 async fn assert_rows(app: &TestApp, phone: &str, sid: &str) {
     app.wait_for_count(
         &format!(
-            "SELECT count(*) FROM users WHERE phone_number = '{phone}' AND attributes->>'city' = 'Paris'"
+            "SELECT count(*) FROM users WHERE phone_e164 = '{phone}' AND attributes->>'city' = 'Paris'"
         ),
         1,
         Duration::from_secs(60),
@@ -46,7 +46,7 @@ async fn assert_rows(app: &TestApp, phone: &str, sid: &str) {
     .await;
     app.wait_for_count(
         &format!(
-            "SELECT count(*) FROM delivery_receipts WHERE message_sid = '{sid}' AND status = 'delivered'"
+            "SELECT count(*) FROM delivery_receipts WHERE message_sid = '{sid}' AND message_status = 'delivered'"
         ),
         1,
         Duration::from_secs(60),

@@ -462,7 +462,7 @@ async fn a_signed_start_replayed_under_new_tokens_is_one_event_and_cannot_undo_a
     );
     app.wait_for_count(
         &format!(
-            "SELECT count(*) FROM users WHERE phone_number = '{phone}' AND consent_state = 'OPT_OUT'"
+            "SELECT count(*) FROM users WHERE phone_e164 = '{phone}' AND consent_state = 'OPT_OUT'"
         ),
         1,
         Duration::from_secs(60),
@@ -490,7 +490,7 @@ async fn a_signed_start_replayed_under_new_tokens_is_one_event_and_cannot_undo_a
     assert_eq!(inbound, 1, "one START event, however many tokens");
     let row = c
         .query_one(
-            "SELECT consent_state, (SELECT count(*) FROM consent_events WHERE phone_number = $1) FROM users WHERE phone_number = $1",
+            "SELECT consent_state, (SELECT count(*) FROM consent_events WHERE phone_number = $1) FROM users WHERE phone_e164 = $1",
             &[&phone],
         )
         .await
@@ -529,7 +529,7 @@ async fn stop_as_people_write_it_opts_out_through_the_bridge() {
     let c = app.pool.get().await.unwrap();
     for i in 0..=bodies.len() {
         c.execute(
-            "INSERT INTO users (phone_number, consent_state) VALUES ($1, 'OPT_IN')",
+            "INSERT INTO users (phone_e164, consent_state) VALUES ($1, 'OPT_IN')",
             &[&phone(i)],
         )
         .await
@@ -552,7 +552,7 @@ async fn stop_as_people_write_it_opts_out_through_the_bridge() {
     for (i, body) in bodies.iter().enumerate() {
         let state: String = c
             .query_one(
-                "SELECT consent_state FROM users WHERE phone_number = $1",
+                "SELECT consent_state FROM users WHERE phone_e164 = $1",
                 &[&phone(i)],
             )
             .await
@@ -562,7 +562,7 @@ async fn stop_as_people_write_it_opts_out_through_the_bridge() {
     }
     let state: String = c
         .query_one(
-            "SELECT consent_state FROM users WHERE phone_number = $1",
+            "SELECT consent_state FROM users WHERE phone_e164 = $1",
             &[&phone(bodies.len())],
         )
         .await

@@ -33,15 +33,12 @@ async fn fresh_database_gets_the_full_schema_and_refuses_bad_data() {
 
     // E.164 check.
     let err = c
-        .execute(
-            "INSERT INTO users (phone_number) VALUES ('0612345678')",
-            &[],
-        )
+        .execute("INSERT INTO users (phone_e164) VALUES ('0612345678')", &[])
         .await
         .unwrap_err();
     assert_eq!(err.code().unwrap().code(), "23514", "{err}");
     c.execute(
-        "INSERT INTO users (phone_number) VALUES ('+14155552671')",
+        "INSERT INTO users (phone_e164) VALUES ('+14155552671')",
         &[],
     )
     .await
@@ -55,10 +52,10 @@ async fn fresh_database_gets_the_full_schema_and_refuses_bad_data() {
     assert_eq!(err.code().unwrap().code(), "23514", "{err}");
 
     c.batch_execute(
-        "INSERT INTO templates (id, name, body) VALUES (1, 't', 'Hi {name}');
-         INSERT INTO segments (id, name, filter) VALUES (1, 's', '{}');
+        "INSERT INTO templates (id, name, content) VALUES (1, 't', 'Hi {name}');
+         INSERT INTO segments (id, name, filter_criteria) VALUES (1, 's', '{}');
          INSERT INTO campaigns (id, name, template_id, segment_id) VALUES (1, 'c', 1, 1);
-         INSERT INTO messages (campaign_id, recipient_phone, body) VALUES (1, '+14155552671', 'Hi');",
+         INSERT INTO messages (campaign_id, recipient_phone, rendered_content) VALUES (1, '+14155552671', 'Hi');",
     )
     .await
     .unwrap();
@@ -86,7 +83,7 @@ async fn fresh_database_gets_the_full_schema_and_refuses_bad_data() {
     // A duplicate (campaign, recipient) is refused.
     let err = c
         .execute(
-            "INSERT INTO messages (campaign_id, recipient_phone, body) VALUES (1, '+14155552671', 'again')",
+            "INSERT INTO messages (campaign_id, recipient_phone, rendered_content) VALUES (1, '+14155552671', 'again')",
             &[],
         )
         .await
@@ -159,4 +156,191 @@ async fn errors_without_a_sqlstate_are_poison_or_fatal_never_retried_forever() {
     assert_eq!(classify(&e), ErrorClass::Fatal, "{e}");
     // (The connection going away stays transient: the reliability suite
     // restarts PostgreSQL under load and loses nothing.)
+}
+
+/// A database filled at the schema before the data model's names (V9)
+/// migrates forward without losing or changing a row: every table's data,
+/// read before under the old names and after under the model's, is the same.
+#[tokio::test]
+async fn a_database_at_the_previous_schema_migrates_forward_without_losing_a_row() {
+    let db = crate::harness::EmptyDb::create().await;
+    ese::db::migrate_until(&db.url, 9).await.unwrap();
+    let c = crate::harness::connect(&db.url).await;
+    c.batch_execute(
+        "INSERT INTO users (phone_number, attributes, consent_state, consent_updated_at, last_message_received)
+         VALUES ('+14155550001', '{\"first_name\": \"Ada\", \"tier\": \"premium\"}', 'OPT_IN', '2026-01-01T10:00:00Z', NULL),
+                ('+14155550002', '{}', 'OPT_OUT', '2026-01-02T10:00:00Z', '2026-01-02T09:59:00Z'),
+                ('+447700900003', '{\"city\": \"London\"}', 'UNKNOWN', NULL, '2026-01-03T08:00:00Z');
+         INSERT INTO templates (name, channel, body, variables, defaults)
+         VALUES ('welcome', 'SMS', 'Hi {first_name}, from {city}', '{first_name,city}', '{\"city\": \"here\"}'),
+                ('plain', 'WHATSAPP', 'Hello', '{}', '{}');
+         INSERT INTO segments (name, description, filter, estimated_audience_size, estimated_at)
+         VALUES ('premium', 'tier', '{\"attribute\": \"tier\", \"operator\": \"equals\", \"value\": \"premium\"}', 1, now()),
+                ('everyone', NULL, '{\"attribute\": \"x\", \"operator\": \"not_exists\"}', NULL, NULL);
+         INSERT INTO campaigns (name, template_id, segment_id, status, rate_limit_per_second, quiet_hours_start, quiet_hours_end, started_at)
+         SELECT 'spring', t.id, s.id, 'RUNNING', 25, '21:00', '09:00', now()
+           FROM templates t, segments s WHERE t.name = 'welcome' AND s.name = 'premium';
+         INSERT INTO campaigns (name, template_id, segment_id)
+         SELECT 'draft', t.id, s.id FROM templates t, segments s WHERE t.name = 'plain' AND s.name = 'everyone';
+         INSERT INTO fanout_progress (campaign_id, last_user_id, messages_created)
+         SELECT id, 1, 1 FROM campaigns WHERE name = 'spring';
+         INSERT INTO messages (campaign_id, user_id, recipient_phone, body, status, provider_sid, sent_at, delivered_at)
+         SELECT c.id, u.id, u.phone_number, 'Hi Ada, from here', 'DELIVERED', 'SM0001', '2026-01-05T10:00:00Z', '2026-01-05T10:00:05Z'
+           FROM campaigns c, users u WHERE c.name = 'spring' AND u.phone_number = '+14155550001';
+         -- A reply to a number without a users row (the old schema allowed it).
+         INSERT INTO messages (recipient_phone, body, kind, idempotency_key, status)
+         VALUES ('+14155550009', 'You are unsubscribed.', 'opt_out_confirmation', 'reply:x', 'QUEUED');
+         INSERT INTO delivery_receipts (message_sid, status, error_code, raw_payload, received_at, event_id)
+         VALUES ('SM0001', 'sent', NULL, '{\"MessageStatus\": \"sent\"}', '2026-01-05T10:00:01Z', gen_random_uuid()),
+                ('SM0001', 'delivered', NULL, '{\"MessageStatus\": \"delivered\"}', '2026-01-05T10:00:05Z', gen_random_uuid()),
+                ('SM0404', 'undelivered', 30003, '{\"MessageStatus\": \"undelivered\"}', '2026-01-05T10:01:00Z', gen_random_uuid());
+         INSERT INTO inbound_events (message_sid, from_phone, channel, body, raw_payload, received_at, event_id)
+         VALUES ('SM1001', '+14155550002', 'SMS', 'STOP', '{\"Body\": \"STOP\"}', '2026-01-02T09:59:00Z', gen_random_uuid());
+         INSERT INTO consent_events (phone_number, old_state, new_state, source, keyword, source_event_id, occurred_at, applied)
+         VALUES ('+14155550002', 'OPT_IN', 'OPT_OUT', 'keyword', 'STOP', 'in:SM1001', '2026-01-02T09:59:00Z', true);
+         INSERT INTO user_channels (phone_number, channel, last_inbound_at)
+         VALUES ('+14155550002', 'SMS', '2026-01-02T09:59:00Z');",
+    )
+    .await
+    .unwrap();
+
+    // (table, before under the old names, after under the model's names).
+    let reads = [
+        (
+            "users",
+            "SELECT row(id, phone_number, attributes, consent_state, consent_updated_at, last_message_received,
+                        attribute_times, created_at, updated_at)::text FROM users ORDER BY id",
+            "SELECT row(seq, phone_e164, attributes, consent_state, consent_updated_at, last_message_received,
+                        attribute_times, created_at, last_updated)::text FROM users
+              WHERE phone_e164 <> '+14155550009' ORDER BY seq",
+        ),
+        (
+            "templates",
+            "SELECT row(id, name, channel, body, to_jsonb(variables), defaults, char_length(body), created_at)::text
+               FROM templates ORDER BY id",
+            "SELECT row(id, name, channel, content, variables, defaults, character_count, created_at)::text
+               FROM templates ORDER BY id",
+        ),
+        (
+            "segments",
+            "SELECT row(id, name, description, filter, coalesce(estimated_audience_size, 0), estimated_at)::text
+               FROM segments ORDER BY id",
+            "SELECT row(id, name, description, filter_criteria, estimated_audience_size, estimated_at)::text
+               FROM segments ORDER BY id",
+        ),
+        (
+            "campaigns",
+            "SELECT t::text FROM campaigns t ORDER BY id",
+            "SELECT t::text FROM campaigns t ORDER BY id",
+        ),
+        (
+            "messages",
+            "SELECT row(id, campaign_id, recipient_phone, channel, body, status, provider_sid, sent_at,
+                        delivered_at, kind, idempotency_key, retry_count, created_at)::text FROM messages ORDER BY id",
+            "SELECT row(id, campaign_id, recipient_phone, channel, rendered_content, status, provider_sid, sent_at,
+                        delivered_at, kind, idempotency_key, retry_count, created_at)::text FROM messages ORDER BY id",
+        ),
+        (
+            "delivery_receipts",
+            "SELECT row(id, message_sid, status, error_code, raw_payload, received_at, event_id)::text
+               FROM delivery_receipts ORDER BY id",
+            "SELECT row(id, message_sid, message_status, error_code, raw_payload, received_at, event_id)::text
+               FROM delivery_receipts ORDER BY id",
+        ),
+        (
+            "inbound_events",
+            "SELECT t::text FROM inbound_events t ORDER BY id",
+            "SELECT t::text FROM inbound_events t ORDER BY id",
+        ),
+        (
+            "consent_events",
+            "SELECT t::text FROM consent_events t ORDER BY id",
+            "SELECT t::text FROM consent_events t ORDER BY id",
+        ),
+        (
+            "fanout_progress",
+            "SELECT t::text FROM fanout_progress t ORDER BY campaign_id",
+            "SELECT t::text FROM fanout_progress t ORDER BY campaign_id",
+        ),
+        (
+            "user_channels",
+            "SELECT t::text FROM user_channels t ORDER BY phone_number, channel",
+            "SELECT t::text FROM user_channels t ORDER BY phone_number, channel",
+        ),
+    ];
+    let read = async |sql: &str| -> Vec<String> {
+        c.query(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let mut before = Vec::new();
+    for (_, old, _) in &reads {
+        before.push(read(old).await);
+    }
+    let applied = ese::db::migrate(&db.url).await.unwrap();
+    assert!(!applied.is_empty(), "the newer migrations applied");
+    for ((table, _, new), rows) in reads.iter().zip(before) {
+        assert!(!rows.is_empty(), "{table} was filled");
+        assert_eq!(read(new).await, rows, "{table} after the migration");
+    }
+    // The reply's recipient is now a person, whose consent is unknown.
+    let state: String = c
+        .query_one(
+            "SELECT consent_state FROM users WHERE phone_e164 = '+14155550009'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "UNKNOWN");
+    // The model's names resolve, its defaults hold, and its indexes exist.
+    c.batch_execute(
+        "SELECT phone_e164, created_at, last_updated, consent_state, consent_updated_at, attributes,
+                last_message_received FROM users;
+         SELECT id, name, template_id, segment_id, status, schedule_time, rate_limit_per_second,
+                quiet_hours_start, quiet_hours_end FROM campaigns;
+         SELECT id, name, content, variables, character_count FROM templates;
+         SELECT id, name, filter_criteria, estimated_audience_size FROM segments;
+         SELECT id, recipient_phone, campaign_id, rendered_content, provider_sid, status, sent_at,
+                delivered_at, error_code, retry_count FROM messages;
+         SELECT id, message_sid, raw_payload, message_status, error_code, received_at FROM delivery_receipts;
+         SELECT id, raw_payload, message_sid, from_phone, body, received_at, processing_status FROM inbound_events;",
+    )
+    .await
+    .unwrap();
+    let defaults: String = c
+        .query_one(
+            "INSERT INTO campaigns (name, template_id, segment_id)
+             SELECT 'defaults', t.id, s.id FROM templates t, segments s LIMIT 1
+             RETURNING row(status, rate_limit_per_second, quiet_hours_start, quiet_hours_end)::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(defaults, "(DRAFT,1,22:00:00,08:00:00)");
+    for index in [
+        "idx_users_attributes_gin",
+        "idx_users_consent_state",
+        "idx_messages_recipient",
+        "idx_messages_campaign",
+        "idx_messages_status_created",
+        "idx_delivery_receipts_status_received",
+        "idx_inbound_events_from_received",
+        "idx_messages_provider_sid",
+        "idx_delivery_receipts_message_sid",
+    ] {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_indexes WHERE indexname = $1",
+                &[&index],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "index {index}");
+    }
 }

@@ -260,7 +260,7 @@ async fn dead_letters_are_listed_readably_and_go_back_after_a_fix() {
     let t = token.clone();
     let handle = tokio::spawn(async move { ese::stages::run("users", fixed, t).await });
     app.wait_for_count(
-        "SELECT count(*) FROM users WHERE phone_number = '+14155552671'",
+        "SELECT count(*) FROM users WHERE phone_e164 = '+14155552671'",
         1,
         WAIT,
     )

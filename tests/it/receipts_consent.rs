@@ -78,8 +78,8 @@ pub(crate) async fn publish(app: &TestApp, records: &[&WebhookRaw]) {
 async fn campaign(app: &TestApp, messages: &[(&str, Option<&str>, &str)]) -> i64 {
     let c = app.pool.get().await.unwrap();
     c.batch_execute(
-        "INSERT INTO templates (name, body) VALUES ('t', 'Hello {name}');
-         INSERT INTO segments (name, filter) VALUES ('s', '{}');
+        "INSERT INTO templates (name, content) VALUES ('t', 'Hello {name}');
+         INSERT INTO segments (name, filter_criteria) VALUES ('s', '{}');
          INSERT INTO campaigns (name, template_id, segment_id, status) SELECT 'c', t.id, s.id, 'RUNNING' FROM templates t, segments s;",
     )
     .await
@@ -91,7 +91,13 @@ async fn campaign(app: &TestApp, messages: &[(&str, Option<&str>, &str)]) -> i64
         .get(0);
     for (phone, sid, st) in messages {
         c.execute(
-            "INSERT INTO messages (campaign_id, recipient_phone, body, provider_sid, status) VALUES ($1, $2, 'Hello', $3, $4)",
+            "INSERT INTO users (phone_e164) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[phone],
+        )
+        .await
+        .unwrap();
+        c.execute(
+            "INSERT INTO messages (campaign_id, recipient_phone, rendered_content, provider_sid, status) VALUES ($1, $2, 'Hello', $3, $4)",
             &[&id, phone, sid, st],
         )
         .await
@@ -302,7 +308,7 @@ async fn later_consent_decision_stands_whatever_the_arrival_order() {
 
     let c = app.pool.get().await.unwrap();
     let row = c
-        .query_one("SELECT consent_state, consent_updated_at, last_message_received FROM users WHERE phone_number = $1", &[&ada])
+        .query_one("SELECT consent_state, consent_updated_at, last_message_received FROM users WHERE phone_e164 = $1", &[&ada])
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "OPT_IN", "the later START stands");
@@ -331,7 +337,7 @@ async fn later_consent_decision_stands_whatever_the_arrival_order() {
 
     let state: String = c
         .query_one(
-            "SELECT consent_state FROM users WHERE phone_number = $1",
+            "SELECT consent_state FROM users WHERE phone_e164 = $1",
             &[&bob],
         )
         .await
@@ -523,7 +529,7 @@ async fn a_stop_and_a_start_at_the_same_time_leave_the_number_opted_out() {
     for phone in [carl, dan] {
         let state: String = c
             .query_one(
-                "SELECT consent_state FROM users WHERE phone_number = $1",
+                "SELECT consent_state FROM users WHERE phone_e164 = $1",
                 &[&phone],
             )
             .await
@@ -587,7 +593,7 @@ async fn a_number_first_seen_in_a_message_is_in_no_audience_until_it_opts_in() {
         async move {
             let c = app.pool.get().await.unwrap();
             c.query_opt(
-                "SELECT consent_state FROM users WHERE phone_number = $1",
+                "SELECT consent_state FROM users WHERE phone_e164 = $1",
                 &[&phone],
             )
             .await
@@ -628,7 +634,7 @@ async fn a_number_first_seen_in_a_message_is_in_no_audience_until_it_opts_in() {
             201,
             "POST",
             "/api/v1/segments",
-            Some(serde_json::json!({"name": "everyone", "filter": {"attribute": "x", "operator": "not_exists"}})),
+            Some(serde_json::json!({"name": "everyone", "filter_criteria": {"attribute": "x", "operator": "not_exists"}})),
         )
         .await;
     let estimate = format!("/api/v1/segments/{}/estimate", seg["id"]);
@@ -716,7 +722,7 @@ async fn an_unclear_mention_is_clarified_once_per_interval_and_not_when_off() {
         );
         assert_eq!(
             app.count(&format!(
-                "SELECT count(*) FROM users WHERE phone_number = '{gil}' AND consent_state = 'UNKNOWN'"
+                "SELECT count(*) FROM users WHERE phone_e164 = '{gil}' AND consent_state = 'UNKNOWN'"
             ))
             .await,
             1,
@@ -765,9 +771,9 @@ async fn channel_and_overall_consent_apply_by_event_time() {
         let c = app.pool.get().await.unwrap();
         let r = c
             .query_one(
-                "SELECT consent_state, ese_consent_on(phone_number, 'SMS', consent_state),
-                        ese_consent_on(phone_number, 'WHATSAPP', consent_state)
-                   FROM users WHERE phone_number = $1",
+                "SELECT consent_state, ese_consent_on(phone_e164, 'SMS', consent_state),
+                        ese_consent_on(phone_e164, 'WHATSAPP', consent_state)
+                   FROM users WHERE phone_e164 = $1",
                 &[&eve],
             )
             .await

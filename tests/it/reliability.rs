@@ -120,7 +120,7 @@ async fn assert_nothing_lost(l: &Loop, campaign: i64, inbound_accepted: usize) {
             l,
             &format!(
                 "SELECT m.recipient_phone || ' ' || m.status || ' sid ' || coalesce(m.provider_sid, '-') || ' receipts: ' ||
-                        coalesce((SELECT string_agg(d.status, ',' ORDER BY d.received_at)
+                        coalesce((SELECT string_agg(d.message_status, ',' ORDER BY d.received_at)
                                     FROM delivery_receipts d WHERE d.message_sid = m.provider_sid), 'none')
                    FROM messages m
                   WHERE m.campaign_id = {campaign} AND m.status NOT IN ('DELIVERED', 'UNDELIVERED', 'FAILED')
@@ -162,7 +162,7 @@ async fn assert_nothing_lost(l: &Loop, campaign: i64, inbound_accepted: usize) {
     let opted_out = l
         .app
         .count(&format!(
-            "SELECT count(*) FROM users WHERE phone_number IN ({texters}) AND consent_state = 'OPT_OUT'"
+            "SELECT count(*) FROM users WHERE phone_e164 IN ({texters}) AND consent_state = 'OPT_OUT'"
         ))
         .await;
     assert_eq!(opted_out, TEXTERS as i64, "every texter ends opted out");

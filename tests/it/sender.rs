@@ -19,7 +19,7 @@ pub(crate) async fn start_campaign(l: &Loop, name: &str, options: Value) -> i64 
             201,
             "POST",
             "/api/v1/templates",
-            Some(json!({"name": name, "body": "Hi {first_name}"})),
+            Some(json!({"name": name, "content": "Hi {first_name}"})),
         )
         .await;
     let s = api
@@ -27,10 +27,13 @@ pub(crate) async fn start_campaign(l: &Loop, name: &str, options: Value) -> i64 
             201,
             "POST",
             "/api/v1/segments",
-            Some(json!({"name": name, "filter": {"attribute": "plan", "operator": "equals", "value": "pro"}})),
+            Some(json!({"name": name, "filter_criteria": {"attribute": "plan", "operator": "equals", "value": "pro"}})),
         )
         .await;
-    let mut body = json!({"name": name, "template_id": t["id"], "segment_id": s["id"]});
+    // At any hour, at the old default rate unless the test says otherwise.
+    let mut body = json!({"name": name, "template_id": t["id"], "segment_id": s["id"],
+                          "rate_limit_per_second": 10,
+                          "quiet_hours_start": null, "quiet_hours_end": null});
     for (k, v) in options.as_object().cloned().unwrap_or_default() {
         body[k] = v;
     }
@@ -181,7 +184,7 @@ async fn opt_out_after_fanout_is_never_messaged_and_pause_holds_everything() {
     // Users 1-5 opt out between fan-out and send.
     let c = l.app.pool.get().await.unwrap();
     c.execute(
-        "UPDATE users SET consent_state = 'OPT_OUT' WHERE id <= 5",
+        "UPDATE users SET consent_state = 'OPT_OUT' WHERE seq <= 5",
         &[],
     )
     .await
@@ -342,7 +345,7 @@ async fn transient_errors_retry_permanent_fail_and_21610_opts_out() {
     assert_eq!(
         l.app
             .count(&format!(
-                "SELECT count(*) FROM users WHERE phone_number = '{}' AND consent_state = 'OPT_OUT'",
+                "SELECT count(*) FROM users WHERE phone_e164 = '{}' AND consent_state = 'OPT_OUT'",
                 phone(4)
             ))
             .await,
@@ -495,10 +498,10 @@ async fn the_sender_reads_a_messages_kind_from_its_row_never_from_the_record() {
     let (hal, ivy, jay) = ("+14155550201", "+14155550202", "+14155550203");
     let c = l.app.pool.get().await.unwrap();
     c.batch_execute(&format!(
-        "INSERT INTO users (phone_number, consent_state) VALUES
+        "INSERT INTO users (phone_e164, consent_state) VALUES
              ('{hal}', 'OPT_OUT'), ('{ivy}', 'UNKNOWN'), ('{jay}', 'OPT_IN');
-         INSERT INTO templates (name, body) VALUES ('t', 'Hi');
-         INSERT INTO segments (name, filter) VALUES ('s', '{{\"attribute\": \"x\", \"operator\": \"exists\"}}');
+         INSERT INTO templates (name, content) VALUES ('t', 'Hi');
+         INSERT INTO segments (name, filter_criteria) VALUES ('s', '{{\"attribute\": \"x\", \"operator\": \"exists\"}}');
          INSERT INTO campaigns (name, template_id, segment_id, status)
               SELECT 'running', t.id, s.id, 'RUNNING' FROM templates t, segments s;"
     ))
@@ -517,7 +520,7 @@ async fn the_sender_reads_a_messages_kind_from_its_row_never_from_the_record() {
     for (to, kind, campaign) in rows {
         let id: i64 = c
             .query_one(
-                "INSERT INTO messages (campaign_id, recipient_phone, body, kind)
+                "INSERT INTO messages (campaign_id, recipient_phone, rendered_content, kind)
                  VALUES (CASE WHEN $3 THEN (SELECT id FROM campaigns) END, $1, 'hello', $2)
                  RETURNING id",
                 &[&to, &kind, &campaign],
@@ -597,7 +600,10 @@ async fn the_same_text_twice_is_reconciled_as_two_messages() {
     let to = "+14155550401";
     let text = "You are unsubscribed.";
     let c = l.app.pool.get().await.unwrap();
-    let insert = "INSERT INTO messages (recipient_phone, body, kind, idempotency_key)
+    c.execute("INSERT INTO users (phone_e164) VALUES ($1)", &[&to])
+        .await
+        .unwrap();
+    let insert = "INSERT INTO messages (recipient_phone, rendered_content, kind, idempotency_key)
                   VALUES ($1, $2, 'opt_out_confirmation', $3) RETURNING id";
     let first: i64 = c
         .query_one(insert, &[&to, &text, &"reply:first"])
@@ -634,7 +640,7 @@ async fn the_same_text_twice_is_reconciled_as_two_messages() {
     // The second: claimed 10 s ago by a sender that died before its call.
     let second: i64 = c
         .query_one(
-            "INSERT INTO messages (recipient_phone, body, kind, idempotency_key, status, claimed_at)
+            "INSERT INTO messages (recipient_phone, rendered_content, kind, idempotency_key, status, claimed_at)
              VALUES ($1, $2, 'opt_out_confirmation', 'reply:second', 'SENDING', now() - interval '10 seconds')
              RETURNING id",
             &[&to, &text],

@@ -281,19 +281,20 @@ async fn up_killed_under_webhook_load_and_a_campaign_loses_and_repeats_nothing()
     let t = api(
         "POST",
         "/templates",
-        Some(json!({"name": "crash", "body": "Hi {first_name}"})),
+        Some(json!({"name": "crash", "content": "Hi {first_name}"})),
     )
     .await;
     let s = api(
         "POST",
         "/segments",
-        Some(json!({"name": "crash", "filter": {"attribute": "plan", "operator": "equals", "value": "pro"}})),
+        Some(json!({"name": "crash", "filter_criteria": {"attribute": "plan", "operator": "equals", "value": "pro"}})),
     )
     .await;
     let c = api(
         "POST",
         "/campaigns",
-        Some(json!({"name": "crash", "template_id": t["id"], "segment_id": s["id"], "rate_limit_per_second": 100})),
+        Some(json!({"name": "crash", "template_id": t["id"], "segment_id": s["id"], "rate_limit_per_second": 100,
+                        "quiet_hours_start": null, "quiet_hours_end": null})),
     )
     .await;
     let id = c["id"].clone();

@@ -56,7 +56,7 @@ async fn two_events_each(app: &TestApp, n: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
 async fn assert_merged(app: &TestApp, n: usize) {
     let c = app.pool.get().await.unwrap();
     let rows = c
-        .query("SELECT phone_number, attributes FROM users", &[])
+        .query("SELECT phone_e164, attributes FROM users", &[])
         .await
         .unwrap();
     assert_eq!(rows.len(), n);
@@ -112,10 +112,7 @@ async fn an_older_event_never_overwrites_newer_data() {
     stage.stop().await;
     let c = app.pool.get().await.unwrap();
     let row = c
-        .query_one(
-            "SELECT attributes FROM users WHERE phone_number = $1",
-            &[&p],
-        )
+        .query_one("SELECT attributes FROM users WHERE phone_e164 = $1", &[&p])
         .await
         .unwrap();
     let attrs: serde_json::Value = row.get(0);

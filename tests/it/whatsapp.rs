@@ -75,9 +75,15 @@ async fn person_writes(l: &Loop, from: &str, body: &str) {
 /// A free-form WhatsApp reply row and its send record; its id.
 async fn reply(l: &Loop, to: &str, text: &str) -> i64 {
     let c = l.app.pool.get().await.unwrap();
+    c.execute(
+        "INSERT INTO users (phone_e164) VALUES ($1) ON CONFLICT DO NOTHING",
+        &[&to],
+    )
+    .await
+    .unwrap();
     let id: i64 = c
         .query_one(
-            "INSERT INTO messages (recipient_phone, channel, body, kind)
+            "INSERT INTO messages (recipient_phone, channel, rendered_content, kind)
              VALUES ($1, 'WHATSAPP', $2, 'reply') RETURNING id",
             &[&to, &text],
         )
@@ -176,7 +182,7 @@ async fn a_whatsapp_campaign_goes_as_approved_content_and_free_form_keeps_to_the
     let c = l.app.pool.get().await.unwrap();
     for (phone, name) in [(ada, "Ada"), (bob, "Bob"), (fay, "Fay")] {
         c.execute(
-            "INSERT INTO users (phone_number, attributes) VALUES ($1, jsonb_build_object('plan', 'wa', 'first_name', $2::text))",
+            "INSERT INTO users (phone_e164, attributes) VALUES ($1, jsonb_build_object('plan', 'wa', 'first_name', $2::text))",
             &[&phone, &name],
         )
         .await
@@ -189,7 +195,7 @@ async fn a_whatsapp_campaign_goes_as_approved_content_and_free_form_keeps_to_the
             201,
             "POST",
             "/api/v1/templates",
-            Some(json!({"name": "bare", "channel": "WHATSAPP", "body": "Hi {first_name}"})),
+            Some(json!({"name": "bare", "channel": "WHATSAPP", "content": "Hi {first_name}"})),
         )
         .await;
     let seg = api
@@ -197,7 +203,7 @@ async fn a_whatsapp_campaign_goes_as_approved_content_and_free_form_keeps_to_the
             201,
             "POST",
             "/api/v1/segments",
-            Some(json!({"name": "wa", "filter": {"attribute": "plan", "operator": "equals", "value": "wa"}})),
+            Some(json!({"name": "wa", "filter_criteria": {"attribute": "plan", "operator": "equals", "value": "wa"}})),
         )
         .await;
     let refused = api
@@ -222,7 +228,7 @@ async fn a_whatsapp_campaign_goes_as_approved_content_and_free_form_keeps_to_the
             "POST",
             "/api/v1/templates",
             Some(json!({
-                "name": "offer", "channel": "WHATSAPP", "body": "Hi {first_name}, your {plan} offer",
+                "name": "offer", "channel": "WHATSAPP", "content": "Hi {first_name}, your {plan} offer",
                 "content_sid": APPROVED, "content_variables": ["first_name", "plan"]
             })),
         )
@@ -236,7 +242,7 @@ async fn a_whatsapp_campaign_goes_as_approved_content_and_free_form_keeps_to_the
             Some(json!({"variables": {"first_name": "Ada", "plan": "wa"}})),
         )
         .await;
-    assert_eq!(preview["body"], "Hi Ada, your wa offer");
+    assert_eq!(preview["rendered_content"], "Hi Ada, your wa offer");
     assert_eq!(
         preview["send"],
         json!({"content_sid": APPROVED, "content_variables": {"1": "Ada", "2": "wa"}})
@@ -246,7 +252,9 @@ async fn a_whatsapp_campaign_goes_as_approved_content_and_free_form_keeps_to_the
             422,
             "POST",
             "/api/v1/templates",
-            Some(json!({"name": "x", "channel": "WHATSAPP", "body": "x", "content_sid": "HX12"})),
+            Some(
+                json!({"name": "x", "channel": "WHATSAPP", "content": "x", "content_sid": "HX12"}),
+            ),
         )
         .await;
     assert_eq!(bad["error"]["field"], "/content_sid");
@@ -267,7 +275,8 @@ async fn a_whatsapp_campaign_goes_as_approved_content_and_free_form_keeps_to_the
             201,
             "POST",
             "/api/v1/campaigns",
-            Some(json!({"name": "offer", "template_id": t["id"], "segment_id": seg["id"], "rate_limit_per_second": 100})),
+            Some(json!({"name": "offer", "template_id": t["id"], "segment_id": seg["id"], "rate_limit_per_second": 100,
+                        "quiet_hours_start": null, "quiet_hours_end": null})),
         )
         .await;
     let id = campaign["id"].as_i64().unwrap();
@@ -300,7 +309,7 @@ async fn a_whatsapp_campaign_goes_as_approved_content_and_free_form_keeps_to_the
     );
     let row = c
         .query_one(
-            "SELECT body, content_sid, content_variables FROM messages WHERE recipient_phone = $1",
+            "SELECT rendered_content, content_sid, content_variables FROM messages WHERE recipient_phone = $1",
             &[&ada],
         )
         .await
@@ -353,7 +362,7 @@ async fn a_whatsapp_campaign_goes_as_approved_content_and_free_form_keeps_to_the
                 201,
                 "POST",
                 "/api/v1/segments",
-                Some(json!({"name": format!("channel {filter}"), "filter": filter})),
+                Some(json!({"name": format!("channel {filter}"), "filter_criteria": filter})),
             )
             .await;
         let est = api
@@ -371,10 +380,10 @@ async fn a_whatsapp_campaign_goes_as_approved_content_and_free_form_keeps_to_the
             422,
             "POST",
             "/api/v1/segments",
-            Some(json!({"name": "bad", "filter": {"channel": "FAX", "operator": "window_open"}})),
+            Some(json!({"name": "bad", "filter_criteria": {"channel": "FAX", "operator": "window_open"}})),
         )
         .await;
-    assert_eq!(bad["error"]["field"], "/filter/channel", "{bad}");
+    assert_eq!(bad["error"]["field"], "/filter_criteria/channel", "{bad}");
     let to_bob = reply(&l, bob, "You're welcome").await;
     let to_cid = reply(&l, cid, "Late answer").await;
     let to_dee = reply(&l, dee, "Unasked").await;
@@ -430,7 +439,7 @@ async fn whatsapp_sends_keep_to_the_senders_channel_limit() {
             "POST",
             "/api/v1/templates",
             Some(json!({
-                "name": "limited", "channel": "WHATSAPP", "body": "Hi {first_name}",
+                "name": "limited", "channel": "WHATSAPP", "content": "Hi {first_name}",
                 "content_sid": APPROVED, "content_variables": ["first_name", "plan"]
             })),
         )
@@ -440,7 +449,7 @@ async fn whatsapp_sends_keep_to_the_senders_channel_limit() {
             201,
             "POST",
             "/api/v1/segments",
-            Some(json!({"name": "wa", "filter": {"attribute": "plan", "operator": "equals", "value": "wa"}})),
+            Some(json!({"name": "wa", "filter_criteria": {"attribute": "plan", "operator": "equals", "value": "wa"}})),
         )
         .await;
     let stages: Vec<_> = ["fanout", "normalize", "receipts"]
@@ -453,7 +462,8 @@ async fn whatsapp_sends_keep_to_the_senders_channel_limit() {
             201,
             "POST",
             "/api/v1/campaigns",
-            Some(json!({"name": "limited", "template_id": t["id"], "segment_id": seg["id"], "rate_limit_per_second": 100})),
+            Some(json!({"name": "limited", "template_id": t["id"], "segment_id": seg["id"], "rate_limit_per_second": 100,
+                        "quiet_hours_start": null, "quiet_hours_end": null})),
         )
         .await;
     let id = c["id"].as_i64().unwrap();
@@ -491,7 +501,7 @@ async fn a_stop_scoped_to_its_channel_stops_that_channel_alone() {
     let ada = "+14155550321";
     let c = l.app.pool.get().await.unwrap();
     c.execute(
-        "INSERT INTO users (phone_number, attributes) VALUES ($1, '{\"plan\": \"both\", \"first_name\": \"Ada\"}')",
+        "INSERT INTO users (phone_e164, attributes) VALUES ($1, '{\"plan\": \"both\", \"first_name\": \"Ada\"}')",
         &[&ada],
     )
     .await
@@ -527,7 +537,7 @@ async fn a_stop_scoped_to_its_channel_stops_that_channel_alone() {
     );
     let overall: String = c
         .query_one(
-            "SELECT consent_state FROM users WHERE phone_number = $1",
+            "SELECT consent_state FROM users WHERE phone_e164 = $1",
             &[&ada],
         )
         .await
@@ -557,15 +567,15 @@ async fn a_stop_scoped_to_its_channel_stops_that_channel_alone() {
             201,
             "POST",
             "/api/v1/segments",
-            Some(json!({"name": "both", "filter": {"attribute": "plan", "operator": "equals", "value": "both"}})),
+            Some(json!({"name": "both", "filter_criteria": {"attribute": "plan", "operator": "equals", "value": "both"}})),
         )
         .await;
     let mut campaigns = Vec::new();
     for (name, template) in [
-        ("sms", json!({"name": "sms", "body": "Hi {first_name}"})),
+        ("sms", json!({"name": "sms", "content": "Hi {first_name}"})),
         (
             "wa",
-            json!({"name": "wa", "channel": "WHATSAPP", "body": "Hi {first_name}, your {plan} offer",
+            json!({"name": "wa", "channel": "WHATSAPP", "content": "Hi {first_name}, your {plan} offer",
                    "content_sid": APPROVED, "content_variables": ["first_name", "plan"]}),
         ),
     ] {
@@ -577,7 +587,8 @@ async fn a_stop_scoped_to_its_channel_stops_that_channel_alone() {
                 201,
                 "POST",
                 "/api/v1/campaigns",
-                Some(json!({"name": name, "template_id": t["id"], "segment_id": seg["id"], "rate_limit_per_second": 100})),
+                Some(json!({"name": name, "template_id": t["id"], "segment_id": seg["id"], "rate_limit_per_second": 100,
+                        "quiet_hours_start": null, "quiet_hours_end": null})),
             )
             .await;
         let id = campaign["id"].as_i64().unwrap();

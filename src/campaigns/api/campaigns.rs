@@ -17,7 +17,8 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::error::ApiError;
 use super::extract::{
-    ApiJson, ApiPath, ApiQuery, MAX_PAGE, check_limit, check_name, integer, next_after, present,
+    ApiJson, ApiPath, ApiQuery, MAX_PAGE, check_limit, check_name, integer, next_after, nullable,
+    present,
 };
 use super::{Admin, ApiResult, json, row_by_id};
 use crate::model::{CampaignAction, CampaignStatus};
@@ -49,16 +50,16 @@ pub(super) struct CampaignIn {
     /// An existing segment (422 otherwise).
     #[serde(deserialize_with = "integer")]
     segment_id: i64,
-    /// Messages sent per second, at most; 10 unless given.
+    /// Messages sent per second, at most; 1 unless given (the data model's default).
     #[serde(default = "default_rate", deserialize_with = "integer")]
-    #[schema(minimum = 1, default = 10)]
+    #[schema(minimum = 1, default = 1)]
     rate_limit_per_second: i32,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "nullable")]
     #[schema(schema_with = super::schema::time_of_day)]
-    quiet_hours_start: Option<String>,
-    #[serde(default, deserialize_with = "present")]
+    quiet_hours_start: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
     #[schema(schema_with = super::schema::time_of_day)]
-    quiet_hours_end: Option<String>,
+    quiet_hours_end: Option<Option<String>>,
     /// A READY campaign is started by the scheduler at this time (before
     /// the year 10000 in UTC).
     #[serde(default, deserialize_with = "present")]
@@ -67,8 +68,12 @@ pub(super) struct CampaignIn {
 }
 
 fn default_rate() -> i32 {
-    10
+    1
 }
+
+/// Quiet hours when a campaign gives none, as in the data model.
+const QUIET_START: NaiveTime = NaiveTime::from_hms_opt(22, 0, 0).expect("a time of day");
+const QUIET_END: NaiveTime = NaiveTime::from_hms_opt(8, 0, 0).expect("a time of day");
 
 /// `HH:MM` or `HH:MM:SS`, exactly (the document's pattern).
 fn quiet_time(field: &str, v: Option<&str>) -> Result<Option<NaiveTime>, ApiError> {
@@ -270,8 +275,15 @@ pub(super) async fn create_campaign(
             "schedule_time must be before the year 10000 (UTC)",
         ));
     }
-    let start = quiet_time("/quiet_hours_start", c.quiet_hours_start.as_deref())?;
-    let end = quiet_time("/quiet_hours_end", c.quiet_hours_end.as_deref())?;
+    // Both left out: the data model's quiet hours, 22:00 to 08:00; `null`
+    // for both: none.
+    let (start, end) = match (&c.quiet_hours_start, &c.quiet_hours_end) {
+        (None, None) => (Some(QUIET_START), Some(QUIET_END)),
+        (start, end) => (
+            quiet_time("/quiet_hours_start", start.clone().flatten().as_deref())?,
+            quiet_time("/quiet_hours_end", end.clone().flatten().as_deref())?,
+        ),
+    };
     if start.is_some() != end.is_some() {
         return Err(ApiError::invalid(
             "/quiet_hours_end",

@@ -119,6 +119,17 @@ where
     T::deserialize(deserializer).map(Some)
 }
 
+/// For `#[serde(default, deserialize_with = "nullable")]`: absent is `None`,
+/// `null` is `Some(None)`, so a field can default when left out and still
+/// be turned off with an explicit `null`.
+pub(super) fn nullable<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
 /// For `#[serde(deserialize_with = "integer")]`: a JSON Schema integer, so
 /// `2.0` as well as `2` (serde reads only the second into an `i64`); a
 /// fraction, or a value outside `T`, is refused.

@@ -65,7 +65,7 @@ pub(super) fn name() -> Object {
 }
 
 /// A template body (`templates::check_template`).
-pub(super) fn template_body() -> Object {
+pub(super) fn template_content() -> Object {
     string(TEMPLATE_BODY)
         .min_length(Some(1))
         .max_length(Some(crate::campaigns::template::MAX_BODY_CHARS))
@@ -113,10 +113,13 @@ pub(super) fn description() -> Object {
 
 /// A time of day for quiet hours (`campaigns::quiet_time`).
 pub(super) fn time_of_day() -> Object {
-    string(TIME_OF_DAY)
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .pattern(Some(TIME_OF_DAY))
         .description(Some(
             "HH:MM or HH:MM:SS in the recipient's local time; \
-             quiet_hours_start and quiet_hours_end come together.",
+             quiet_hours_start and quiet_hours_end come together. \
+             22:00 to 08:00 unless given; null for none.",
         ))
         .build()
 }

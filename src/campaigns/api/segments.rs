@@ -56,7 +56,7 @@ pub(super) struct SegmentIn {
     #[schema(schema_with = super::schema::description)]
     description: Option<String>,
     #[schema(schema_with = super::schema::filter)]
-    filter: Value,
+    filter_criteria: Value,
 }
 
 /// A stored segment.
@@ -66,9 +66,11 @@ pub(super) struct Segment {
     name: String,
     description: Option<String>,
     #[schema(schema_with = super::schema::filter)]
-    filter: Value,
-    /// The audience at the last estimate; null until one, and after a change.
-    estimated_audience_size: Option<i64>,
+    filter_criteria: Value,
+    /// Opted-in users the filter selected at `estimated_at`: counted when the
+    /// segment is created or changed, and refreshed every
+    /// `campaigns.estimate-interval`.
+    estimated_audience_size: i32,
     estimated_at: Option<DateTime<Utc>>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
@@ -76,7 +78,7 @@ pub(super) struct Segment {
 
 macro_rules! columns {
     () => {
-        "id, name, description, filter, estimated_audience_size, estimated_at, created_at, updated_at"
+        "id, name, description, filter_criteria, estimated_audience_size, estimated_at, created_at, updated_at"
     };
 }
 
@@ -86,7 +88,7 @@ impl Segment {
             id: row.get("id"),
             name: row.get("name"),
             description: row.get("description"),
-            filter: row.get("filter"),
+            filter_criteria: row.get("filter_criteria"),
             estimated_audience_size: row.get("estimated_audience_size"),
             estimated_at: row.get("estimated_at"),
             created_at: row.get("created_at"),
@@ -108,9 +110,9 @@ fn check_segment(s: &SegmentIn, max_depth: usize) -> Result<(), ApiError> {
     if let Some(d) = &s.description {
         check_text("/description", d)?;
     }
-    segment::parse(&s.filter, max_depth)
-        .map_err(|e| ApiError::invalid(format!("/filter{}", e.pointer), e.message))?;
-    check_offsets(&s.filter, "/filter")
+    segment::parse(&s.filter_criteria, max_depth)
+        .map_err(|e| ApiError::invalid(format!("/filter_criteria{}", e.pointer), e.message))?;
+    check_offsets(&s.filter_criteria, "/filter_criteria")
 }
 
 /// PostgreSQL reads UTC offsets up to ±15:59: a before/after timestamp with
@@ -185,14 +187,13 @@ pub(super) async fn create_segment(
     let client = a.pool.get().await?;
     let row = client
         .query_one(
-            concat!(
-                "INSERT INTO segments (name, description, filter) VALUES ($1, $2, $3) RETURNING ",
-                columns!()
-            ),
-            &[&s.name, &s.description, &s.filter],
+            "INSERT INTO segments (name, description, filter_criteria) VALUES ($1, $2, $3) RETURNING id",
+            &[&s.name, &s.description, &s.filter_criteria],
         )
         .await?;
-    json(StatusCode::CREATED, Segment::from_row(&row))
+    let id: i64 = row.get(0);
+    estimate(&client, id, a.max_depth).await?;
+    json(StatusCode::CREATED, stored(&client, id).await?)
 }
 
 /// Get a segment
@@ -231,20 +232,16 @@ pub(super) async fn update_segment(
     let mut client = a.pool.get().await?;
     let tx = client.transaction().await?;
     refuse_if_used(&tx, "segment_id", id, CampaignStatus::ACTIVE, "updated").await?;
-    let row = tx
-        .query_opt(
-            concat!(
-                "UPDATE segments SET name = $2, description = $3, filter = $4,
-                        estimated_audience_size = NULL, estimated_at = NULL, updated_at = now()
-                  WHERE id = $1 RETURNING ",
-                columns!()
-            ),
-            &[&id, &s.name, &s.description, &s.filter],
-        )
-        .await?
-        .ok_or_else(|| ApiError::not_found("segment", id))?;
+    tx.query_opt(
+        "UPDATE segments SET name = $2, description = $3, filter_criteria = $4, updated_at = now()
+          WHERE id = $1 RETURNING id",
+        &[&id, &s.name, &s.description, &s.filter_criteria],
+    )
+    .await?
+    .ok_or_else(|| ApiError::not_found("segment", id))?;
     tx.commit().await?;
-    json(StatusCode::OK, Segment::from_row(&row))
+    estimate(&client, id, a.max_depth).await?;
+    json(StatusCode::OK, stored(&client, id).await?)
 }
 
 /// Delete a segment (409 while a campaign that is not final uses it)
@@ -270,12 +267,44 @@ async fn audience(
     first: usize,
 ) -> Result<segment::Compiled, ApiError> {
     let row = client
-        .query_opt("SELECT filter FROM segments WHERE id = $1", &[&id])
+        .query_opt("SELECT filter_criteria FROM segments WHERE id = $1", &[&id])
         .await?
         .ok_or_else(|| ApiError::not_found("segment", id))?;
     let node = segment::parse(&row.get(0), max_depth)
-        .map_err(|e| ApiError::invalid(format!("/filter{}", e.pointer), e.message))?;
+        .map_err(|e| ApiError::invalid(format!("/filter_criteria{}", e.pointer), e.message))?;
     Ok(segment::compile(&node, "u", first))
+}
+
+/// Counts segment `id`'s audience now and stores it as its
+/// `estimated_audience_size`: on create, on change, on the API's request and
+/// every `campaigns.estimate-interval`.
+pub(super) async fn estimate(
+    client: &deadpool_postgres::Client,
+    id: i64,
+    max_depth: usize,
+) -> Result<(i64, DateTime<Utc>), ApiError> {
+    let filter = audience(client, id, max_depth, 1).await?;
+    let sql = format!(
+        "SELECT count(*) FROM users u WHERE u.consent_state = 'OPT_IN' AND {}",
+        filter.sql
+    );
+    let size: i64 = client.query_one(&sql, &filter.refs()).await?.get(0);
+    let stored = i32::try_from(size).unwrap_or(i32::MAX);
+    let row = client
+        .query_one(
+            "UPDATE segments SET estimated_audience_size = $2, estimated_at = now()
+              WHERE id = $1 RETURNING estimated_at",
+            &[&id, &stored],
+        )
+        .await?;
+    Ok((size, row.get(0)))
+}
+
+async fn stored(client: &deadpool_postgres::Client, id: i64) -> Result<Segment, ApiError> {
+    let sql = concat!("SELECT ", columns!(), " FROM segments WHERE id = $1");
+    Ok(Segment::from_row(
+        &row_by_id(client, sql, id, "segment").await?,
+    ))
 }
 
 /// A fresh audience count.
@@ -300,25 +329,13 @@ pub(super) async fn estimate_segment(
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult {
     let client = a.pool.get().await?;
-    let filter = audience(&client, id, a.max_depth, 1).await?;
-    let sql = format!(
-        "SELECT count(*) FROM users u WHERE u.consent_state = 'OPT_IN' AND {}",
-        filter.sql
-    );
-    let size: i64 = client.query_one(&sql, &filter.refs()).await?.get(0);
-    let row = client
-        .query_one(
-            "UPDATE segments SET estimated_audience_size = $2, estimated_at = now()
-              WHERE id = $1 RETURNING estimated_at",
-            &[&id, &size],
-        )
-        .await?;
+    let (size, at) = estimate(&client, id, a.max_depth).await?;
     json(
         StatusCode::OK,
         Estimate {
             segment_id: id,
             estimated_audience_size: size,
-            estimated_at: row.get(0),
+            estimated_at: at,
         },
     )
 }
@@ -341,8 +358,7 @@ fn default_preview() -> i64 {
 /// One user of an audience.
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct AudienceUser {
-    id: i64,
-    phone_number: String,
+    phone_e164: String,
     #[schema(value_type = Object)]
     attributes: Value,
 }
@@ -354,7 +370,7 @@ pub(super) struct Preview {
     users: Vec<AudienceUser>,
 }
 
-/// The first users of the audience, by id
+/// The first users of the audience, by phone number
 #[utoipa::path(
     get,
     path = "/api/v1/segments/{id}/preview",
@@ -371,8 +387,8 @@ pub(super) async fn preview_segment(
     let client = a.pool.get().await?;
     let filter = audience(&client, id, a.max_depth, 2).await?;
     let sql = format!(
-        "SELECT u.id, u.phone_number, u.attributes
-           FROM users u WHERE u.consent_state = 'OPT_IN' AND {} ORDER BY u.id LIMIT $1",
+        "SELECT u.phone_e164, u.attributes
+           FROM users u WHERE u.consent_state = 'OPT_IN' AND {} ORDER BY u.phone_e164 LIMIT $1",
         filter.sql
     );
     let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&q.limit];
@@ -381,9 +397,8 @@ pub(super) async fn preview_segment(
     let users = rows
         .iter()
         .map(|r| AudienceUser {
-            id: r.get(0),
-            phone_number: r.get(1),
-            attributes: r.get(2),
+            phone_e164: r.get(0),
+            attributes: r.get(1),
         })
         .collect();
     json(

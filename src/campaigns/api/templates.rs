@@ -73,8 +73,8 @@ impl Channel {
 pub(super) struct TemplateIn {
     #[schema(schema_with = super::schema::name)]
     name: String,
-    #[schema(schema_with = super::schema::template_body)]
-    body: String,
+    #[schema(schema_with = super::schema::template_content)]
+    content: String,
     /// SMS unless given.
     #[serde(default)]
     channel: Channel,
@@ -128,13 +128,16 @@ pub(super) struct Template {
     name: String,
     #[schema(value_type = Channel)]
     channel: String,
-    body: String,
-    /// Distinct placeholder names in order of first appearance.
+    content: String,
+    /// Distinct placeholder names in order of first appearance, kept in
+    /// step with the content.
     variables: Vec<String>,
+    /// Unicode characters of the content as written.
+    character_count: i32,
     /// Value per variable used when a user has no such attribute.
     #[schema(value_type = Object)]
     defaults: Value,
-    /// The body's length as written (placeholders counted as typed).
+    /// The content's length as written (placeholders counted as typed).
     length: Length,
     /// The approved content a WhatsApp campaign sends (Twilio Content API).
     content_sid: Option<String>,
@@ -146,21 +149,22 @@ pub(super) struct Template {
 
 macro_rules! columns {
     () => {
-        "id, name, channel, body, variables, defaults, content_sid, content_variables, created_at, updated_at"
+        "id, name, channel, content, variables, character_count, defaults, content_sid, content_variables, created_at, updated_at"
     };
 }
 
 impl Template {
     fn from_row(row: &Row) -> Self {
-        let body: String = row.get("body");
+        let content: String = row.get("content");
         Self {
             id: row.get("id"),
             name: row.get("name"),
             channel: row.get("channel"),
-            variables: row.get("variables"),
+            variables: serde_json::from_value(row.get("variables")).unwrap_or_default(),
+            character_count: row.get("character_count"),
             defaults: row.get("defaults"),
-            length: template::length(&body).into(),
-            body,
+            length: template::length(&content).into(),
+            content,
             content_sid: row.get("content_sid"),
             content_variables: serde_json::from_value(row.get("content_variables"))
                 .unwrap_or_default(),
@@ -181,21 +185,22 @@ pub(super) struct TemplateList {
 /// Validates a template; returns its variables.
 fn check_template(t: &TemplateIn) -> Result<Vec<String>, ApiError> {
     check_name(&t.name)?;
-    if t.body.is_empty() {
-        return Err(ApiError::invalid("/body", "body must not be empty"));
+    if t.content.is_empty() {
+        return Err(ApiError::invalid("/content", "content must not be empty"));
     }
-    check_text("/body", &t.body)?;
-    let chars = t.body.chars().count();
+    check_text("/content", &t.content)?;
+    let chars = t.content.chars().count();
     if chars > template::MAX_BODY_CHARS {
         return Err(ApiError::invalid(
-            "/body",
+            "/content",
             format!(
-                "body has {chars} characters; at most {}",
+                "content has {chars} characters; at most {}",
                 template::MAX_BODY_CHARS
             ),
         ));
     }
-    let parsed = template::parse(&t.body).map_err(|e| ApiError::invalid("/body", e.to_string()))?;
+    let parsed =
+        template::parse(&t.content).map_err(|e| ApiError::invalid("/content", e.to_string()))?;
     for (k, v) in &t.defaults {
         let field = format!("/defaults/{}", pointer_escape(k));
         check_text(&field, k)?;
@@ -287,15 +292,15 @@ pub(super) async fn create_template(
     let row = client
         .query_one(
             concat!(
-                "INSERT INTO templates (name, channel, body, variables, defaults, content_sid, content_variables)
+                "INSERT INTO templates (name, channel, content, variables, defaults, content_sid, content_variables)
                  VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING ",
                 columns!()
             ),
             &[
                 &t.name,
                 &t.channel.as_str(),
-                &t.body,
-                &vars,
+                &t.content,
+                &serde_json::json!(vars),
                 &defaults,
                 &t.content_sid,
                 &serde_json::json!(t.content_variables),
@@ -345,7 +350,7 @@ pub(super) async fn update_template(
     let row = tx
         .query_opt(
             concat!(
-                "UPDATE templates SET name = $2, channel = $3, body = $4, variables = $5,
+                "UPDATE templates SET name = $2, channel = $3, content = $4, variables = $5,
                         defaults = $6, content_sid = $7, content_variables = $8, updated_at = now()
                   WHERE id = $1 RETURNING ",
                 columns!()
@@ -354,8 +359,8 @@ pub(super) async fn update_template(
                 &id,
                 &t.name,
                 &t.channel.as_str(),
-                &t.body,
-                &vars,
+                &t.content,
+                &serde_json::json!(vars),
                 &defaults,
                 &t.content_sid,
                 &serde_json::json!(t.content_variables),
@@ -395,7 +400,7 @@ pub(super) struct RenderIn {
 /// template with approved content, what goes to the provider instead.
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct Rendered {
-    body: String,
+    rendered_content: String,
     length: Length,
     send: Option<ContentSend>,
 }
@@ -438,7 +443,7 @@ pub(super) async fn render_template(
     let client = a.pool.get().await?;
     let row = client
         .query_opt(
-            "SELECT body, defaults, content_sid, content_variables FROM templates WHERE id = $1",
+            "SELECT content, defaults, content_sid, content_variables FROM templates WHERE id = $1",
             &[&id],
         )
         .await?
@@ -447,7 +452,8 @@ pub(super) async fn render_template(
     let defaults: Value = row.get(1);
     let content_sid: Option<String> = row.get(2);
     let content_variables: Vec<String> = serde_json::from_value(row.get(3)).unwrap_or_default();
-    let parsed = template::parse(&text).map_err(|e| ApiError::invalid("/body", e.to_string()))?;
+    let parsed =
+        template::parse(&text).map_err(|e| ApiError::invalid("/content", e.to_string()))?;
     let value = |name: &str| {
         input
             .variables
@@ -480,7 +486,7 @@ pub(super) async fn render_template(
     json(
         StatusCode::OK,
         Rendered {
-            body: rendered,
+            rendered_content: rendered,
             length,
             send,
         },

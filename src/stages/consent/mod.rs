@@ -23,9 +23,9 @@ mod keywords;
 pub use keywords::{Intent, Keywords, normalise};
 
 const TOUCH_USERS: &str = "
-INSERT INTO users AS u (phone_number, last_message_received, consent_state)
+INSERT INTO users AS u (phone_e164, last_message_received, consent_state)
 SELECT p, max(t), 'UNKNOWN' FROM unnest($1::text[], $2::timestamptz[]) AS x(p, t) GROUP BY p
-ON CONFLICT (phone_number) DO UPDATE
+ON CONFLICT (phone_e164) DO UPDATE
    SET last_message_received = GREATEST(u.last_message_received, EXCLUDED.last_message_received)
  WHERE u.last_message_received IS DISTINCT FROM GREATEST(u.last_message_received, EXCLUDED.last_message_received)";
 
@@ -59,7 +59,7 @@ SELECT x.e, coalesce(
     (SELECT coalesce(c.old_state, 'UNKNOWN') FROM consent_events c
       WHERE c.phone_number = x.p AND c.new_state <> 'UNCLEAR' AND (c.channel IS NULL OR c.channel = x.c)
       ORDER BY c.occurred_at, c.id LIMIT 1),
-    (SELECT ese_consent_on(u.phone_number, x.c, u.consent_state) FROM users u WHERE u.phone_number = x.p),
+    (SELECT ese_consent_on(u.phone_e164, x.c, u.consent_state) FROM users u WHERE u.phone_e164 = x.p),
     'UNKNOWN')
   FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[]) AS x(p, t, e, c)";
 
@@ -68,7 +68,7 @@ const UNCLEAR: &str = "
 INSERT INTO consent_events (phone_number, old_state, new_state, source, keyword, source_event_id, occurred_at, applied)
 SELECT x.p, u.consent_state, 'UNCLEAR', 'keyword', x.k, x.e, x.t, false
   FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]) AS x(p, k, e, t)
-  LEFT JOIN users u ON u.phone_number = x.p
+  LEFT JOIN users u ON u.phone_e164 = x.p
 ON CONFLICT (source_event_id) DO NOTHING";
 
 /// Numbers that got a clarification within the interval (seconds).
@@ -82,14 +82,13 @@ UPDATE inbound_events SET processing_status = 'PROCESSED', processed_at = now()
  WHERE event_id = ANY($1::uuid[]) AND processing_status = 'PENDING'";
 
 const INSERT_REPLIES: &str = "
-INSERT INTO messages (user_id, recipient_phone, channel, body, idempotency_key, kind)
-SELECT u.id, x.p, x.c, x.b, x.k, x.kind
+INSERT INTO messages (recipient_phone, channel, rendered_content, idempotency_key, kind)
+SELECT x.p, x.c, x.b, x.k, x.kind
   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS x(p, c, b, k, kind)
-  LEFT JOIN users u ON u.phone_number = x.p
 ON CONFLICT (idempotency_key) DO NOTHING";
 
 const QUEUED_REPLIES: &str = "
-SELECT id, recipient_phone, channel, body, idempotency_key, kind FROM messages
+SELECT id, recipient_phone, channel, rendered_content, idempotency_key, kind FROM messages
  WHERE idempotency_key = ANY($1::text[]) AND status = 'QUEUED'";
 
 /// The consent stage.

@@ -40,7 +40,7 @@ UPDATE messages m SET status = 'FAILED', failure_reason = 'campaign ' || lower(c
    AND c.status IN ('CANCELLED', 'COMPLETED')";
 
 const DUE: &str = "
-SELECT m.id, m.campaign_id, m.recipient_phone, m.channel, m.body, m.retry_count, m.kind
+SELECT m.id, m.campaign_id, m.recipient_phone, m.channel, m.rendered_content, m.retry_count, m.kind
   FROM messages m LEFT JOIN campaigns c ON c.id = m.campaign_id
  WHERE m.parked_until <= now() AND m.status = 'QUEUED'
    AND (m.campaign_id IS NULL OR c.status = 'RUNNING')
@@ -51,7 +51,7 @@ const UNPARK: &str = "
 UPDATE messages SET parked_until = NULL, parked_reason = NULL WHERE id = ANY($1)";
 
 const STUCK: &str = "
-SELECT id, recipient_phone, channel, body, claimed_at, content_sid IS NOT NULL FROM messages
+SELECT id, recipient_phone, channel, rendered_content, claimed_at, content_sid IS NOT NULL FROM messages
  WHERE status = 'SENDING' AND claimed_at < now() - make_interval(secs => $1::float8)
  ORDER BY claimed_at LIMIT 100";
 

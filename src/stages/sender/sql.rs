@@ -1,13 +1,13 @@
 //! The sender's statements, one constant each.
 
 pub const LOOKUP: &str = "
-SELECT m.id, m.status, m.recipient_phone, m.channel, m.body, m.retry_count, m.campaign_id,
+SELECT m.id, m.status, m.recipient_phone, m.channel, m.rendered_content, m.retry_count, m.campaign_id,
        c.status, c.rate_limit_per_second, c.quiet_hours_start, c.quiet_hours_end,
        ese_consent_on(m.recipient_phone, m.channel, u.consent_state), u.attributes ->> 'timezone', m.kind,
        m.content_sid, m.content_variables, uc.last_inbound_at
   FROM messages m
   LEFT JOIN campaigns c ON c.id = m.campaign_id
-  LEFT JOIN users u ON u.phone_number = m.recipient_phone
+  LEFT JOIN users u ON u.phone_e164 = m.recipient_phone
   LEFT JOIN user_channels uc ON uc.phone_number = m.recipient_phone AND uc.channel = 'WHATSAPP'
  WHERE m.id = ANY($1)";
 
@@ -26,10 +26,10 @@ UPDATE messages m SET status = 'SENDING', claimed_at = now(), updated_at = now()
         OR EXISTS (SELECT 1 FROM campaigns c WHERE c.id = m.campaign_id AND c.status = 'RUNNING'))
    AND CASE m.kind
          WHEN 'opt_out_confirmation' THEN true
-         WHEN 'campaign' THEN EXISTS (SELECT 1 FROM users u WHERE u.phone_number = m.recipient_phone
-                                         AND ese_consent_on(u.phone_number, m.channel, u.consent_state) = 'OPT_IN')
-         ELSE NOT EXISTS (SELECT 1 FROM users u WHERE u.phone_number = m.recipient_phone
-                             AND ese_consent_on(u.phone_number, m.channel, u.consent_state) = 'OPT_OUT')
+         WHEN 'campaign' THEN EXISTS (SELECT 1 FROM users u WHERE u.phone_e164 = m.recipient_phone
+                                         AND ese_consent_on(u.phone_e164, m.channel, u.consent_state) = 'OPT_IN')
+         ELSE NOT EXISTS (SELECT 1 FROM users u WHERE u.phone_e164 = m.recipient_phone
+                             AND ese_consent_on(u.phone_e164, m.channel, u.consent_state) = 'OPT_OUT')
        END
 RETURNING id";
 

@@ -44,7 +44,7 @@ pub const TABLES: [&str; 9] = [
 ];
 
 /// The admin URL tests create their databases through.
-fn admin_url() -> String {
+pub fn admin_url() -> String {
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
 }
@@ -284,7 +284,7 @@ impl TestApp {
         let c = self.pool.get().await.unwrap();
         c.execute(
             &format!(
-                "INSERT INTO users (phone_number, attributes)
+                "INSERT INTO users (phone_e164, attributes)
                  SELECT '+1415' || (2000000 + i)::text, {attributes} FROM generate_series(1, $1::bigint) i"
             ),
             &[&n],
@@ -500,10 +500,10 @@ impl TestApp {
         let c = self.pool.get().await.unwrap();
         let mut out = Vec::new();
         for table in TABLES {
-            let key = if table == "fanout_progress" {
-                "campaign_id"
-            } else {
-                "id"
+            let key = match table {
+                "fanout_progress" => "campaign_id",
+                "users" => "phone_e164",
+                _ => "id",
             };
             for r in c
                 .query(
@@ -635,5 +635,51 @@ pub fn keep_report(name: &str, text: &str) {
     let path = dir.join(format!("{name}.txt"));
     if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, text)) {
         eprintln!("cannot keep the {name} report in {}: {e}", path.display());
+    }
+}
+
+/// An empty database of its own (no migration applied), dropped with the
+/// value: for tests that migrate by steps.
+pub struct EmptyDb {
+    pub url: String,
+    name: String,
+}
+
+impl EmptyDb {
+    pub async fn create() -> EmptyDb {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let name = format!("ese_test_{}", &id[..16]);
+        connect(&admin_url())
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let mut url = url::Url::parse(&admin_url()).expect("DATABASE_URL parses");
+        url.set_path(&format!("/{name}"));
+        EmptyDb {
+            url: url.to_string(),
+            name,
+        }
+    }
+}
+
+impl Drop for EmptyDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Runtime::new() {
+                rt.block_on(async move {
+                    if let Ok((c, conn)) =
+                        tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await
+                    {
+                        tokio::spawn(conn);
+                        let _ = c
+                            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .await;
+                    }
+                });
+            }
+        })
+        .join();
     }
 }
