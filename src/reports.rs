@@ -1,7 +1,21 @@
-//! Read-side queries from the data model: campaign performance (admin API,
-//! dashboards) and the real-time dashboard figures.
+//! Read-side queries from the data model: its three query patterns as
+//! DATA-MODEL.md writes them (`sql/reports/`, run verbatim by the tests and
+//! by the Grafana dashboard), campaign performance as the admin API serves
+//! it, and one campaign's messages per status.
 
 use serde::Serialize;
+
+/// The data model's segment evaluation, verbatim.
+pub const MODEL_SEGMENT_EVALUATION: &str = include_str!("../sql/reports/segment_evaluation.sql");
+/// The data model's campaign performance, verbatim (its last 30 days).
+pub const MODEL_CAMPAIGN_PERFORMANCE: &str =
+    include_str!("../sql/reports/campaign_performance.sql");
+/// The data model's real-time dashboard, verbatim: what
+/// `GET /api/v1/reports/dashboard` answers.
+pub const DASHBOARD: &str = include_str!("../sql/reports/dashboard.sql");
+/// Campaign performance since `$1`, each message counted once:
+/// `GET /api/v1/reports/campaigns?since=`.
+pub const CAMPAIGNS_SINCE: &str = include_str!("../sql/reports/campaigns_since.sql");
 
 /// Messages per status for one campaign, and its delivery rate.
 pub const CAMPAIGN_PERFORMANCE: &str = "

@@ -18,6 +18,7 @@ mod ops;
 mod postgres_tls;
 mod receipts_consent;
 mod reliability;
+mod reports;
 mod sender;
 mod single_node;
 mod users;

@@ -23,8 +23,8 @@ fn repo(path: &str) -> PathBuf {
 
 /// What every panel and query of a dashboard names as its data source: the
 /// dashboard's `datasource` variable.
-fn datasource_variable() -> Value {
-    json!({"type": "prometheus", "uid": "${datasource}"})
+fn datasource_variable(kind: &str) -> Value {
+    json!({"type": kind, "uid": "${datasource}"})
 }
 
 /// A fresh folder under the temp dir, removed when dropped.
@@ -375,24 +375,35 @@ fn rules_in_file() -> BTreeMap<String, Vec<String>> {
 fn dashboards_use_their_datasource_and_stage_variables() {
     let mut problems = Vec::new();
     for (file, dashboard) in dashboards() {
-        match variable(&dashboard, "datasource") {
-            Some(v) if v["type"] == "datasource" && v["query"] == "prometheus" => {}
-            other => problems.push(format!(
-                "{file}: no `datasource` variable of type datasource over prometheus: {other:?}"
-            )),
-        }
+        // Prometheus, or PostgreSQL for the data model's reports.
+        let kind = match variable(&dashboard, "datasource") {
+            Some(v)
+                if v["type"] == "datasource"
+                    && (v["query"] == "prometheus"
+                        || v["query"] == "grafana-postgresql-datasource") =>
+            {
+                v["query"].as_str().unwrap_or_default().to_string()
+            }
+            other => {
+                problems.push(format!(
+                    "{file}: no `datasource` variable of type datasource over prometheus or postgres: {other:?}"
+                ));
+                continue;
+            }
+        };
+        let expected = || datasource_variable(&kind);
         let mut uses_stage = false;
         for panel in panels(&dashboard) {
             let title = panel["title"].as_str().unwrap_or("?");
-            if panel["datasource"] != datasource_variable() {
+            if panel["datasource"] != expected() {
                 problems.push(format!(
                     "{file} / {title}: datasource {} (want {})",
                     panel["datasource"],
-                    datasource_variable()
+                    expected()
                 ));
             }
             for target in panel["targets"].as_array().into_iter().flatten() {
-                if target["datasource"] != datasource_variable() {
+                if target["datasource"] != expected() {
                     problems.push(format!(
                         "{file} / {title} [{}]: datasource {}",
                         target["refId"], target["datasource"]

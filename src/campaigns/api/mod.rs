@@ -1,5 +1,6 @@
 //! The admin API under `/api/v1` (JSON), one module per resource:
-//! [`templates`], [`segments`] and [`campaigns`] (with their transitions).
+//! [`templates`], [`segments`], [`campaigns`] (with their transitions) and
+//! [`reports`].
 //! Every route but the OpenAPI document needs
 //! `Authorization: Bearer $ESE_ADMIN_TOKEN`. Errors are
 //! `{"error": {"code", "message", "field"?}}` ([`ApiError`]); `field` is a
@@ -18,6 +19,7 @@
 mod campaigns;
 mod error;
 mod extract;
+mod reports;
 mod schema;
 mod segments;
 mod templates;
@@ -76,6 +78,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/v1/campaigns"),
     ("GET", "/api/v1/campaigns/{id}"),
     ("POST", "/api/v1/campaigns/{id}/{action}"),
+    ("GET", "/api/v1/reports/campaigns"),
+    ("GET", "/api/v1/reports/dashboard"),
 ];
 
 /// What the handlers share.
@@ -116,6 +120,7 @@ impl Admin {
             .merge(templates::routes())
             .merge(segments::routes())
             .merge(campaigns::routes())
+            .merge(reports::routes())
             .route_layer(axum::middleware::from_fn_with_state(self.clone(), auth))
             .with_state(self.clone());
         Router::new()
@@ -271,6 +276,7 @@ pub fn openapi(max_filter_depth: usize) -> utoipa::openapi::OpenApi {
     doc.merge(templates::Doc::openapi());
     doc.merge(segments::Doc::openapi());
     doc.merge(campaigns::Doc::openapi());
+    doc.merge(reports::Doc::openapi());
     let components = doc.components.get_or_insert_with(Components::new);
     components.add_security_scheme(
         "bearer",

@@ -124,6 +124,26 @@ pub(super) fn time_of_day() -> Object {
         .build()
 }
 
+/// A moment in a query: a date (midnight UTC) or an RFC 3339 date-time.
+pub(super) fn date_or_date_time() -> Schema {
+    AnyOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Date))),
+        )
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime))),
+        )
+        .description(Some(
+            "A date (YYYY-MM-DD, midnight UTC) or an RFC 3339 date-time.",
+        ))
+        .build()
+        .into()
+}
+
 /// What a stored attribute or default can be: a string without NUL, a number or a boolean.
 fn stored_scalar() -> ObjectBuilder {
     ObjectBuilder::new()
