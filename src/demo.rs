@@ -145,11 +145,10 @@ pub async fn run(settings: &Settings, users: u32, timeout: Duration) -> anyhow::
         )
         .await?;
     let id = &campaign["id"];
-    for action in ["ready", "start"] {
-        admin
-            .call(Method::POST, &format!("/campaigns/{id}/{action}"), None)
-            .await?;
-    }
+    // No schedule_time: ready starts it at once.
+    admin
+        .call(Method::POST, &format!("/campaigns/{id}/ready"), None)
+        .await?;
     println!("  campaign {id} started");
 
     // 3. Watch the messages reach their final states.

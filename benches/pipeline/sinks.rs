@@ -154,7 +154,13 @@ async fn run(scratch: &Scratch, n: usize) -> anyhow::Result<()> {
         "ceiling run delivered {delivered}/{n}"
     );
     client
-        .batch_execute("UPDATE messages SET status = 'SENT', delivered_at = NULL")
+        .batch_execute(
+            // Back to SENT for the stage's run: a move the message state
+            // machine refuses, so the bench lifts its trigger for it.
+            "ALTER TABLE messages DISABLE TRIGGER messages_status_transition;
+             UPDATE messages SET status = 'SENT', delivered_at = NULL;
+             ALTER TABLE messages ENABLE TRIGGER messages_status_transition;",
+        )
         .await?;
     let topic = settings.pipeline("receipts")?.inputs[0].clone();
     let keyed: Vec<(String, ReceiptNormalized)> = callbacks

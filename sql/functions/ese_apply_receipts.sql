@@ -4,7 +4,8 @@
 -- the latest failure. Used by the receipts stage and by the sender when it
 -- writes a SID, so a receipt that raced the sender is applied the moment the
 -- SID exists. A receipt whose SID no message has yet is parked in
--- receipts_unmatched. Returns the messages whose row changed.
+-- receipts_unmatched. Keeps each recipient's last_message_delivered.
+-- Returns the messages whose row changed.
 CREATE OR REPLACE FUNCTION ese_apply_receipts(sids text[])
 RETURNS TABLE (message_id bigint, old_status text, new_status text, sent_at timestamptz, delivered_at timestamptz)
 LANGUAGE sql AS $$
@@ -52,7 +53,14 @@ LANGUAGE sql AS $$
            AND ese_status_rank(n.status) >= ese_status_rank(m.status)
            AND (m.status, m.sent_at, m.delivered_at, m.read_at) IS DISTINCT FROM
                (n.status, n.sent_at, n.delivered_at, n.read_at)
-        RETURNING m.id, n.old_status, m.status, m.sent_at, m.delivered_at
+        RETURNING m.id, n.old_status, m.status, m.sent_at, m.delivered_at, m.recipient_phone
+    ), delivered_to AS (
+        -- The person's last message delivered (an interaction figure).
+        UPDATE users u SET last_message_delivered = x.at
+          FROM (SELECT recipient_phone, max(delivered_at) AS at FROM changed
+                 WHERE delivered_at IS NOT NULL GROUP BY recipient_phone) x
+         WHERE u.phone_e164 = x.recipient_phone
+           AND (u.last_message_delivered IS NULL OR u.last_message_delivered < x.at)
     )
-    SELECT * FROM changed;
+    SELECT id, old_status, status, sent_at, delivered_at FROM changed;
 $$;

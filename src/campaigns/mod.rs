@@ -31,6 +31,12 @@ pub enum TransitionError {
         action: CampaignAction,
         status: CampaignStatus,
     },
+    #[error("campaign {id} has no {missing} (deleted); it cannot be {status}")]
+    Incomplete {
+        id: i64,
+        missing: &'static str,
+        status: CampaignStatus,
+    },
     #[error("{0}")]
     Db(#[from] tokio_postgres::Error),
     #[error("publishing the command: {0}")]
@@ -77,7 +83,8 @@ impl Commands {
     ) -> Result<CampaignStatus, TransitionError> {
         let row = tx
             .query_opt(
-                "SELECT status, paused_from FROM campaigns WHERE id = $1 FOR UPDATE",
+                "SELECT status, paused_from, template_id IS NULL, segment_id IS NULL
+                   FROM campaigns WHERE id = $1 FOR UPDATE",
                 &[&id],
             )
             .await?
@@ -87,6 +94,19 @@ impl Commands {
         let to = status
             .next(paused_from, action)
             .ok_or(TransitionError::Illegal { action, status })?;
+        // A draft or finished campaign may have lost its template or segment
+        // (deleted); an active one needs both.
+        if CampaignStatus::ACTIVE.contains(&to) {
+            for (missing, gone) in [("template", row.get::<_, bool>(2)), ("segment", row.get(3))] {
+                if gone {
+                    return Err(TransitionError::Incomplete {
+                        id,
+                        missing,
+                        status: to,
+                    });
+                }
+            }
+        }
         let paused_from = (to == CampaignStatus::Paused).then_some(status);
         tx.execute(
             "UPDATE campaigns SET status = $2, paused_from = $3, updated_at = now(),

@@ -57,6 +57,53 @@ pub enum Node {
         op: ChannelOp,
         value: Value,
     },
+    /// `value` is `Value::Null` for exists / not_exists.
+    Figure {
+        figure: Figure,
+        op: Op,
+        value: Value,
+    },
+}
+
+/// A person's interaction figure, kept on `users` by the consent and
+/// receipts stages: `{"figure": "messages_received", "operator": "gte",
+/// "value": 3}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Figure {
+    /// Messages received from them.
+    MessagesReceived,
+    /// When they last wrote.
+    LastMessageReceived,
+    /// When a message to them was last delivered.
+    LastMessageDelivered,
+}
+
+impl Figure {
+    pub const ALL: [Figure; 3] = [
+        Figure::MessagesReceived,
+        Figure::LastMessageReceived,
+        Figure::LastMessageDelivered,
+    ];
+
+    /// Its name in a filter, and its column on `users`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Figure::MessagesReceived => "messages_received",
+            Figure::LastMessageReceived => "last_message_received",
+            Figure::LastMessageDelivered => "last_message_delivered",
+        }
+    }
+
+    /// The operators it takes: comparisons for a count, before/after and
+    /// exists/not_exists for a time.
+    pub fn ops(self) -> &'static [Op] {
+        match self {
+            Figure::MessagesReceived => {
+                &[Op::Equals, Op::NotEquals, Op::Gt, Op::Gte, Op::Lt, Op::Lte]
+            }
+            _ => &[Op::Before, Op::After, Op::Exists, Op::NotExists],
+        }
+    }
 }
 
 /// What a channel condition asks of the person on that channel.
@@ -226,6 +273,7 @@ fn parse_node(
     match compound {
         Some(kind) => parse_compound(object, pointer, kind, depth, max_depth),
         None if object.contains_key("channel") => parse_channel(object, pointer, operator),
+        None if object.contains_key("figure") => parse_figure(object, pointer, operator),
         None => parse_leaf(object, pointer, operator),
     }
 }
@@ -380,6 +428,49 @@ fn parse_channel(
         e
     })?;
     Ok(Node::Channel { channel, op, value })
+}
+
+fn parse_figure(
+    object: &serde_json::Map<String, Value>,
+    pointer: &str,
+    operator: &str,
+) -> Result<Node, FilterError> {
+    check_keys(object, pointer, &["figure", "operator", "value"])?;
+    let names: Vec<&str> = Figure::ALL.iter().map(|f| f.name()).collect();
+    let Some(figure) = object
+        .get("figure")
+        .and_then(Value::as_str)
+        .and_then(|name| Figure::ALL.into_iter().find(|f| f.name() == name))
+    else {
+        return Err(error(
+            &child(pointer, "figure"),
+            format!("\"figure\" must be one of {}", names.join(", ")),
+        ));
+    };
+    let Some(op) = figure
+        .ops()
+        .iter()
+        .copied()
+        .find(|op| op.name() == operator)
+    else {
+        let ops: Vec<&str> = figure.ops().iter().map(|op| op.name()).collect();
+        return Err(error(
+            &child(pointer, "operator"),
+            format!(
+                "{} takes the operators {}, not {operator:?}",
+                figure.name(),
+                ops.join(", ")
+            ),
+        ));
+    };
+    let value = check_value(op, object.get("value"), pointer)?;
+    if figure == Figure::MessagesReceived && !value.is_number() {
+        return Err(error(
+            &child(pointer, "value"),
+            format!("{} compares with a number", figure.name()),
+        ));
+    }
+    Ok(Node::Figure { figure, op, value })
 }
 
 /// A string, number or boolean (what an attribute can be compared with).
@@ -566,7 +657,33 @@ impl Builder<'_> {
                 let sql = self.channel(*channel, *op, value);
                 self.sql.push_str(&sql);
             }
+            Node::Figure { figure, op, value } => {
+                let sql = self.figure(*figure, *op, value);
+                self.sql.push_str(&sql);
+            }
         }
+    }
+
+    /// The SQL of one interaction-figure condition (never NULL).
+    fn figure(&mut self, figure: Figure, op: Op, value: &Value) -> String {
+        let column = format!("{}.{}", self.user, figure.name());
+        let cmp = match op {
+            Op::Exists => return format!("({column} IS NOT NULL)"),
+            Op::NotExists => return format!("({column} IS NULL)"),
+            Op::Before | Op::Lt => "<",
+            Op::After | Op::Gt => ">",
+            Op::Gte => ">=",
+            Op::Lte => "<=",
+            Op::NotEquals => "<>",
+            _ => "=",
+        };
+        let v = self.param(SqlParam::Text(scalar_text(value)));
+        let cast = if figure == Figure::MessagesReceived {
+            "numeric"
+        } else {
+            "timestamptz"
+        };
+        format!("coalesce({column} {cmp} {v}::text::{cast}, false)")
     }
 
     /// The SQL of one channel condition.

@@ -316,7 +316,7 @@ async fn templates_are_checked_rendered_and_protected_while_used() {
         .await;
     assert_eq!(emoji["length"]["encoding"], "UCS-2");
 
-    // In use by a campaign: no delete, no update once it is past DRAFT.
+    // In use by an active campaign: no delete, no update.
     let s = api
         .expect(
             201,
@@ -333,11 +333,6 @@ async fn templates_are_checked_rendered_and_protected_while_used() {
             Some(json!({"name": "c", "template_id": id, "segment_id": s["id"]})),
         )
         .await;
-    let (status, err) = api
-        .call("DELETE", &format!("/api/v1/templates/{id}"), None)
-        .await;
-    assert_eq!(status, 409, "{err}");
-    assert_eq!(err["error"]["code"], "in_use");
     api.expect(
         200,
         "POST",
@@ -345,6 +340,11 @@ async fn templates_are_checked_rendered_and_protected_while_used() {
         None,
     )
     .await;
+    let (status, err) = api
+        .call("DELETE", &format!("/api/v1/templates/{id}"), None)
+        .await;
+    assert_eq!(status, 409, "{err}");
+    assert_eq!(err["error"]["code"], "in_use");
     let (status, _) = api
         .call(
             "PUT",
@@ -653,8 +653,9 @@ async fn illegal_transitions_are_409_and_legal_ones_publish_a_command() {
         for action in ["ready", "start", "pause", "resume", "cancel"] {
             let id: i64 = c
                 .query_one(
-                    "INSERT INTO campaigns (name, template_id, segment_id, status, paused_from)
-                     SELECT $1, template_id, segment_id, $2, CASE WHEN $2 = 'PAUSED' THEN 'RUNNING' END
+                    "INSERT INTO campaigns (name, template_id, segment_id, status, paused_from, schedule_time)
+                     SELECT $1, template_id, segment_id, $2, CASE WHEN $2 = 'PAUSED' THEN 'RUNNING' END,
+                            now() + interval '1 day'
                        FROM campaigns WHERE id = $3 RETURNING id",
                     &[&format!("{from}-{action}"), &from, &base],
                 )
@@ -685,7 +686,14 @@ async fn illegal_transitions_are_409_and_legal_ones_publish_a_command() {
             }
         }
     }
-    // Resume returns to where the campaign was paused from.
+    // Resume returns to where the campaign was paused from (a scheduled
+    // campaign: without a schedule_time, READY starts at once).
+    c.execute(
+        "UPDATE campaigns SET schedule_time = now() + interval '1 day' WHERE id = $1",
+        &[&base],
+    )
+    .await
+    .unwrap();
     api.expect(
         200,
         "POST",
@@ -718,6 +726,23 @@ async fn illegal_transitions_are_409_and_legal_ones_publish_a_command() {
         None,
     )
     .await;
+
+    // schedule_time NULL means immediate: ready starts it, with both commands.
+    let now: i64 = c
+        .query_one(
+            "INSERT INTO campaigns (name, template_id, segment_id)
+             SELECT 'immediate', template_id, segment_id FROM campaigns WHERE id = $1 RETURNING id",
+            &[&base],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let started = api
+        .expect(200, "POST", &format!("/api/v1/campaigns/{now}/ready"), None)
+        .await;
+    assert_eq!(started["status"], "RUNNING", "{started}");
+    published.push((now, "ready".into(), "READY".into()));
+    published.push((now, "start".into(), "RUNNING".into()));
 
     let expected = published.len() + 3;
     let commands = app.commands(expected + 1, Duration::from_secs(5)).await;
@@ -827,9 +852,8 @@ async fn fanout_pauses_resumes_skips_missing_variables_and_completes() {
         json!({"attribute": "plan", "operator": "equals", "value": "pro"}),
     )
     .await;
+    // Without a schedule_time, ready starts it at once.
     api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/ready"), None)
-        .await;
-    api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/start"), None)
         .await;
     api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/pause"), None)
         .await;
@@ -929,9 +953,8 @@ async fn fanout_killed_midway_resumes_with_exactly_one_message_and_send_each() {
     )
     .await;
     let mut child = app.spawn_ese(&["run", "fanout"]);
+    // Without a schedule_time, ready starts it at once.
     api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/ready"), None)
-        .await;
-    api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/start"), None)
         .await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {

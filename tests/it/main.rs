@@ -12,6 +12,7 @@ mod fixtures;
 mod harness;
 mod hostile;
 mod kafka;
+mod lifecycle;
 mod migrations;
 mod observability;
 mod ops;

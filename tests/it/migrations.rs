@@ -90,18 +90,34 @@ async fn fresh_database_gets_the_full_schema_and_refuses_bad_data() {
         .unwrap_err();
     assert_eq!(err.code().unwrap().code(), "23505", "{err}");
 
-    // A referenced template or segment cannot be deleted; a campaign's
-    // messages go with it.
-    let err = c
-        .execute("DELETE FROM templates WHERE id = 1", &[])
+    // A template or segment an active campaign uses cannot be deleted; a
+    // finished campaign keeps its row without it; a campaign's messages go
+    // with it.
+    c.execute("UPDATE campaigns SET status = 'RUNNING' WHERE id = 1", &[])
         .await
-        .unwrap_err();
-    assert_eq!(err.code().unwrap().code(), "23503", "{err}");
-    let err = c
-        .execute("DELETE FROM segments WHERE id = 1", &[])
+        .unwrap();
+    for table in ["templates", "segments"] {
+        let err = c
+            .execute(&format!("DELETE FROM {table} WHERE id = 1"), &[])
+            .await
+            .unwrap_err();
+        assert_eq!(err.code().unwrap().code(), "23514", "{table}: {err}");
+    }
+    c.batch_execute(
+        "UPDATE campaigns SET status = 'COMPLETED' WHERE id = 1;
+         DELETE FROM templates WHERE id = 1; DELETE FROM segments WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    let cleared: bool = c
+        .query_one(
+            "SELECT template_id IS NULL AND segment_id IS NULL FROM campaigns WHERE id = 1",
+            &[],
+        )
         .await
-        .unwrap_err();
-    assert_eq!(err.code().unwrap().code(), "23503", "{err}");
+        .unwrap()
+        .get(0);
+    assert!(cleared);
     c.execute("DELETE FROM campaigns WHERE id = 1", &[])
         .await
         .unwrap();

@@ -320,6 +320,18 @@ async fn later_consent_decision_stands_whatever_the_arrival_order() {
         row.get::<_, Option<DateTime<Utc>>>(2),
         Some(at(T0 + 20_000))
     );
+    // Interaction figures: messages received, whatever the arrival order.
+    for (phone, sent) in [(ada, 2), (bob, 6)] {
+        let n: i32 = c
+            .query_one(
+                "SELECT messages_received FROM users WHERE phone_e164 = $1",
+                &[&phone],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, sent, "{phone}");
+    }
     let history: Vec<(String, bool)> = c
         .query(
             "SELECT new_state, applied FROM consent_events WHERE phone_number = $1 ORDER BY occurred_at",

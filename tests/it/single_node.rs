@@ -298,8 +298,8 @@ async fn up_killed_under_webhook_load_and_a_campaign_loses_and_repeats_nothing()
     )
     .await;
     let id = c["id"].clone();
+    // Without a schedule_time, ready starts it at once.
     api("POST", &format!("/campaigns/{id}/ready"), None).await;
-    api("POST", &format!("/campaigns/{id}/start"), None).await;
 
     // Signed callbacks streaming in; kill -9 after two seconds, back after one.
     let mut accepted: BTreeMap<String, bool> = BTreeMap::new();

@@ -280,9 +280,8 @@ async fn a_whatsapp_campaign_goes_as_approved_content_and_free_form_keeps_to_the
         )
         .await;
     let id = campaign["id"].as_i64().unwrap();
+    // Without a schedule_time, ready starts it at once.
     api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/ready"), None)
-        .await;
-    api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/start"), None)
         .await;
     // Sent as approved content (nobody wrote first, so free-form would
     // fail): delivered, then read; Fay's undelivered, and she is marked
@@ -467,9 +466,8 @@ async fn whatsapp_sends_keep_to_the_senders_channel_limit() {
         )
         .await;
     let id = c["id"].as_i64().unwrap();
+    // Without a schedule_time, ready starts it at once.
     api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/ready"), None)
-        .await;
-    api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/start"), None)
         .await;
     wait_until("every send made", Duration::from_secs(60), async || {
         l.stats().await["accepted"].as_i64().unwrap_or(0) >= N
@@ -592,9 +590,8 @@ async fn a_stop_scoped_to_its_channel_stops_that_channel_alone() {
             )
             .await;
         let id = campaign["id"].as_i64().unwrap();
+        // Without a schedule_time, ready starts it at once.
         api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/ready"), None)
-            .await;
-        api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/start"), None)
             .await;
         campaigns.push(id);
     }

@@ -25,7 +25,13 @@ use crate::model::{CampaignAction, CampaignStatus};
 
 /// The campaigns' routes and their part of the document.
 #[derive(OpenApi)]
-#[openapi(paths(list_campaigns, create_campaign, get_campaign, transition))]
+#[openapi(paths(
+    list_campaigns,
+    create_campaign,
+    get_campaign,
+    delete_campaign,
+    transition
+))]
 pub(super) struct Doc;
 
 pub(super) fn routes() -> Router<Arc<Admin>> {
@@ -34,7 +40,10 @@ pub(super) fn routes() -> Router<Arc<Admin>> {
             "/api/v1/campaigns",
             get(list_campaigns).post(create_campaign),
         )
-        .route("/api/v1/campaigns/{id}", get(get_campaign))
+        .route(
+            "/api/v1/campaigns/{id}",
+            get(get_campaign).delete(delete_campaign),
+        )
         .route("/api/v1/campaigns/{id}/{action}", post(transition))
 }
 
@@ -116,8 +125,10 @@ pub(super) struct Fanout {
 pub(super) struct Campaign {
     id: i64,
     name: String,
-    template_id: i64,
-    segment_id: i64,
+    /// Null once the template was deleted (a draft or finished campaign).
+    template_id: Option<i64>,
+    /// Null once the segment was deleted (a draft or finished campaign).
+    segment_id: Option<i64>,
     #[schema(schema_with = super::schema::campaign_status)]
     status: CampaignStatus,
     #[schema(schema_with = super::schema::paused_from)]
@@ -356,6 +367,45 @@ pub(super) async fn get_campaign(
     json(StatusCode::OK, campaign(&client, id).await?)
 }
 
+/// Delete a campaign with its messages (DRAFT, COMPLETED or CANCELLED; 409 otherwise)
+#[utoipa::path(
+    delete,
+    path = "/api/v1/campaigns/{id}",
+    tag = "campaigns",
+    params(("id" = i64, Path, description = "Campaign id")),
+    responses((status = 204, description = "Deleted, with its messages"))
+)]
+pub(super) async fn delete_campaign(
+    State(a): State<Arc<Admin>>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult {
+    let mut client = a.pool.get().await?;
+    let tx = client.transaction().await?;
+    let status: CampaignStatus = tx
+        .query_opt(
+            "SELECT status FROM campaigns WHERE id = $1 FOR UPDATE",
+            &[&id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("campaign", id))?
+        .get(0);
+    if CampaignStatus::ACTIVE.contains(&status) {
+        return Err(ApiError::conflict(
+            "in_use",
+            format!(
+                "campaign {id} is {status}: only a DRAFT, COMPLETED or CANCELLED campaign can be deleted (cancel it first)"
+            ),
+        ));
+    }
+    // Its messages and fan-out progress go with it (ON DELETE CASCADE).
+    tx.execute("DELETE FROM campaigns WHERE id = $1", &[&id])
+        .await?;
+    tx.commit().await?;
+    Ok(axum::response::IntoResponse::into_response(
+        StatusCode::NO_CONTENT,
+    ))
+}
+
 /// What an operator asks of a campaign: [`CampaignAction::OPERATOR`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -395,8 +445,9 @@ impl Action {
 
 /// Transition a campaign
 ///
-/// ready (DRAFT→READY), start (READY→RUNNING), pause (DRAFT|READY|RUNNING→PAUSED),
-/// resume (PAUSED→where it was), cancel (any non-final→CANCELLED). An illegal
+/// ready (DRAFT→READY; without a `schedule_time`, on to RUNNING at once),
+/// start (READY→RUNNING), pause (DRAFT|READY|RUNNING→PAUSED),
+/// resume (PAUSED→where it was; READY without a `schedule_time` starts), cancel (any non-final→CANCELLED). An illegal
 /// one is 409 naming the allowed actions; a legal one is published on
 /// campaigns.commands before it is committed.
 #[utoipa::path(
@@ -426,9 +477,26 @@ pub(super) async fn transition(
     };
     let mut client = a.pool.get().await?;
     let tx = client.transaction().await?;
-    a.commands
+    let to = a
+        .commands
         .transition(&tx, id, action.campaign_action(), "api")
         .await?;
+    // The data model's `schedule_time` NULL means immediate: a campaign
+    // made READY without one starts now (its start command follows).
+    if to == CampaignStatus::Ready {
+        let immediate = tx
+            .query_one(
+                "SELECT schedule_time IS NULL FROM campaigns WHERE id = $1",
+                &[&id],
+            )
+            .await?
+            .get::<_, bool>(0);
+        if immediate {
+            a.commands
+                .transition(&tx, id, CampaignAction::Start, "api")
+                .await?;
+        }
+    }
     tx.commit().await?;
     json(StatusCode::OK, campaign(&client, id).await?)
 }

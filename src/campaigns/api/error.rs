@@ -131,6 +131,7 @@ impl From<TransitionError> for ApiError {
         match e {
             TransitionError::NotFound(id) => Self::not_found("campaign", id),
             TransitionError::Illegal { .. } => Self::conflict("illegal_transition", e.to_string()),
+            TransitionError::Incomplete { .. } => Self::conflict("incomplete", e.to_string()),
             TransitionError::Db(e) => e.into(),
             TransitionError::Kafka(m) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,

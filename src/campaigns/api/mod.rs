@@ -77,6 +77,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/campaigns"),
     ("POST", "/api/v1/campaigns"),
     ("GET", "/api/v1/campaigns/{id}"),
+    ("DELETE", "/api/v1/campaigns/{id}"),
     ("POST", "/api/v1/campaigns/{id}/{action}"),
     ("GET", "/api/v1/reports/campaigns"),
     ("GET", "/api/v1/reports/dashboard"),
@@ -194,17 +195,21 @@ async fn refuse_if_used(
     statuses: &[CampaignStatus],
     verb: &str,
 ) -> Result<(), ApiError> {
-    let sql = format!(
-        "SELECT id, status FROM campaigns WHERE {column} = $1 AND status = ANY($2) ORDER BY id LIMIT 5"
-    );
-    let rows = tx.query(&sql, &[&id, &statuses]).await?;
-    if rows.is_empty() {
+    // Every campaign using it is locked, so none becomes active meanwhile.
+    let sql =
+        format!("SELECT id, status FROM campaigns WHERE {column} = $1 ORDER BY id FOR UPDATE");
+    let users: Vec<String> = tx
+        .query(&sql, &[&id])
+        .await?
+        .iter()
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, CampaignStatus>(1)))
+        .filter(|(_, s)| statuses.contains(s))
+        .take(5)
+        .map(|(id, s)| format!("{id} ({s})"))
+        .collect();
+    if users.is_empty() {
         return Ok(());
     }
-    let users: Vec<String> = rows
-        .iter()
-        .map(|r| format!("{} ({})", r.get::<_, i64>(0), r.get::<_, CampaignStatus>(1)))
-        .collect();
     Err(ApiError::conflict(
         "in_use",
         format!(
@@ -215,23 +220,12 @@ async fn refuse_if_used(
 }
 
 /// Deletes template or segment `id` (`table`, referenced as `column`):
-/// 204, 404, or 409 while a campaign that is not final uses it.
+/// 204, 404, or 409 while an active campaign (READY, RUNNING, PAUSED) uses
+/// it; draft and finished campaigns keep their rows, the reference cleared.
 async fn delete_unused(a: &Admin, table: &str, column: &str, id: i64) -> ApiResult {
     let mut client = a.pool.get().await?;
     let tx = client.transaction().await?;
-    refuse_if_used(
-        &tx,
-        column,
-        id,
-        &[
-            CampaignStatus::Draft,
-            CampaignStatus::Ready,
-            CampaignStatus::Running,
-            CampaignStatus::Paused,
-        ],
-        "deleted",
-    )
-    .await?;
+    refuse_if_used(&tx, column, id, CampaignStatus::ACTIVE, "deleted").await?;
     let n = tx
         .execute(&format!("DELETE FROM {table} WHERE id = $1"), &[&id])
         .await?;

@@ -13,7 +13,7 @@ use utoipa::openapi::schema::{
 };
 
 use super::extract::NAME_MAX;
-use crate::campaigns::segment::{ChannelOp, Op};
+use crate::campaigns::segment::{ChannelOp, Figure, Op};
 use crate::model::CampaignStatus;
 
 /// Text PostgreSQL can store: no NUL.
@@ -336,6 +336,57 @@ fn condition() -> AnyOfBuilder {
             .required("operator")
             .additional_properties(Some(AdditionalProperties::FreeForm(false)));
         if timed {
+            leaf = leaf.required("value");
+        }
+        any = any.item(leaf);
+    }
+    // Conditions on the person's interaction figures (`users`).
+    let count_ops = Figure::MessagesReceived.ops().iter().map(|op| op.name());
+    let time_figures: Vec<&str> = Figure::ALL
+        .into_iter()
+        .filter(|f| *f != Figure::MessagesReceived)
+        .map(Figure::name)
+        .collect();
+    for (figures, operators, value) in [
+        (
+            vec![Figure::MessagesReceived.name()],
+            count_ops.collect::<Vec<_>>(),
+            Some(ValueKind::Number),
+        ),
+        (
+            time_figures.clone(),
+            vec![Op::Before.name(), Op::After.name()],
+            Some(ValueKind::Moment),
+        ),
+        (
+            time_figures,
+            vec![Op::Exists.name(), Op::NotExists.name()],
+            None,
+        ),
+    ] {
+        let mut leaf = ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some(
+                "A condition on the person's interaction figures: messages_received (a count), \
+                 last_message_received and last_message_delivered (times).",
+            ))
+            .property(
+                "figure",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(figures)),
+            )
+            .property(
+                "operator",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(operators)),
+            )
+            .property("value", value.unwrap_or(ValueKind::Nothing).schema())
+            .required("figure")
+            .required("operator")
+            .additional_properties(Some(AdditionalProperties::FreeForm(false)));
+        if value.is_some() {
             leaf = leaf.required("value");
         }
         any = any.item(leaf);

@@ -244,7 +244,7 @@ pub(super) async fn update_segment(
     json(StatusCode::OK, stored(&client, id).await?)
 }
 
-/// Delete a segment (409 while a campaign that is not final uses it)
+/// Delete a segment (409 while a READY, RUNNING or PAUSED campaign uses it; other campaigns keep their rows with the segment cleared)
 #[utoipa::path(
     delete,
     path = "/api/v1/segments/{id}",

@@ -372,7 +372,7 @@ pub(super) async fn update_template(
     json(StatusCode::OK, Template::from_row(&row))
 }
 
-/// Delete a template (409 while a campaign that is not final uses it)
+/// Delete a template (409 while a READY, RUNNING or PAUSED campaign uses it; other campaigns keep their rows with the template cleared)
 #[utoipa::path(
     delete,
     path = "/api/v1/templates/{id}",

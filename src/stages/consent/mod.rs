@@ -22,12 +22,18 @@ use crate::runner::{Collector, Deps, InRecord, Item, Stage, StageError};
 mod keywords;
 pub use keywords::{Intent, Keywords, normalise};
 
+/// Each person's interaction figures: their last message and how many they
+/// sent (counted from the audit rows normalize wrote, so a replay counts
+/// nothing twice).
 const TOUCH_USERS: &str = "
-INSERT INTO users AS u (phone_e164, last_message_received, consent_state)
-SELECT p, max(t), 'UNKNOWN' FROM unnest($1::text[], $2::timestamptz[]) AS x(p, t) GROUP BY p
+INSERT INTO users AS u (phone_e164, last_message_received, consent_state, messages_received)
+SELECT p, max(t), 'UNKNOWN', (SELECT count(*) FROM inbound_events i WHERE i.from_phone = x.p)
+  FROM unnest($1::text[], $2::timestamptz[]) AS x(p, t) GROUP BY p
 ON CONFLICT (phone_e164) DO UPDATE
-   SET last_message_received = GREATEST(u.last_message_received, EXCLUDED.last_message_received)
- WHERE u.last_message_received IS DISTINCT FROM GREATEST(u.last_message_received, EXCLUDED.last_message_received)";
+   SET last_message_received = GREATEST(u.last_message_received, EXCLUDED.last_message_received),
+       messages_received = EXCLUDED.messages_received
+ WHERE u.last_message_received IS DISTINCT FROM GREATEST(u.last_message_received, EXCLUDED.last_message_received)
+    OR u.messages_received <> EXCLUDED.messages_received";
 
 /// Each person's last message per channel (on WhatsApp, their window); a
 /// message there also says they can be reached there again.

@@ -1,0 +1,293 @@
+//! The lifecycle the data model states, enforced: what deleting a template,
+//! segment or campaign does, the message state machine in the database, the
+//! immutable audit trail, and a person's interaction figures.
+
+use serde_json::json;
+
+use crate::harness::TestApp;
+
+/// A template, a segment and a campaign in `status` using them; the ids.
+async fn campaign_in(app: &TestApp, name: &str, status: &str) -> (i64, i64, i64) {
+    let c = app.pool.get().await.unwrap();
+    let r = c
+        .query_one(
+            "WITH t AS (INSERT INTO templates (name, content) VALUES ($1, 'Hi') RETURNING id),
+                  s AS (INSERT INTO segments (name, filter_criteria)
+                        VALUES ($1, '{\"attribute\": \"x\", \"operator\": \"exists\"}') RETURNING id)
+             INSERT INTO campaigns (name, template_id, segment_id, status)
+             SELECT $1, t.id, s.id, $2 FROM t, s RETURNING template_id, segment_id, id",
+            &[&name, &status],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+#[tokio::test]
+async fn deleting_follows_the_model_active_campaigns_hold_their_content_finished_ones_keep_history()
+{
+    let app = TestApp::spawn().await;
+    let api = app.start_api().await;
+    let c = app.pool.get().await.unwrap();
+    c.execute(
+        "INSERT INTO users (phone_e164) VALUES ('+14155550001')",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    // In use by an active campaign: 409 for the template, segment and campaign.
+    for status in ["READY", "RUNNING", "PAUSED"] {
+        let (t, s, id) = campaign_in(&app, &format!("active {status}"), status).await;
+        for path in [
+            format!("/api/v1/templates/{t}"),
+            format!("/api/v1/segments/{s}"),
+            format!("/api/v1/campaigns/{id}"),
+        ] {
+            let (code, err) = api.call("DELETE", &path, None).await;
+            assert_eq!(code, 409, "{status} {path}: {err}");
+            assert_eq!(err["error"]["code"], "in_use", "{err}");
+        }
+    }
+
+    // A finished campaign keeps its row and its messages' text when its
+    // template and segment go; deleting it removes its messages.
+    let (t, s, done) = campaign_in(&app, "done", "COMPLETED").await;
+    c.execute(
+        "INSERT INTO messages (campaign_id, recipient_phone, rendered_content, status)
+         VALUES ($1, '+14155550001', 'Hi Ada', 'DELIVERED')",
+        &[&done],
+    )
+    .await
+    .unwrap();
+    api.expect(204, "DELETE", &format!("/api/v1/templates/{t}"), None)
+        .await;
+    api.expect(204, "DELETE", &format!("/api/v1/segments/{s}"), None)
+        .await;
+    let kept = api
+        .expect(200, "GET", &format!("/api/v1/campaigns/{done}"), None)
+        .await;
+    assert_eq!(kept["template_id"], json!(null), "{kept}");
+    assert_eq!(kept["segment_id"], json!(null), "{kept}");
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM messages WHERE campaign_id = {done} AND rendered_content = 'Hi Ada'"
+        ))
+        .await,
+        1
+    );
+    api.expect(204, "DELETE", &format!("/api/v1/campaigns/{done}"), None)
+        .await;
+    api.expect(404, "GET", &format!("/api/v1/campaigns/{done}"), None)
+        .await;
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM messages WHERE campaign_id = {done}"
+        ))
+        .await,
+        0,
+        "its messages went with it"
+    );
+
+    // A draft whose template was deleted cannot become READY.
+    let (t, _, draft) = campaign_in(&app, "draft", "DRAFT").await;
+    api.expect(204, "DELETE", &format!("/api/v1/templates/{t}"), None)
+        .await;
+    let (code, err) = api
+        .call("POST", &format!("/api/v1/campaigns/{draft}/ready"), None)
+        .await;
+    assert_eq!(code, 409, "{err}");
+    assert_eq!(err["error"]["code"], "incomplete", "{err}");
+    api.expect(204, "DELETE", &format!("/api/v1/campaigns/{draft}"), None)
+        .await;
+    api.expect(404, "DELETE", &format!("/api/v1/campaigns/{draft}"), None)
+        .await;
+}
+
+#[tokio::test]
+async fn the_database_refuses_a_status_change_the_message_state_machine_does_not_allow() {
+    let app = TestApp::spawn().await;
+    let c = app.pool.get().await.unwrap();
+    c.execute(
+        "INSERT INTO users (phone_e164) VALUES ('+14155550001')",
+        &[],
+    )
+    .await
+    .unwrap();
+    // (from, to, allowed)
+    let cases = [
+        ("QUEUED", "SENDING", true),
+        ("SENDING", "SENT", true),
+        ("SENT", "DELIVERED", true),
+        ("DELIVERED", "READ", true),
+        ("QUEUED", "FAILED", true),
+        ("SENT", "FAILED", true),
+        // Deliberate: a claimed message not sent is queued for its retry.
+        ("SENDING", "QUEUED", true),
+        // Deliberate: the provider's later word wins over the engine's.
+        ("FAILED", "DELIVERED", true),
+        ("UNDELIVERED", "DELIVERED", true),
+        ("DELIVERED", "SENT", false),
+        ("SENT", "QUEUED", false),
+        ("FAILED", "QUEUED", false),
+        ("DELIVERED", "UNDELIVERED", false),
+        ("READ", "DELIVERED", false),
+        ("DELIVERED", "FAILED", false),
+    ];
+    for (i, (from, to, allowed)) in cases.into_iter().enumerate() {
+        let id: i64 = c
+            .query_one(
+                "INSERT INTO messages (recipient_phone, rendered_content, status, idempotency_key)
+                 VALUES ('+14155550001', 'x', $1, $2) RETURNING id",
+                &[&from, &format!("case {i}")],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let result = c
+            .execute("UPDATE messages SET status = $2 WHERE id = $1", &[&id, &to])
+            .await;
+        match (allowed, result) {
+            (true, Ok(1)) => {}
+            (false, Err(e)) => {
+                let message = e.as_db_error().map(|d| d.message()).unwrap_or_default();
+                assert_eq!(e.code().map(|c| c.code()), Some("23514"), "{e:?}");
+                assert!(message.contains(&format!("{from} -> {to}")), "{message}");
+            }
+            (allowed, other) => panic!("{from} -> {to}: allowed {allowed}, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_audit_trail_refuses_change_and_deletion_except_by_retention() {
+    let app = TestApp::spawn().await;
+    let c = app.pool.get().await.unwrap();
+    c.batch_execute(
+        "INSERT INTO delivery_receipts (event_id, message_sid, message_status, raw_payload)
+         VALUES (gen_random_uuid(), 'SM1', 'delivered', '{}');
+         INSERT INTO inbound_events (event_id, message_sid, from_phone, body, raw_payload)
+         VALUES (gen_random_uuid(), 'SM2', '+14155550001', 'hi', '{}');",
+    )
+    .await
+    .unwrap();
+    for sql in [
+        "UPDATE delivery_receipts SET message_status = 'failed'",
+        "DELETE FROM delivery_receipts",
+        "UPDATE inbound_events SET body = 'changed'",
+        "DELETE FROM inbound_events",
+    ] {
+        let e = c.execute(sql, &[]).await.unwrap_err();
+        let message = e.as_db_error().map(|d| d.message()).unwrap_or_default();
+        assert!(message.contains("audit trail"), "{sql}: {e:?}");
+    }
+    // An inbound event's processing state moves on.
+    c.execute(
+        "UPDATE inbound_events SET processing_status = 'PROCESSED', processed_at = now()",
+        &[],
+    )
+    .await
+    .unwrap();
+    // Retention deletes.
+    c.batch_execute(
+        "BEGIN; SET LOCAL ese.retention = 'on';
+         DELETE FROM delivery_receipts; DELETE FROM inbound_events; COMMIT;",
+    )
+    .await
+    .unwrap();
+    assert_eq!(app.count("SELECT count(*) FROM delivery_receipts").await, 0);
+    assert_eq!(app.count("SELECT count(*) FROM inbound_events").await, 0);
+}
+
+#[tokio::test]
+async fn a_delivered_message_is_the_persons_last_delivered() {
+    let app = TestApp::spawn().await;
+    let c = app.pool.get().await.unwrap();
+    c.batch_execute(
+        "INSERT INTO users (phone_e164) VALUES ('+14155550001');
+         INSERT INTO messages (recipient_phone, rendered_content, status, provider_sid, sent_at, idempotency_key)
+         VALUES ('+14155550001', 'x', 'SENT', 'SMa', '2026-01-01T10:00:00Z', 'a'),
+                ('+14155550001', 'y', 'SENT', 'SMb', '2026-01-01T11:00:00Z', 'b');
+         INSERT INTO delivery_receipts (event_id, message_sid, message_status, raw_payload, received_at)
+         VALUES (gen_random_uuid(), 'SMb', 'delivered', '{}', '2026-01-01T11:00:05Z'),
+                (gen_random_uuid(), 'SMa', 'delivered', '{}', '2026-01-01T10:00:05Z');",
+    )
+    .await
+    .unwrap();
+    // The later delivery first, then the earlier: the later one stands.
+    for sid in ["SMb", "SMa"] {
+        c.query("SELECT * FROM ese_apply_receipts(ARRAY[$1])", &[&sid])
+            .await
+            .unwrap();
+    }
+    let at: String = c
+        .query_one(
+            "SELECT to_char(last_message_delivered AT TIME ZONE 'UTC', 'HH24:MI:SS') FROM users",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(at, "11:00:05");
+}
+
+#[tokio::test]
+async fn segments_filter_on_interaction_figures() {
+    let app = TestApp::spawn().await;
+    let api = app.start_api().await;
+    let c = app.pool.get().await.unwrap();
+    c.batch_execute(
+        "INSERT INTO users (phone_e164, messages_received, last_message_received, last_message_delivered)
+         VALUES ('+14155550001', 0, NULL, NULL),
+                ('+14155550002', 3, '2026-01-10T00:00:00Z', '2026-01-11T00:00:00Z'),
+                ('+14155550003', 7, '2026-02-10T00:00:00Z', NULL);",
+    )
+    .await
+    .unwrap();
+    for (i, (filter, want)) in [
+        (
+            json!({"figure": "messages_received", "operator": "gte", "value": 3}),
+            2,
+        ),
+        (
+            json!({"figure": "messages_received", "operator": "equals", "value": 0}),
+            1,
+        ),
+        (
+            json!({"figure": "last_message_received", "operator": "after", "value": "2026-02-01"}),
+            1,
+        ),
+        (
+            json!({"figure": "last_message_delivered", "operator": "exists"}),
+            1,
+        ),
+        (
+            json!({"operator": "NOT", "conditions": [
+                {"figure": "last_message_received", "operator": "before", "value": "2026-02-01"}]}),
+            2,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let s = api
+            .expect(
+                201,
+                "POST",
+                "/api/v1/segments",
+                Some(json!({"name": format!("figure {i}"), "filter_criteria": filter})),
+            )
+            .await;
+        assert_eq!(s["estimated_audience_size"], want, "{filter}: {s}");
+    }
+    let (code, err) = api
+        .call(
+            "POST",
+            "/api/v1/segments",
+            Some(json!({"name": "bad", "filter_criteria":
+                {"figure": "messages_received", "operator": "after", "value": "2026-01-01"}})),
+        )
+        .await;
+    assert_eq!(code, 422, "{err}");
+    assert_eq!(err["error"]["field"], "/filter_criteria/operator", "{err}");
+}
