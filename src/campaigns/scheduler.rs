@@ -43,19 +43,65 @@ pub async fn run(pool: Pool, commands: Commands, interval: Duration, shutdown: C
     .await
 }
 
-/// The scheduler as a stage of `ese run`, until `shutdown`.
+/// The scheduler as a stage of `ese run`, until `shutdown`: campaigns due
+/// and done, and segments' audience estimates kept current.
 pub fn start(deps: Deps, shutdown: CancellationToken) -> BoxFuture<'static, anyhow::Result<()>> {
     Box::pin(async move {
         let commands = Commands::new(&deps)?;
-        run(
-            deps.pool,
-            commands,
-            deps.settings.campaigns.scheduler_interval,
-            shutdown,
+        let campaigns = &deps.settings.campaigns;
+        let (every, max_depth) = (campaigns.estimate_interval, campaigns.max_filter_depth);
+        let pool = deps.pool.clone();
+        // A pass counts up to ESTIMATES_PER_PASS segments, every tenth of
+        // the interval: many segments stay current too.
+        let estimates = crate::periodic::Task::every(
+            "segment estimates",
+            crate::metrics::names::SCHEDULER_ERRORS_TOTAL,
+            (every / 10).max(Duration::from_secs(1)),
         )
-        .await;
+        .run(shutdown.clone(), || {
+            refresh_estimates(&pool, every, max_depth)
+        });
+        tokio::join!(
+            run(
+                deps.pool.clone(),
+                commands,
+                campaigns.scheduler_interval,
+                shutdown.clone(),
+            ),
+            estimates
+        );
         Ok(())
     })
+}
+
+const ESTIMATES_PER_PASS: i64 = 20;
+
+/// Counts again the audience of the segments whose estimate is older than
+/// `every` (never estimated first).
+pub async fn refresh_estimates(
+    pool: &Pool,
+    every: Duration,
+    max_depth: usize,
+) -> anyhow::Result<()> {
+    let client = pool.get().await?;
+    let stale = client
+        .query(
+            "SELECT id, filter_criteria FROM segments
+              WHERE estimated_at IS NULL OR estimated_at < now() - make_interval(secs => $1)
+              ORDER BY estimated_at NULLS FIRST, id LIMIT $2",
+            &[&every.as_secs_f64(), &ESTIMATES_PER_PASS],
+        )
+        .await?;
+    for row in stale {
+        let id: i64 = row.get(0);
+        match crate::campaigns::segment::parse(&row.get(1), max_depth) {
+            Ok(node) => {
+                crate::campaigns::segment::store_estimate(&client, id, &node).await?;
+            }
+            Err(e) => tracing::warn!(segment = id, error = %e, "stored filter cannot be estimated"),
+        }
+    }
+    Ok(())
 }
 
 /// One pass: start what is due, complete what is done. Returns both counts.

@@ -595,6 +595,31 @@ impl Compiled {
     }
 }
 
+/// Counts the opted-in users `node` selects and stores the count as segment
+/// `id`'s `estimated_audience_size` (at most `i32::MAX`, the model's
+/// INTEGER); returns the count and when it was taken.
+pub async fn store_estimate(
+    client: &tokio_postgres::Client,
+    id: i64,
+    node: &Node,
+) -> Result<(i64, chrono::DateTime<chrono::Utc>), tokio_postgres::Error> {
+    let filter = compile(node, "u", 1);
+    let sql = format!(
+        "SELECT count(*) FROM users u WHERE u.consent_state = 'OPT_IN' AND {}",
+        filter.sql
+    );
+    let size: i64 = client.query_one(&sql, &filter.refs()).await?.get(0);
+    let stored = i32::try_from(size).unwrap_or(i32::MAX);
+    let row = client
+        .query_one(
+            "UPDATE segments SET estimated_audience_size = $2, estimated_at = now()
+              WHERE id = $1 RETURNING estimated_at",
+            &[&id, &stored],
+        )
+        .await?;
+    Ok((size, row.get(0)))
+}
+
 /// Compiles `node` into SQL over the users row `user` (a table alias from
 /// our own code, spliced as is: attributes are `{user}.attributes`, channel
 /// conditions look up `{user}.phone_number` in `user_channels`). Placeholders are `$first`, `$first+1`, …

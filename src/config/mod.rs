@@ -372,6 +372,10 @@ pub struct CampaignsConfig {
     /// How often the scheduler looks for due campaigns and finished ones. Default 1s.
     #[serde(with = "humantime_serde")]
     pub scheduler_interval: Duration,
+    /// How old a segment's `estimated_audience_size` may grow before the
+    /// scheduler counts it again. Default 10m.
+    #[serde(with = "humantime_serde")]
+    pub estimate_interval: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -291,3 +291,36 @@ async fn segments_filter_on_interaction_figures() {
     assert_eq!(code, 422, "{err}");
     assert_eq!(err["error"]["field"], "/filter_criteria/operator", "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_keeps_audience_estimates_current() {
+    let app =
+        TestApp::spawn_with(toml::from_str("[campaigns]\nestimate-interval = \"2s\"").unwrap())
+            .await;
+    let c = app.pool.get().await.unwrap();
+    let id: i64 = c
+        .query_one(
+            "INSERT INTO segments (name, filter_criteria)
+             VALUES ('pro', '{\"attribute\": \"plan\", \"operator\": \"equals\", \"value\": \"pro\"}')
+             RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    app.seed_users(30, "'{\"plan\": \"pro\"}'::jsonb").await;
+    let scheduler = app.start_stage("scheduler");
+    let size = format!("SELECT estimated_audience_size::bigint FROM segments WHERE id = {id}");
+    app.wait_for_count(&size, 30, std::time::Duration::from_secs(20))
+        .await;
+    // The audience grows; the estimate follows within the interval.
+    c.execute(
+        "INSERT INTO users (phone_e164, attributes) VALUES ('+14155559999', '{\"plan\": \"pro\"}')",
+        &[],
+    )
+    .await
+    .unwrap();
+    app.wait_for_count(&size, 31, std::time::Duration::from_secs(20))
+        .await;
+    scheduler.stop().await;
+}

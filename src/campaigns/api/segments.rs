@@ -266,38 +266,34 @@ async fn audience(
     max_depth: usize,
     first: usize,
 ) -> Result<segment::Compiled, ApiError> {
+    let node = audience_node(client, id, max_depth).await?;
+    Ok(segment::compile(&node, "u", first))
+}
+
+/// Segment `id`'s stored filter.
+async fn audience_node(
+    client: &deadpool_postgres::Client,
+    id: i64,
+    max_depth: usize,
+) -> Result<segment::Node, ApiError> {
     let row = client
         .query_opt("SELECT filter_criteria FROM segments WHERE id = $1", &[&id])
         .await?
         .ok_or_else(|| ApiError::not_found("segment", id))?;
-    let node = segment::parse(&row.get(0), max_depth)
-        .map_err(|e| ApiError::invalid(format!("/filter_criteria{}", e.pointer), e.message))?;
-    Ok(segment::compile(&node, "u", first))
+    segment::parse(&row.get(0), max_depth)
+        .map_err(|e| ApiError::invalid(format!("/filter_criteria{}", e.pointer), e.message))
 }
 
 /// Counts segment `id`'s audience now and stores it as its
-/// `estimated_audience_size`: on create, on change, on the API's request and
-/// every `campaigns.estimate-interval`.
+/// `estimated_audience_size`: on create, on change and on the API's request
+/// (the scheduler refreshes it every `campaigns.estimate-interval`).
 pub(super) async fn estimate(
     client: &deadpool_postgres::Client,
     id: i64,
     max_depth: usize,
 ) -> Result<(i64, DateTime<Utc>), ApiError> {
-    let filter = audience(client, id, max_depth, 1).await?;
-    let sql = format!(
-        "SELECT count(*) FROM users u WHERE u.consent_state = 'OPT_IN' AND {}",
-        filter.sql
-    );
-    let size: i64 = client.query_one(&sql, &filter.refs()).await?.get(0);
-    let stored = i32::try_from(size).unwrap_or(i32::MAX);
-    let row = client
-        .query_one(
-            "UPDATE segments SET estimated_audience_size = $2, estimated_at = now()
-              WHERE id = $1 RETURNING estimated_at",
-            &[&id, &stored],
-        )
-        .await?;
-    Ok((size, row.get(0)))
+    let node = audience_node(client, id, max_depth).await?;
+    Ok(segment::store_estimate(client, id, &node).await?)
 }
 
 async fn stored(client: &deadpool_postgres::Client, id: i64) -> Result<Segment, ApiError> {
