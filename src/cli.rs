@@ -102,6 +102,18 @@ pub enum Command {
         #[arg(long, default_value = "120s", value_parser = humantime_serde::re::humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Delete the audit trail's expired rows (delivery_receipts and
+    /// inbound_events older than `retention.audit`), in batches, with
+    /// progress; the scheduler does the same every `retention.interval`.
+    Retention {
+        /// Count what has expired, per table; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Judge expiry as of this RFC 3339 time instead of now (what a later
+        /// run would remove).
+        #[arg(long, value_name = "TIME", value_parser = crate::ops::parse_as_of)]
+        as_of: Option<chrono::DateTime<chrono::Utc>>,
+    },
     /// The Avro schemas against the schema registry.
     Schemas {
         #[command(subcommand)]
@@ -271,6 +283,11 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                     dry_run,
                 },
         } => crate::ops::dlq_replay_command(&settings, &stage, filter.as_deref(), dry_run).await,
+        Command::Retention { dry_run, as_of } => {
+            let stop = tokio_util::sync::CancellationToken::new();
+            engine::cancel_on_signal(stop.clone());
+            crate::ops::retention_command(&settings, dry_run, as_of, stop).await
+        }
         Command::Schemas {
             command: SchemasCommand::Check,
         } => crate::ops::schemas::check_command(&settings).await,

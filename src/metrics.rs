@@ -93,6 +93,8 @@ pub mod names {
     pub const RECEIPTS_TRANSITIONS_TOTAL: &str = "ese_receipts_transitions_total";
     pub const RECEIPTS_UNMATCHED: &str = "ese_receipts_unmatched";
     pub const BUSINESS_REFRESH_ERRORS_TOTAL: &str = "ese_business_refresh_errors_total";
+    pub const RETENTION_DELETED_ROWS_TOTAL: &str = "ese_retention_deleted_rows_total";
+    pub const RETENTION_ERRORS_TOTAL: &str = "ese_retention_errors_total";
     pub const SCHEDULER_COMMANDS_TOTAL: &str = "ese_scheduler_commands_total";
     pub const SCHEDULER_ERRORS_TOTAL: &str = "ese_scheduler_errors_total";
     pub const SENDER_HELD_TOTAL: &str = "ese_sender_held_total";
@@ -239,6 +241,16 @@ const CATALOGUE: &[(&str, Kind, &str)] = &[
         names::BUSINESS_REFRESH_ERRORS_TOTAL,
         Kind::Counter,
         "Passes of the business and pool gauges that failed (database unreachable).",
+    ),
+    (
+        names::RETENTION_DELETED_ROWS_TOTAL,
+        Kind::Counter,
+        "Expired audit rows deleted by the scheduler's retention, by table.",
+    ),
+    (
+        names::RETENTION_ERRORS_TOTAL,
+        Kind::Counter,
+        "Retention passes that failed.",
     ),
     (
         names::SCHEDULER_COMMANDS_TOTAL,

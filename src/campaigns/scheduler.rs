@@ -44,7 +44,8 @@ pub async fn run(pool: Pool, commands: Commands, interval: Duration, shutdown: C
 }
 
 /// The scheduler as a stage of `ese run`, until `shutdown`: campaigns due
-/// and done, and segments' audience estimates kept current.
+/// and done, segments' audience estimates kept current, and the audit
+/// trail's retention.
 pub fn start(deps: Deps, shutdown: CancellationToken) -> BoxFuture<'static, anyhow::Result<()>> {
     Box::pin(async move {
         let commands = Commands::new(&deps)?;
@@ -61,6 +62,15 @@ pub fn start(deps: Deps, shutdown: CancellationToken) -> BoxFuture<'static, anyh
         .run(shutdown.clone(), || {
             refresh_estimates(&pool, every, max_depth)
         });
+        let retention = &deps.settings.retention;
+        let expired = crate::periodic::Task::every(
+            "retention",
+            crate::metrics::names::RETENTION_ERRORS_TOTAL,
+            retention.interval,
+        )
+        .run(shutdown.clone(), || {
+            crate::db::retention::scheduled_pass(&pool, retention, &shutdown)
+        });
         tokio::join!(
             run(
                 deps.pool.clone(),
@@ -68,7 +78,8 @@ pub fn start(deps: Deps, shutdown: CancellationToken) -> BoxFuture<'static, anyh
                 campaigns.scheduler_interval,
                 shutdown.clone(),
             ),
-            estimates
+            estimates,
+            expired
         );
         Ok(())
     })

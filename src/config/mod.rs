@@ -41,6 +41,7 @@ pub struct Settings {
     pub campaigns: CampaignsConfig,
     pub provider: ProviderConfig,
     pub sender: SenderConfig,
+    pub retention: RetentionConfig,
     /// `ese provider-sim`: the Twilio-compatible simulator.
     pub provider_sim: SimConfig,
     /// Every topic, by the key pipelines and components name it with
@@ -380,6 +381,32 @@ pub struct CampaignsConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// `delivery_receipts` and `inbound_events` rows older than this are
+    /// deleted. Default 7 years.
+    #[serde(with = "humantime_serde")]
+    pub audit: Duration,
+    /// Rows per delete transaction. Default 10000.
+    pub batch_size: i64,
+    /// How often the scheduler deletes what expired. Default 1h.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Topics (by key) written from outside the pipeline: their retention is
+    /// the replay window.
+    pub raw_topics: Vec<String>,
+    /// `retention.ms` of the raw topics. Default 30 days.
+    #[serde(with = "humantime_serde")]
+    pub raw_topic_retention: Duration,
+    /// `retention.ms` of the dead-letter topics (keys `dlq-…`). Default 90 days.
+    #[serde(with = "humantime_serde")]
+    pub dlq_topic_retention: Duration,
+    /// `retention.ms` of every other topic. Default 7 days.
+    #[serde(with = "humantime_serde")]
+    pub topic_retention: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ProviderConfig {
     /// The provider's API base URL. Default `https://api.twilio.com`; point it
     /// at `ese provider-sim` locally.
@@ -606,6 +633,20 @@ impl Settings {
                 self.kafka.ssl_ca_file
             );
         }
+        for key in &self.retention.raw_topics {
+            if !self.topics.contains_key(key) {
+                anyhow::bail!(
+                    "retention.raw-topics: {key:?} is not a key of [topics] (keys: {})",
+                    self.topics.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
+        if self.retention.batch_size < 1 {
+            anyhow::bail!(
+                "retention.batch-size: {} must be at least 1",
+                self.retention.batch_size
+            );
+        }
         self.sender.sms_rate_limit()?;
         let fallback = &self.sender.whatsapp_fallback_content_sid;
         if !fallback.is_empty() && !is_content_sid(fallback) {
@@ -667,6 +708,26 @@ impl Settings {
     /// The topic campaign transitions go to.
     pub fn commands_topic(&self) -> anyhow::Result<String> {
         Ok(self.topic("campaign-commands")?.to_string())
+    }
+
+    /// Every topic with the retention `[retention]` gives it: the raw
+    /// topics the replay window, dead letters (keys `dlq-…`) theirs, the
+    /// rest the default.
+    pub fn topic_retention(&self) -> BTreeMap<String, Duration> {
+        let r = &self.retention;
+        self.topics
+            .iter()
+            .map(|(key, name)| {
+                let keep = if r.raw_topics.contains(key) {
+                    r.raw_topic_retention
+                } else if key.starts_with("dlq-") {
+                    r.dlq_topic_retention
+                } else {
+                    r.topic_retention
+                };
+                (name.clone(), keep)
+            })
+            .collect()
     }
 
     /// Every topic of `[topics]`, sorted.

@@ -1,4 +1,5 @@
-//! PostgreSQL: the connection pool, migrations, and how database errors are classified.
+//! PostgreSQL: the connection pool, migrations, how database errors are
+//! classified, and the audit trail's retention ([`retention`]).
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use postgres_openssl::MakeTlsConnector;
 use crate::config::DatabaseConfig;
 
 pub mod calls;
+pub mod retention;
 
 mod embedded {
     refinery::embed_migrations!("migrations");

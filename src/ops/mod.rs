@@ -1,6 +1,7 @@
 //! Operating the pipelines from the command line: where each stage's consumer
 //! group stands (`ese status`), moving a group's offsets to process records
-//! again (`ese replay`), and dead letters (`ese dlq`).
+//! again (`ese replay`), dead letters (`ese dlq`), and deleting the audit
+//! trail's expired rows (`ese retention`).
 //!
 //! Everything here talks to the broker through rdkafka (metadata, group
 //! descriptions, committed offsets, Fetch), so it works the same on the
@@ -8,11 +9,13 @@
 
 mod dlq;
 mod replay;
+mod retention;
 pub mod schemas;
 mod status;
 
 pub use dlq::*;
 pub use replay::*;
+pub use retention::*;
 pub use status::*;
 
 use std::time::Duration;

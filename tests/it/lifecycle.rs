@@ -176,6 +176,8 @@ async fn the_audit_trail_refuses_change_and_deletion_except_by_retention() {
         "DELETE FROM delivery_receipts",
         "UPDATE inbound_events SET body = 'changed'",
         "DELETE FROM inbound_events",
+        "TRUNCATE delivery_receipts",
+        "TRUNCATE inbound_events",
     ] {
         let e = c.execute(sql, &[]).await.unwrap_err();
         let message = e.as_db_error().map(|d| d.message()).unwrap_or_default();
@@ -322,5 +324,95 @@ async fn the_scheduler_keeps_audience_estimates_current() {
     .unwrap();
     app.wait_for_count(&size, 31, std::time::Duration::from_secs(20))
         .await;
+    scheduler.stop().await;
+}
+
+/// Receipts (several statuses) and inbound events received at `at` (SQL).
+async fn audit_rows(app: &TestApp, tag: &str, at: &str) {
+    let c = app.pool.get().await.unwrap();
+    c.batch_execute(&format!(
+        "INSERT INTO delivery_receipts (event_id, message_sid, message_status, raw_payload, received_at)
+         SELECT gen_random_uuid(), '{tag}' || s, s, '{{}}', {at}
+           FROM unnest(ARRAY['sent', 'delivered', 'failed']) s;
+         INSERT INTO inbound_events (event_id, message_sid, from_phone, body, raw_payload, received_at)
+         SELECT gen_random_uuid(), '{tag}' || i, '+14155550001', 'hi', '{{}}', {at}
+           FROM generate_series(1, 2) i;"
+    ))
+    .await
+    .unwrap();
+}
+
+const AUDIT_ROWS: &str = "SELECT (SELECT count(*) FROM delivery_receipts WHERE message_sid LIKE $$TAG%$$)
+                               + (SELECT count(*) FROM inbound_events WHERE message_sid LIKE $$TAG%$$)";
+
+fn audit_count(tag: &str) -> String {
+    AUDIT_ROWS.replace("TAG", tag)
+}
+
+#[tokio::test]
+async fn retention_deletes_audit_rows_seven_years_old_and_keeps_the_rest() {
+    let app = TestApp::spawn().await;
+    audit_rows(&app, "old", "'2019-06-01T00:00:00Z'").await;
+    audit_rows(&app, "mid", "'2023-06-01T00:00:00Z'").await;
+    audit_rows(&app, "new", "now()").await;
+
+    // The clock moved to 2027: what was received in 2019 has expired.
+    let as_of = ["--as-of", "2027-01-01T00:00:00Z"];
+    let (ok, out, err) = app
+        .run_ese(&[&["retention", "--dry-run"][..], &as_of].concat())
+        .await;
+    assert!(ok, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("delivery_receipts") && l.contains(" 3 rows expired")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains("inbound_events") && l.contains(" 2 rows expired")),
+        "{out}"
+    );
+    assert_eq!(
+        app.count(&audit_count("old")).await,
+        5,
+        "a dry run deletes nothing"
+    );
+
+    // Batches of two: several short transactions per table.
+    let env = [("ESE__RETENTION__BATCH_SIZE", "2".to_string())];
+    let (ok, out, err) = app
+        .run_ese_with(&[&["retention"][..], &as_of].concat(), &env)
+        .await;
+    assert!(ok, "{err}");
+    assert!(out.contains(" 3 rows deleted"), "{out}");
+    assert_eq!(app.count(&audit_count("old")).await, 0);
+    assert_eq!(app.count(&audit_count("mid")).await, 5);
+    assert_eq!(app.count(&audit_count("new")).await, 5);
+
+    // 2031: the 2023 rows too; today's stay.
+    let (ok, _, err) = app
+        .run_ese(&["retention", "--as-of", "2031-01-01T00:00:00Z"])
+        .await;
+    assert!(ok, "{err}");
+    assert_eq!(app.count(&audit_count("mid")).await, 0);
+    assert_eq!(app.count(&audit_count("new")).await, 5);
+
+    let (ok, _, err) = app.run_ese(&["retention", "--as-of", "next year"]).await;
+    assert!(!ok);
+    assert!(err.contains("--as-of") && err.contains("RFC 3339"), "{err}");
+}
+
+#[tokio::test]
+async fn the_scheduler_deletes_expired_audit_rows_on_its_own() {
+    let app = TestApp::spawn_with(
+        toml::from_str("[retention]\naudit = \"1h\"\ninterval = \"1s\"\nbatch-size = 2").unwrap(),
+    )
+    .await;
+    audit_rows(&app, "old", "now() - interval '2 hours'").await;
+    audit_rows(&app, "new", "now() - interval '10 minutes'").await;
+    let scheduler = app.start_stage("scheduler");
+    app.wait_for_count(&audit_count("old"), 0, std::time::Duration::from_secs(20))
+        .await;
+    assert_eq!(app.count(&audit_count("new")).await, 5);
     scheduler.stop().await;
 }
