@@ -199,7 +199,8 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
             .collect(),
     );
     let ceiling_topic = format!("{}.ceiling", settings.topic("webhooks-status")?);
-    ese::kafka::create_topics(&settings.kafka, std::slice::from_ref(&ceiling_topic)).await?;
+    let ceiling = [(ceiling_topic.clone(), settings.retention.topic_retention)];
+    ese::kafka::ensure_topics(&settings.kafka, &ceiling.into_iter().collect()).await?;
     let producer = ese::kafka::Producer::new(&settings.kafka)?;
     let produce = super::produce_ceiling(&producer, &ceiling_topic, n, |i| {
         (None, bodies[i].0.as_bytes())

@@ -207,7 +207,7 @@ impl Scratch {
         for t in settings.topics.values_mut() {
             *t = format!("{prefix}.{t}");
         }
-        ese::kafka::create_topics(&settings.kafka, &settings.all_topics()).await?;
+        ese::kafka::ensure_topics(&settings.kafka, &settings.topic_retention()).await?;
         Ok(Self {
             settings,
             db_name,

@@ -255,7 +255,8 @@ async fn webhooks_in(scratch: &Scratch, n: usize, conc: usize) -> anyhow::Result
     };
     let payload = codec.encode(&topic, &sample).await?;
     let ceiling_topic = format!("{topic}.ceiling");
-    ese::kafka::create_topics(&settings.kafka, std::slice::from_ref(&ceiling_topic)).await?;
+    let ceiling = [(ceiling_topic.clone(), settings.retention.topic_retention)];
+    ese::kafka::ensure_topics(&settings.kafka, &ceiling.into_iter().collect()).await?;
     let producer = ese::kafka::Producer::new(&Bridge::producer_settings(&settings))?;
     let produce = super::produce_ceiling(&producer, &ceiling_topic, n, |i| {
         (Some(format!("SM{i:032x}").into_bytes()), payload.as_slice())

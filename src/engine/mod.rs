@@ -138,13 +138,34 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 
 /// `ese topics create`.
 pub async fn create_topics(settings: &Settings) -> anyhow::Result<()> {
-    let topics = settings.all_topics();
-    let created = crate::kafka::create_topics(&settings.kafka, &topics).await?;
+    let topics = settings.topic_retention();
+    let report = crate::kafka::ensure_topics(&settings.kafka, &topics).await?;
+    for (name, keep) in &topics {
+        let state = if report.created.contains(name) {
+            "created"
+        } else {
+            "exists"
+        };
+        println!(
+            "{name:<22} {state:<8} retention {}",
+            humantime_serde::re::humantime::format_duration(*keep)
+        );
+    }
+    for c in &report.changed {
+        println!(
+            "changed {}: {} {} -> {}",
+            c.topic,
+            c.name,
+            c.was.as_deref().unwrap_or("(unset)"),
+            c.now
+        );
+    }
     println!(
-        "{} topics ({} created now): {}",
+        "{} topics: {} created, {} existing, {} config(s) changed",
         topics.len(),
-        created.len(),
-        topics.join(", ")
+        report.created.len(),
+        topics.len() - report.created.len(),
+        report.changed.len()
     );
     Ok(())
 }

@@ -23,8 +23,11 @@ pub async fn up(mut settings: Settings, with_provider_sim: bool) -> anyhow::Resu
         None
     };
     let applied = crate::db::migrate(&settings.database.url).await?;
-    let topics = settings.all_topics();
-    crate::kafka::create_topics(&settings.kafka, &topics).await?;
+    let topics = settings.topic_retention();
+    let report = crate::kafka::ensure_topics(&settings.kafka, &topics).await?;
+    for c in &report.changed {
+        tracing::info!(topic = %c.topic, config = c.name, was = ?c.was, now = %c.now, "topic config changed");
+    }
     // The stop, in order: webhooks (`stop`), then the stages (`stages`),
     // then what they may still call (`last`: simulator, metrics), then the
     // embedded broker.

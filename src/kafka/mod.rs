@@ -123,7 +123,7 @@ mod topics;
 
 pub use producer::{Producer, ProducerContext};
 pub use reader::{PartitionOffsets, TopicReader};
-pub use topics::create_topics;
+pub use topics::{ConfigChange, TopicsReport, ensure_topics};
 
 /// Config for a stage consumer in `group`: offsets stored by the runner only,
 /// committed automatically.

@@ -181,3 +181,106 @@ async fn a_new_producer_says_when_it_can_deliver() {
     assert!(!stranded.wait_ready(Duration::from_secs(2)).await);
     assert!(!stranded.has_id());
 }
+
+/// `name`'s config `key` as the broker describes it.
+pub async fn topic_config(app: &TestApp, name: &str, key: &str) -> Option<String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        ese::kafka::client_config(&app.settings.kafka)
+            .unwrap()
+            .create()
+            .unwrap();
+    let found = admin
+        .describe_configs([&ResourceSpecifier::Topic(name)], &AdminOptions::new())
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    found.get(key).and_then(|e| e.value.clone())
+}
+
+/// `ese topics create` gives every topic its retention from config, and on
+/// existing topics changes only what differs, saying what it changed.
+pub async fn topics_create_sets_and_updates_retention(app: &TestApp) {
+    let raw = app.topic("webhooks.status.raw");
+    let dlq = app.topic("dlq.receipts");
+    let derived = app.topic("receipts.normalized");
+    let day_ms = 24 * 3600 * 1000u64;
+    for (topic, days) in [(&raw, 30), (&dlq, 90), (&derived, 7)] {
+        assert_eq!(
+            topic_config(app, topic, "retention.ms").await,
+            Some((days * day_ms).to_string()),
+            "{topic}"
+        );
+    }
+    // Nothing differs: nothing changed.
+    let (ok, out, err) = app.run_ese(&["topics", "create"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("0 created") && out.contains("0 config(s) changed"),
+        "{out}"
+    );
+
+    // A longer replay window, and a topic made elsewhere without configs.
+    let bare = app.topic("made.elsewhere");
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        ese::kafka::client_config(&app.settings.kafka)
+            .unwrap()
+            .create()
+            .unwrap();
+    let new = rdkafka::admin::NewTopic::new(&bare, 1, rdkafka::admin::TopicReplication::Fixed(1));
+    for r in admin
+        .create_topics([&new], &rdkafka::admin::AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    let env = [
+        ("ESE__RETENTION__RAW_TOPIC_RETENTION", "45days".to_string()),
+        ("ESE__TOPICS__DLQ_USERS", bare.clone()),
+    ];
+    let (ok, out, err) = app.run_ese_with(&["topics", "create"], &env).await;
+    assert!(ok, "{err}");
+    let changed: Vec<&str> = out.lines().filter(|l| l.starts_with("changed ")).collect();
+    assert!(
+        changed.contains(
+            &format!(
+                "changed {raw}: retention.ms {} -> {}",
+                30 * day_ms,
+                45 * day_ms
+            )
+            .as_str()
+        ),
+        "{out}"
+    );
+    assert!(
+        changed
+            .iter()
+            .any(|l| l.starts_with(&format!("changed {bare}: retention.ms "))
+                && l.ends_with(&(90 * day_ms).to_string())),
+        "{out}"
+    );
+    assert_eq!(
+        topic_config(app, &raw, "retention.ms").await,
+        Some((45 * day_ms).to_string())
+    );
+    assert_eq!(
+        topic_config(app, &bare, "retention.ms").await,
+        Some((90 * day_ms).to_string())
+    );
+    assert_eq!(
+        topic_config(app, &bare, "cleanup.policy").await.as_deref(),
+        Some("delete")
+    );
+    // Applied once: running it again changes nothing.
+    let (ok, out, err) = app.run_ese_with(&["topics", "create"], &env).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("0 config(s) changed"), "{out}");
+}
+
+#[tokio::test]
+async fn topics_get_their_retention_from_config_on_the_embedded_broker() {
+    let app = TestApp::spawn().await;
+    topics_create_sets_and_updates_retention(&app).await;
+}

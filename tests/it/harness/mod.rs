@@ -177,7 +177,7 @@ impl TestApp {
         let settings =
             Settings::load_with(Some(&config_path), figment::providers::Toml::string(&text))
                 .expect("test settings load");
-        ese::kafka::create_topics(&settings.kafka, &settings.all_topics())
+        ese::kafka::ensure_topics(&settings.kafka, &settings.topic_retention())
             .await
             .expect("topics created");
         let pool = ese::db::pool(&settings.database).expect("pool");
