@@ -212,9 +212,3 @@ async fn brokers_lost_under_load_lose_nothing() {
     }
     load.assert_nothing_lost(&l, accepted).await;
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn topics_get_their_retention_from_config_on_apache_kafka() {
-    let app = app_on_cluster("").await;
-    crate::kafka::topics_create_sets_and_updates_retention(&app).await;
-}

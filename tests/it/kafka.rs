@@ -183,7 +183,7 @@ async fn a_new_producer_says_when_it_can_deliver() {
 }
 
 /// `name`'s config `key` as the broker describes it.
-pub async fn topic_config(app: &TestApp, name: &str, key: &str) -> Option<String> {
+async fn topic_config(app: &TestApp, name: &str, key: &str) -> Option<String> {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> =
         ese::kafka::client_config(&app.settings.kafka)
@@ -201,7 +201,7 @@ pub async fn topic_config(app: &TestApp, name: &str, key: &str) -> Option<String
 
 /// `ese topics create` gives every topic its retention from config, and on
 /// existing topics changes only what differs, saying what it changed.
-pub async fn topics_create_sets_and_updates_retention(app: &TestApp) {
+async fn topics_create_sets_and_updates_retention(app: &TestApp) {
     let raw = app.topic("webhooks.status.raw");
     let dlq = app.topic("dlq.receipts");
     let derived = app.topic("receipts.normalized");
@@ -280,7 +280,7 @@ pub async fn topics_create_sets_and_updates_retention(app: &TestApp) {
 }
 
 #[tokio::test]
-async fn topics_get_their_retention_from_config_on_the_embedded_broker() {
+async fn topics_get_their_retention_from_config() {
     let app = TestApp::spawn().await;
     topics_create_sets_and_updates_retention(&app).await;
 }
