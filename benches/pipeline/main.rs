@@ -22,11 +22,13 @@ use ese::stages::users::UserUpsert;
 
 mod e2e;
 mod fanout;
+mod retention;
 mod sender;
 mod sinks;
 mod webhooks;
 use e2e::e2e;
 use fanout::fanout;
+use retention::retention;
 use sender::sender;
 use sinks::receipts;
 use webhooks::webhooks;
@@ -76,6 +78,7 @@ fn main() -> std::process::ExitCode {
             } => sender(settings, seconds, ceiling_sends).await,
             BenchCommand::Fanout { users } => fanout(settings, &users).await,
             BenchCommand::Receipts { records } => receipts(settings, records).await,
+            BenchCommand::Retention { rows } => retention(settings, rows).await,
         }
     };
     let result = match tokio::runtime::Runtime::new() {
@@ -136,6 +139,14 @@ enum BenchCommand {
         /// Callbacks (and consent decisions) to push through.
         #[arg(long, default_value_t = 50_000)]
         records: usize,
+    },
+    /// Retention of the audit trail: delivery_receipts of N rows over ten
+    /// years, the seven-year-old ones deleted while a writer keeps inserting,
+    /// against that writer alone.
+    Retention {
+        /// Receipts in the table (inbound_events: a tenth).
+        #[arg(long, default_value_t = 10_000_000)]
+        rows: i64,
     },
     /// Signed status callbacks over HTTP into the bridge, against bare HTTP
     /// and bare produce; then normalize into Postgres against COPY.
