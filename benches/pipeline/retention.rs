@@ -120,7 +120,9 @@ async fn run(settings: &Settings, rows: i64) -> anyhow::Result<()> {
         );
     }
     for table in ["delivery_receipts", "inbound_events"] {
-        client.batch_execute(&format!("VACUUM ANALYZE {table}")).await?;
+        client
+            .batch_execute(&format!("VACUUM ANALYZE {table}"))
+            .await?;
     }
     let (gb, count) = size(&client).await?;
     println!(

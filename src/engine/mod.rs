@@ -42,7 +42,7 @@ pub async fn serve_http(
         crate::campaigns::Commands::new(deps)?,
         crate::campaigns::api::token_from_env(),
         settings.campaigns.max_filter_depth,
-    );
+    )?;
     let limits = crate::bridge::Limits::of(&settings.bridge);
     let (webhook_routes, admin_routes) = (bridge.router(), admin.router());
     Ok(tokio::spawn(async move {

@@ -49,6 +49,12 @@ impl ApiError {
         }
     }
 
+    /// The body's `field` and `message`, for tests.
+    #[cfg(test)]
+    pub(super) fn field_and_message(&self) -> (&str, &str) {
+        (self.field.as_deref().unwrap_or_default(), &self.message)
+    }
+
     /// 422: the request is well-formed but the value at `field` is not acceptable.
     pub(super) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self {

@@ -17,6 +17,7 @@
 //! extractors, paging, shared checks), [`schema`] (what derive cannot say).
 
 mod campaigns;
+mod contract;
 mod error;
 mod extract;
 mod reports;
@@ -89,6 +90,8 @@ pub struct Admin {
     commands: Commands,
     token: Option<String>,
     max_depth: usize,
+    /// The document's schemas, enforced.
+    contract: contract::Contract,
 }
 
 /// `ESE_ADMIN_TOKEN`, if set and not empty.
@@ -105,13 +108,14 @@ impl Admin {
         commands: Commands,
         token: Option<String>,
         max_depth: usize,
-    ) -> Arc<Self> {
-        Arc::new(Self {
+    ) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
             pool,
             commands,
             token,
             max_depth,
-        })
+            contract: contract::Contract::new(&openapi(max_depth))?,
+        }))
     }
 
     /// The API's routes, to merge into the bridge's router.

@@ -13,6 +13,7 @@ use serde_json::Value;
 use tokio_postgres::Row;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
+use super::contract::Part;
 use super::error::ApiError;
 use super::extract::{
     ApiJson, ApiPath, ApiQuery, ListQuery, MAX_PAGE, check_limit, check_name, check_text,
@@ -105,14 +106,16 @@ pub(super) struct SegmentList {
     next_after: Option<i64>,
 }
 
-fn check_segment(s: &SegmentIn, max_depth: usize) -> Result<(), ApiError> {
+fn check_segment(s: &SegmentIn, a: &Admin) -> Result<(), ApiError> {
     check_name(&s.name)?;
     if let Some(d) = &s.description {
         check_text("/description", d)?;
     }
-    segment::parse(&s.filter_criteria, max_depth)
+    segment::parse(&s.filter_criteria, a.max_depth)
         .map_err(|e| ApiError::invalid(format!("/filter_criteria{}", e.pointer), e.message))?;
-    check_offsets(&s.filter_criteria, "/filter_criteria")
+    check_offsets(&s.filter_criteria, "/filter_criteria")?;
+    a.contract
+        .check(Part::Filter, "/filter_criteria", &s.filter_criteria)
 }
 
 /// PostgreSQL reads UTC offsets up to ±15:59: a before/after timestamp with
@@ -183,7 +186,7 @@ pub(super) async fn create_segment(
     State(a): State<Arc<Admin>>,
     ApiJson(s): ApiJson<SegmentIn>,
 ) -> ApiResult {
-    check_segment(&s, a.max_depth)?;
+    check_segment(&s, &a)?;
     let client = a.pool.get().await?;
     let row = client
         .query_one(
@@ -228,7 +231,7 @@ pub(super) async fn update_segment(
     ApiPath(id): ApiPath<i64>,
     ApiJson(s): ApiJson<SegmentIn>,
 ) -> ApiResult {
-    check_segment(&s, a.max_depth)?;
+    check_segment(&s, &a)?;
     let mut client = a.pool.get().await?;
     let tx = client.transaction().await?;
     refuse_if_used(&tx, "segment_id", id, CampaignStatus::ACTIVE, "updated").await?;

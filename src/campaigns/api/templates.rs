@@ -13,6 +13,7 @@ use serde_json::Value;
 use tokio_postgres::Row;
 use utoipa::{OpenApi, ToSchema};
 
+use super::contract::Part;
 use super::error::ApiError;
 use super::extract::{
     ApiJson, ApiPath, ApiQuery, ListQuery, MAX_PAGE, OptionalJson, check_limit, check_name,
@@ -183,7 +184,7 @@ pub(super) struct TemplateList {
 }
 
 /// Validates a template; returns its variables.
-fn check_template(t: &TemplateIn) -> Result<Vec<String>, ApiError> {
+fn check_template(t: &TemplateIn, a: &Admin) -> Result<Vec<String>, ApiError> {
     check_name(&t.name)?;
     if t.content.is_empty() {
         return Err(ApiError::invalid("/content", "content must not be empty"));
@@ -242,6 +243,14 @@ fn check_template(t: &TemplateIn) -> Result<Vec<String>, ApiError> {
             ));
         }
     }
+    let defaults = Value::Object(t.defaults.clone().into_iter().collect());
+    a.contract.check(Part::Defaults, "/defaults", &defaults)?;
+    let content_variables = t.content_variables.iter().cloned().map(Value::String);
+    a.contract.check(
+        Part::ContentVariables,
+        "/content_variables",
+        &Value::Array(content_variables.collect()),
+    )?;
     Ok(parsed.variables())
 }
 
@@ -286,7 +295,7 @@ pub(super) async fn create_template(
     State(a): State<Arc<Admin>>,
     ApiJson(t): ApiJson<TemplateIn>,
 ) -> ApiResult {
-    let vars = check_template(&t)?;
+    let vars = check_template(&t, &a)?;
     let defaults = Value::Object(t.defaults.into_iter().collect());
     let client = a.pool.get().await?;
     let row = client
@@ -342,7 +351,7 @@ pub(super) async fn update_template(
     ApiPath(id): ApiPath<i64>,
     ApiJson(t): ApiJson<TemplateIn>,
 ) -> ApiResult {
-    let vars = check_template(&t)?;
+    let vars = check_template(&t, &a)?;
     let defaults = Value::Object(t.defaults.into_iter().collect());
     let mut client = a.pool.get().await?;
     let tx = client.transaction().await?;
@@ -440,6 +449,9 @@ pub(super) async fn render_template(
             ));
         }
     }
+    let variables = Value::Object(input.variables.clone().into_iter().collect());
+    a.contract
+        .check(Part::RenderVariables, "/variables", &variables)?;
     let client = a.pool.get().await?;
     let row = client
         .query_opt(

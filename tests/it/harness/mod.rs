@@ -262,7 +262,8 @@ impl TestApp {
             ese::campaigns::Commands::new(&deps).expect("commands"),
             Some(ADMIN_TOKEN.to_string()),
             self.settings.campaigns.max_filter_depth,
-        );
+        )
+        .expect("admin API");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind api");
