@@ -15,7 +15,11 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+mod consent;
+mod kafka;
 mod simulator;
+pub use consent::{ConsentConfig, ReplyRule, StopScope};
+pub use kafka::{BrokerConfig, KafkaConfig, RegistryConfig, SaslMechanism, SecurityProtocol};
 pub use simulator::{ContentTemplate, FailureMix, MAX_LATENCY, SimConfig, is_content_sid};
 
 const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -63,114 +67,6 @@ pub struct DatabaseConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct KafkaConfig {
-    /// Bootstrap brokers, comma-separated; `KAFKA_BROKERS` sets it. Empty means
-    /// "start the embedded broker" under `ese up`. Default empty.
-    pub brokers: String,
-    /// Partitions of each topic `ese topics create` makes. Default 6.
-    pub partitions: i32,
-    /// Replication factor of created topics. Default 1.
-    pub replication_factor: i32,
-    /// `client.id` of every client. Default `ese`.
-    pub client_id: String,
-    /// Consumer group session timeout. Default 10s.
-    #[serde(with = "humantime_serde")]
-    pub session_timeout: Duration,
-    /// How long a produce may wait for the broker's acknowledgement. Default 30s.
-    #[serde(with = "humantime_serde")]
-    pub produce_timeout: Duration,
-    /// How long the producer waits to fill a batch (`linger.ms`). Default 5ms.
-    #[serde(with = "humantime_serde")]
-    pub linger: Duration,
-    /// librdkafka statistics interval, the source of the lag gauges. Default 5s.
-    #[serde(with = "humantime_serde")]
-    pub statistics_interval: Duration,
-    /// `min.insync.replicas` of created topics: with `acks=all`, how many
-    /// replicas must have a record before it is acknowledged. Default 1; 2
-    /// with three brokers at replication factor 3.
-    pub min_insync_replicas: i32,
-    /// How clients reach the brokers: `PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or
-    /// `SASL_SSL`. Default `PLAINTEXT`.
-    pub security_protocol: SecurityProtocol,
-    /// SASL mechanism under `SASL_*`: `PLAIN`, `SCRAM-SHA-256` or
-    /// `SCRAM-SHA-512`. The password comes only from `KAFKA_SASL_PASSWORD`.
-    /// Default `PLAIN`.
-    pub sasl_mechanism: SaslMechanism,
-    /// SASL user name under `SASL_*`. Default empty.
-    pub sasl_username: String,
-    /// PEM file of the CA(s) that signed the brokers' certificates under
-    /// `SSL`/`SASL_SSL`; empty trusts the system's CAs. Default empty.
-    pub ssl_ca_file: String,
-    /// Extra librdkafka properties passed through as they are.
-    #[serde(default)]
-    pub options: BTreeMap<String, String>,
-}
-
-/// `kafka.security-protocol`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum SecurityProtocol {
-    Plaintext,
-    Ssl,
-    SaslPlaintext,
-    SaslSsl,
-}
-
-impl SecurityProtocol {
-    /// librdkafka's name for it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Plaintext => "plaintext",
-            Self::Ssl => "ssl",
-            Self::SaslPlaintext => "sasl_plaintext",
-            Self::SaslSsl => "sasl_ssl",
-        }
-    }
-
-    pub fn uses_sasl(self) -> bool {
-        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
-    }
-
-    pub fn uses_tls(self) -> bool {
-        matches!(self, Self::Ssl | Self::SaslSsl)
-    }
-}
-
-/// `kafka.sasl-mechanism`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SaslMechanism {
-    #[serde(rename = "PLAIN")]
-    Plain,
-    #[serde(rename = "SCRAM-SHA-256")]
-    ScramSha256,
-    #[serde(rename = "SCRAM-SHA-512")]
-    ScramSha512,
-}
-
-impl SaslMechanism {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Plain => "PLAIN",
-            Self::ScramSha256 => "SCRAM-SHA-256",
-            Self::ScramSha512 => "SCRAM-SHA-512",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct RegistryConfig {
-    /// Confluent-compatible schema registry URL (for Apicurio, its
-    /// `/apis/ccompat/v7` path). Empty: Avro single-object encoding with the
-    /// schemas in `schemas/`. Default empty.
-    pub url: String,
-    /// User for HTTP basic auth; empty: none. The password comes only from
-    /// `SCHEMA_REGISTRY_PASSWORD`. Default empty.
-    pub username: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Where `/metrics` (and `/healthz`) listen, for every process; the only
     /// place metrics are served. Default `127.0.0.1:9464`.
@@ -195,57 +91,6 @@ pub struct EngineConfig {
     /// non-zero, naming them). Default 30s.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct BrokerConfig {
-    /// Where the embedded broker listens; also where `ese status`, `replay`,
-    /// `dlq`, `demo` and `run` look for it when no brokers are configured.
-    /// Default `127.0.0.1:9092`.
-    pub listen: String,
-    /// Embedded broker storage. Empty (the default): durable, a SQLite file
-    /// `broker.db` in `data-dir`, which survives kill -9 and restarts with
-    /// every acknowledged record. `memory://NAME/` keeps nothing (for
-    /// throwaway runs); `sqlite:///ABSOLUTE/PATH.db` another file.
-    pub storage: String,
-    /// The embedded broker's data folder, created on first run. Empty (the
-    /// default): `$XDG_DATA_HOME/ese`, else `$HOME/.local/share/ese`.
-    pub data_dir: String,
-}
-
-impl BrokerConfig {
-    /// The data folder (see `data-dir`).
-    pub fn data_dir(&self) -> std::path::PathBuf {
-        if !self.data_dir.trim().is_empty() {
-            return std::path::PathBuf::from(self.data_dir.trim());
-        }
-        let base = std::env::var_os("XDG_DATA_HOME")
-            .filter(|d| !d.is_empty())
-            .map(std::path::PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME")
-                    .filter(|h| !h.is_empty())
-                    .map(|h| std::path::PathBuf::from(h).join(".local/share"))
-            })
-            .unwrap_or_else(|| std::path::PathBuf::from(".ese"));
-        base.join("ese")
-    }
-
-    /// The storage URL the embedded broker runs on: `storage`, or the
-    /// durable default in the data folder (created now).
-    pub fn storage_url(&self) -> anyhow::Result<String> {
-        if !self.storage.trim().is_empty() {
-            return Ok(self.storage.trim().to_string());
-        }
-        let dir = self.data_dir();
-        std::fs::create_dir_all(&dir).map_err(|e| {
-            anyhow::anyhow!("broker.data-dir {}: cannot create it: {e}", dir.display())
-        })?;
-        let dir = std::path::absolute(&dir)
-            .map_err(|e| anyhow::anyhow!("broker.data-dir {}: {e}", dir.display()))?;
-        Ok(format!("sqlite://{}", dir.join("broker.db").display()))
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -283,76 +128,6 @@ pub struct AdminConfig {
     /// Where the admin API (`/api/v1`) listens, apart from the public
     /// webhook port. Default `127.0.0.1:8081`.
     pub listen: SocketAddr,
-}
-
-/// Consent keywords and auto-replies. A keyword matches the whole message
-/// as people write it (width, case, quotes, emoji, zero-width characters,
-/// hyphens ignored: `stages::consent::normalise`), or with only filler words
-/// around it in a short message ("please stop", "stop texting me").
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct ConsentConfig {
-    /// Default the FCC's list (STOP, QUIT, END, REVOKE, OPT OUT, CANCEL,
-    /// UNSUBSCRIBE) plus STOPALL, STOP ALL, OPTOUT.
-    pub opt_out_keywords: Vec<String>,
-    /// Default START, YES, UNSTOP.
-    pub opt_in_keywords: Vec<String>,
-    /// Default HELP, INFO.
-    pub help_keywords: Vec<String>,
-    /// Words that may surround a keyword in a plain request ("please",
-    /// "me", "texting"…).
-    #[serde(default)]
-    pub filler_words: Vec<String>,
-    /// A message of more words than this is never a plain request, even if
-    /// all but the keyword are fillers. Default 6.
-    #[serde(default = "default_max_plain_words")]
-    pub max_plain_words: usize,
-    /// Sent once after an opt-out (the one message an opted-out number gets); empty: none.
-    pub opt_out_reply: String,
-    /// Sent after an opt-in; empty: none.
-    pub opt_in_reply: String,
-    /// Sent after HELP to any number not opted out; empty: none.
-    pub help_reply: String,
-    /// Answer a message that mentions an opt-out keyword without plainly
-    /// revoking ("can I cancel my order?", kept as `UNCLEAR`) with
-    /// `clarify-reply`, at most once per number per `clarify-interval`, and
-    /// never to an opted-out number. Default true.
-    pub clarify: bool,
-    /// Default "If you want no more messages from us, reply STOP."
-    pub clarify_reply: String,
-    /// Default 24h.
-    #[serde(with = "humantime_serde")]
-    pub clarify_interval: Duration,
-    /// Operator rules: a keyword and its reply (numbers not opted out).
-    #[serde(default)]
-    pub rules: Vec<ReplyRule>,
-    /// What a STOP stops: `all` (default: every channel; the person's
-    /// overall `users.consent_state`) or `channel` (the channel it came on,
-    /// which then keeps its own consent, `user_channels.consent_state`;
-    /// START works the same way). Provider opt-outs (21610) follow it too.
-    #[serde(default)]
-    pub stop_scope: StopScope,
-}
-
-/// `consent.stop-scope`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StopScope {
-    #[default]
-    All,
-    Channel,
-}
-
-fn default_max_plain_words() -> usize {
-    6
-}
-
-/// `[[consent.rules]] keyword = "HOURS" reply = "We are open 9-5."`
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct ReplyRule {
-    pub keyword: String,
-    pub reply: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
