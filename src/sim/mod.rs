@@ -11,6 +11,8 @@
 //! (`POST /sim/script`), clear state (`POST /sim/reset`) and read exact counts
 //! (`GET /sim/stats`).
 
+mod bucket;
+mod errors;
 mod plan;
 mod requests;
 
@@ -32,6 +34,8 @@ use tracing::{debug, info};
 
 pub use crate::config::{FailureMix, SimConfig};
 use crate::twilio::signature::sign;
+use bucket::TokenBucket;
+use errors::*;
 use plan::*;
 use requests::*;
 

@@ -12,9 +12,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::requests::*;
+use super::bucket::TokenBucket;
+use super::errors::{ApiError, delivery_error_message};
 pub use crate::config::{FailureMix, SimConfig};
 use crate::twilio::API_VERSION;
+
+pub(super) const MAX_SCRIPT_DELAY_MS: u64 = 600_000;
 
 /// A scripted outcome for the next send to a recipient; `{}` = plain success.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

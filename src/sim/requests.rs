@@ -2,7 +2,6 @@
 //! error documents, HTTP Basic auth, the token bucket, the handlers.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -13,71 +12,10 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
+use super::errors::*;
 use super::plan::*;
 use super::*;
 use crate::twilio::API_VERSION;
-
-pub(super) const MAX_SCRIPT_DELAY_MS: u64 = 600_000;
-
-/// A Twilio API error: `code` decides the HTTP status.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) struct ApiError {
-    pub(super) code: i32,
-    pub(super) message: String,
-}
-
-impl ApiError {
-    pub(super) fn new(code: i32) -> Self {
-        Self {
-            code,
-            message: default_message(code),
-        }
-    }
-    pub(super) fn with(code: i32, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, body) = error_body(self.code, &self.message);
-        (status, Json(body)).into_response()
-    }
-}
-
-/// The HTTP status the provider answers an API error `code` with.
-pub(super) fn http_status(code: i32) -> StatusCode {
-    crate::twilio::errors::lookup(code)
-        .filter(|c| c.http_status > 0)
-        .and_then(|c| StatusCode::from_u16(c.http_status).ok())
-        .unwrap_or(StatusCode::BAD_REQUEST)
-}
-
-/// Twilio's error document.
-pub(super) fn error_body(code: i32, message: &str) -> (StatusCode, Value) {
-    let status = http_status(code);
-    let body = json!({
-        "code": code,
-        "message": message,
-        "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
-        "status": status.as_u16(),
-    });
-    (status, body)
-}
-
-pub(super) fn default_message(code: i32) -> String {
-    match crate::twilio::errors::lookup(code) {
-        Some(c) => c.message.to_string(),
-        None => format!("Simulated error {code}"),
-    }
-}
-
-pub(super) fn delivery_error_message(code: i32) -> &'static str {
-    crate::twilio::errors::lookup(code).map_or("Message delivery failed", |c| c.message)
-}
 
 /// `SM` + 32 lowercase hex digits.
 pub(super) fn new_sid() -> String {
@@ -168,42 +106,6 @@ pub(super) fn validate_send(params: &[(String, String)]) -> Result<SendRequest, 
         content_sid: content_sid.map(str::to_string),
         content_variables: param(params, "ContentVariables").map(str::to_string),
     })
-}
-
-/// Token bucket: `rate` tokens/s up to `capacity`; rate 0 = unlimited.
-#[derive(Debug)]
-pub(super) struct TokenBucket {
-    pub(super) rate: f64,
-    pub(super) capacity: f64,
-    pub(super) tokens: f64,
-    pub(super) last: Instant,
-}
-
-impl TokenBucket {
-    pub(super) fn new(rate: u32, burst: u32, now: Instant) -> Self {
-        let capacity = f64::from(if burst == 0 { rate.max(1) } else { burst });
-        Self {
-            rate: f64::from(rate),
-            capacity,
-            tokens: capacity,
-            last: now,
-        }
-    }
-
-    pub(super) fn try_take(&mut self, now: Instant) -> bool {
-        if self.rate <= 0.0 {
-            return true;
-        }
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = self.last.max(now);
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 pub(super) async fn send(

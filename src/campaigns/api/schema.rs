@@ -484,20 +484,27 @@ mod tests {
         .expect("schemas serialize");
         let below = &json["Filter3"]["anyOf"][1]["properties"]["conditions"]["items"]["$ref"];
         assert_eq!(below, "#/components/schemas/Condition");
-        let operators: usize = json["Condition"]["anyOf"]
-            .as_array()
-            .expect("branches")
+        let branches = json["Condition"]["anyOf"].as_array().expect("branches");
+        let enum_len = |b: &serde_json::Value, key: &str| {
+            b["properties"][key]["enum"].as_array().map_or(0, Vec::len)
+        };
+        let (figures, others): (Vec<_>, Vec<_>) = branches
             .iter()
-            .map(|b| {
-                b["properties"]["operator"]["enum"]
-                    .as_array()
-                    .map_or(0, Vec::len)
-            })
-            .sum();
+            .partition(|b| b["properties"].get("figure").is_some());
+        let operators: usize = others.iter().map(|b| enum_len(b, "operator")).sum();
         assert_eq!(
             operators,
             Op::ALL.len() + ChannelOp::ALL.len(),
             "every operator in one branch"
+        );
+        let pairs: usize = figures
+            .iter()
+            .map(|b| enum_len(b, "figure") * enum_len(b, "operator"))
+            .sum();
+        assert_eq!(
+            pairs,
+            Figure::ALL.iter().map(|f| f.ops().len()).sum::<usize>(),
+            "every figure with each of its operators once"
         );
     }
 }
