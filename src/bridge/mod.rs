@@ -7,12 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{OriginalUri, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use deadpool_postgres::Pool;
 use metrics::{counter, gauge, histogram};
 use rdkafka::producer::{FutureRecord, Producer as _};
@@ -84,8 +84,14 @@ impl Bridge {
     /// on `metrics.listen`, the admin API on `admin.listen`.
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
-            .route("/webhooks/twilio/status", post(status))
-            .route("/webhooks/twilio/inbound", post(inbound))
+            .route(
+                "/webhooks/twilio/status",
+                post(webhook).layer(Extension(Kind::Status)),
+            )
+            .route(
+                "/webhooks/twilio/inbound",
+                post(webhook).layer(Extension(Kind::Inbound)),
+            )
             .route("/readyz", get(readyz))
             .route("/healthz", get(|| std::future::ready("ok")))
             .with_state(self.clone())
@@ -195,27 +201,10 @@ impl Kind {
     }
 }
 
-async fn status(
-    State(b): State<Arc<Bridge>>,
-    uri: OriginalUri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    webhook(b, Kind::Status, uri, headers, body).await
-}
-
-async fn inbound(
-    State(b): State<Arc<Bridge>>,
-    uri: OriginalUri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    webhook(b, Kind::Inbound, uri, headers, body).await
-}
-
+/// A provider callback on the route of `kind` (each route's own `Extension`).
 async fn webhook(
-    b: Arc<Bridge>,
-    kind: Kind,
+    State(b): State<Arc<Bridge>>,
+    Extension(kind): Extension<Kind>,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: Body,

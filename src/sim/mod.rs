@@ -465,17 +465,11 @@ mod tests {
     use super::plan::*;
     use super::requests::*;
     use super::*;
+    use crate::twilio::signature::p;
     use axum::http::StatusCode;
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
     use serde_json::json;
-
-    fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
-    }
 
     fn cfg() -> SimConfig {
         SimConfig {

@@ -16,11 +16,8 @@ use tokio_postgres::types::Json;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::error::ApiError;
-use super::extract::{
-    ApiJson, ApiPath, ApiQuery, MAX_PAGE, check_limit, check_name, integer, next_after, nullable,
-    present,
-};
-use super::{Admin, ApiResult, json, row_by_id};
+use super::extract::{ApiJson, ApiPath, ApiQuery, check_name, integer, nullable, present};
+use super::{Admin, ApiResult, Stored, json, page, stored};
 use crate::model::{CampaignAction, CampaignStatus};
 
 /// The campaigns' routes and their part of the document.
@@ -161,7 +158,15 @@ SELECT c.id, c.name, c.template_id, c.segment_id, c.status, c.paused_from,
        f.skipped_reasons, f.finished, f.finished_at
   FROM campaigns c LEFT JOIN fanout_progress f ON f.campaign_id = c.id";
 
-impl Campaign {
+impl Stored for Campaign {
+    const NAME: &'static str = "campaign";
+    const SELECT: &'static str = CAMPAIGN;
+    const ID: &'static str = "c.id";
+
+    fn id(&self) -> i64 {
+        self.id
+    }
+
     fn from_row(row: &Row) -> Self {
         let has_fanout: bool = row.get("has_fanout");
         let counts: Json<BTreeMap<String, i64>> = row.get("counts");
@@ -190,17 +195,6 @@ impl Campaign {
             }),
         }
     }
-}
-
-async fn campaign(client: &deadpool_postgres::Client, id: i64) -> Result<Campaign, ApiError> {
-    let row = row_by_id(
-        client,
-        &format!("{CAMPAIGN} WHERE c.id = $1"),
-        id,
-        "campaign",
-    )
-    .await?;
-    Ok(Campaign::from_row(&row))
 }
 
 /// `?limit=&after=&status=`: keyset paging, optionally of one state.
@@ -240,19 +234,8 @@ pub(super) async fn list_campaigns(
     State(a): State<Arc<Admin>>,
     ApiQuery(p): ApiQuery<CampaignQuery>,
 ) -> ApiResult {
-    check_limit(p.limit, MAX_PAGE)?;
-    let client = a.pool.get().await?;
-    let rows = client
-        .query(
-            &format!(
-                "{CAMPAIGN} WHERE c.id > $1 AND ($3::text IS NULL OR c.status = $3)
-                  ORDER BY c.id LIMIT $2"
-            ),
-            &[&p.after, &p.limit, &p.status],
-        )
-        .await?;
-    let items: Vec<Campaign> = rows.iter().map(Campaign::from_row).collect();
-    let next_after = next_after(items.len(), items.last().map(|c| c.id), p.limit);
+    let status = Some(("($3::text IS NULL OR c.status = $3)", &p.status as _));
+    let (items, next_after) = page::<Campaign>(&a, p.after, p.limit, status).await?;
     json(StatusCode::OK, CampaignList { items, next_after })
 }
 
@@ -348,7 +331,10 @@ pub(super) async fn create_campaign(
             ],
         )
         .await?;
-    json(StatusCode::CREATED, campaign(&client, row.get(0)).await?)
+    json(
+        StatusCode::CREATED,
+        stored::<Campaign>(&client, row.get(0)).await?,
+    )
 }
 
 /// Get a campaign with message counts and fan-out progress
@@ -364,7 +350,7 @@ pub(super) async fn get_campaign(
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult {
     let client = a.pool.get().await?;
-    json(StatusCode::OK, campaign(&client, id).await?)
+    json(StatusCode::OK, stored::<Campaign>(&client, id).await?)
 }
 
 /// Delete a campaign with its messages (DRAFT, COMPLETED or CANCELLED; 409 otherwise)
@@ -498,7 +484,7 @@ pub(super) async fn transition(
         }
     }
     tx.commit().await?;
-    json(StatusCode::OK, campaign(&client, id).await?)
+    json(StatusCode::OK, stored::<Campaign>(&client, id).await?)
 }
 
 #[cfg(test)]

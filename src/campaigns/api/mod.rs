@@ -173,17 +173,56 @@ async fn auth(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Resp
 
 type ApiResult = Result<Response, ApiError>;
 
-/// The row `sql` finds for `id` (its one parameter), or 404 naming `what`.
-async fn row_by_id(
-    client: &deadpool_postgres::Client,
-    sql: &str,
-    id: i64,
-    what: &str,
-) -> Result<tokio_postgres::Row, ApiError> {
+/// A resource the API reads from the database by id: a template, segment
+/// or campaign.
+trait Stored: Serialize + Sized {
+    /// What a 404 calls it.
+    const NAME: &'static str;
+    /// `SELECT … FROM …` of its rows, up to the `WHERE`.
+    const SELECT: &'static str;
+    /// Its id column in [`Stored::SELECT`].
+    const ID: &'static str = "id";
+    fn from_row(row: &tokio_postgres::Row) -> Self;
+    fn id(&self) -> i64;
+}
+
+/// `T` `id`, or 404.
+async fn stored<T: Stored>(client: &deadpool_postgres::Client, id: i64) -> Result<T, ApiError> {
+    let sql = format!("{} WHERE {} = $1", T::SELECT, T::ID);
     client
-        .query_opt(sql, &[&id])
+        .query_opt(&sql, &[&id])
         .await?
-        .ok_or_else(|| ApiError::not_found(what, id))
+        .map(|row| T::from_row(&row))
+        .ok_or_else(|| ApiError::not_found(T::NAME, id))
+}
+
+/// One page of `T` by id after `after`, at most `limit`, where `filter`
+/// (SQL over `$3`, `extra`) holds; and `next_after`.
+async fn page<T: Stored>(
+    a: &Admin,
+    after: i64,
+    limit: i64,
+    filter: Option<(&str, &(dyn tokio_postgres::types::ToSql + Sync))>,
+) -> Result<(Vec<T>, Option<i64>), ApiError> {
+    extract::check_limit(limit, extract::MAX_PAGE)?;
+    let client = a.pool.get().await?;
+    let (id, mut params) = (T::ID, vec![&after as _, &limit as _]);
+    let and = match filter {
+        Some((sql, extra)) => {
+            params.push(extra);
+            format!(" AND {sql}")
+        }
+        None => String::new(),
+    };
+    let sql = format!("{} WHERE {id} > $1{and} ORDER BY {id} LIMIT $2", T::SELECT);
+    let items: Vec<T> = client
+        .query(&sql, &params)
+        .await?
+        .iter()
+        .map(T::from_row)
+        .collect();
+    let next = extract::next_after(items.len(), items.last().map(T::id), limit);
+    Ok((items, next))
 }
 
 /// `value` as a JSON answer with `status`.

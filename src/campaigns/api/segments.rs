@@ -15,11 +15,8 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::contract::Part;
 use super::error::ApiError;
-use super::extract::{
-    ApiJson, ApiPath, ApiQuery, ListQuery, MAX_PAGE, check_limit, check_name, check_text,
-    next_after,
-};
-use super::{Admin, ApiResult, delete_unused, json, refuse_if_used, row_by_id};
+use super::extract::{ApiJson, ApiPath, ApiQuery, ListQuery, check_limit, check_name, check_text};
+use super::{Admin, ApiResult, Stored, delete_unused, json, page, refuse_if_used, stored};
 use crate::campaigns::segment;
 use crate::model::CampaignStatus;
 
@@ -83,7 +80,14 @@ macro_rules! columns {
     };
 }
 
-impl Segment {
+impl Stored for Segment {
+    const NAME: &'static str = "segment";
+    const SELECT: &'static str = concat!("SELECT ", columns!(), " FROM segments");
+
+    fn id(&self) -> i64 {
+        self.id
+    }
+
     fn from_row(row: &Row) -> Self {
         Self {
             id: row.get("id"),
@@ -157,20 +161,7 @@ pub(super) async fn list_segments(
     State(a): State<Arc<Admin>>,
     ApiQuery(p): ApiQuery<ListQuery>,
 ) -> ApiResult {
-    check_limit(p.limit, MAX_PAGE)?;
-    let client = a.pool.get().await?;
-    let rows = client
-        .query(
-            concat!(
-                "SELECT ",
-                columns!(),
-                " FROM segments WHERE id > $1 ORDER BY id LIMIT $2"
-            ),
-            &[&p.after, &p.limit],
-        )
-        .await?;
-    let items: Vec<Segment> = rows.iter().map(Segment::from_row).collect();
-    let next_after = next_after(items.len(), items.last().map(|s| s.id), p.limit);
+    let (items, next_after) = page::<Segment>(&a, p.after, p.limit, None).await?;
     json(StatusCode::OK, SegmentList { items, next_after })
 }
 
@@ -196,7 +187,7 @@ pub(super) async fn create_segment(
         .await?;
     let id: i64 = row.get(0);
     estimate(&client, id, a.max_depth).await?;
-    json(StatusCode::CREATED, stored(&client, id).await?)
+    json(StatusCode::CREATED, stored::<Segment>(&client, id).await?)
 }
 
 /// Get a segment
@@ -212,9 +203,7 @@ pub(super) async fn get_segment(
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult {
     let client = a.pool.get().await?;
-    let sql = concat!("SELECT ", columns!(), " FROM segments WHERE id = $1");
-    let row = row_by_id(&client, sql, id, "segment").await?;
-    json(StatusCode::OK, Segment::from_row(&row))
+    json(StatusCode::OK, stored::<Segment>(&client, id).await?)
 }
 
 /// Replace a segment (409 while a READY, RUNNING or PAUSED campaign uses it)
@@ -244,7 +233,7 @@ pub(super) async fn update_segment(
     .ok_or_else(|| ApiError::not_found("segment", id))?;
     tx.commit().await?;
     estimate(&client, id, a.max_depth).await?;
-    json(StatusCode::OK, stored(&client, id).await?)
+    json(StatusCode::OK, stored::<Segment>(&client, id).await?)
 }
 
 /// Delete a segment (409 while a READY, RUNNING or PAUSED campaign uses it; other campaigns keep their rows with the segment cleared)
@@ -297,13 +286,6 @@ pub(super) async fn estimate(
 ) -> Result<(i64, DateTime<Utc>), ApiError> {
     let node = audience_node(client, id, max_depth).await?;
     Ok(segment::store_estimate(client, id, &node).await?)
-}
-
-async fn stored(client: &deadpool_postgres::Client, id: i64) -> Result<Segment, ApiError> {
-    let sql = concat!("SELECT ", columns!(), " FROM segments WHERE id = $1");
-    Ok(Segment::from_row(
-        &row_by_id(client, sql, id, "segment").await?,
-    ))
 }
 
 /// A fresh audience count.

@@ -16,10 +16,9 @@ use utoipa::{OpenApi, ToSchema};
 use super::contract::Part;
 use super::error::ApiError;
 use super::extract::{
-    ApiJson, ApiPath, ApiQuery, ListQuery, MAX_PAGE, OptionalJson, check_limit, check_name,
-    check_text, next_after, pointer_escape,
+    ApiJson, ApiPath, ApiQuery, ListQuery, OptionalJson, check_name, check_text, pointer_escape,
 };
-use super::{Admin, ApiResult, delete_unused, json, refuse_if_used, row_by_id};
+use super::{Admin, ApiResult, Stored, delete_unused, json, page, refuse_if_used, stored};
 use crate::campaigns::template;
 use crate::model::CampaignStatus;
 
@@ -154,7 +153,14 @@ macro_rules! columns {
     };
 }
 
-impl Template {
+impl Stored for Template {
+    const NAME: &'static str = "template";
+    const SELECT: &'static str = concat!("SELECT ", columns!(), " FROM templates");
+
+    fn id(&self) -> i64 {
+        self.id
+    }
+
     fn from_row(row: &Row) -> Self {
         let content: String = row.get("content");
         Self {
@@ -181,6 +187,42 @@ pub(super) struct TemplateList {
     items: Vec<Template>,
     /// `after` for the next page; null on the last.
     next_after: Option<i64>,
+}
+
+/// A checked template's columns, as INSERT and UPDATE bind them.
+struct Columns {
+    t: TemplateIn,
+    channel: &'static str,
+    variables: Value,
+    defaults: Value,
+    content_variables: Value,
+}
+
+impl Columns {
+    /// Validates `t` (422 naming what is wrong) and derives its variables.
+    fn checked(t: TemplateIn, a: &Admin) -> Result<Self, ApiError> {
+        let variables = serde_json::json!(check_template(&t, a)?);
+        Ok(Self {
+            channel: t.channel.as_str(),
+            defaults: Value::Object(t.defaults.clone().into_iter().collect()),
+            content_variables: serde_json::json!(t.content_variables),
+            variables,
+            t,
+        })
+    }
+
+    /// name, channel, content, variables, defaults, content_sid, content_variables.
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 7] {
+        [
+            &self.t.name,
+            &self.channel,
+            &self.t.content,
+            &self.variables,
+            &self.defaults,
+            &self.t.content_sid,
+            &self.content_variables,
+        ]
+    }
 }
 
 /// Validates a template; returns its variables.
@@ -266,20 +308,7 @@ pub(super) async fn list_templates(
     State(a): State<Arc<Admin>>,
     ApiQuery(p): ApiQuery<ListQuery>,
 ) -> ApiResult {
-    check_limit(p.limit, MAX_PAGE)?;
-    let client = a.pool.get().await?;
-    let rows = client
-        .query(
-            concat!(
-                "SELECT ",
-                columns!(),
-                " FROM templates WHERE id > $1 ORDER BY id LIMIT $2"
-            ),
-            &[&p.after, &p.limit],
-        )
-        .await?;
-    let items: Vec<Template> = rows.iter().map(Template::from_row).collect();
-    let next_after = next_after(items.len(), items.last().map(|t| t.id), p.limit);
+    let (items, next_after) = page::<Template>(&a, p.after, p.limit, None).await?;
     json(StatusCode::OK, TemplateList { items, next_after })
 }
 
@@ -295,8 +324,7 @@ pub(super) async fn create_template(
     State(a): State<Arc<Admin>>,
     ApiJson(t): ApiJson<TemplateIn>,
 ) -> ApiResult {
-    let vars = check_template(&t, &a)?;
-    let defaults = Value::Object(t.defaults.into_iter().collect());
+    let row = Columns::checked(t, &a)?;
     let client = a.pool.get().await?;
     let row = client
         .query_one(
@@ -305,15 +333,7 @@ pub(super) async fn create_template(
                  VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING ",
                 columns!()
             ),
-            &[
-                &t.name,
-                &t.channel.as_str(),
-                &t.content,
-                &serde_json::json!(vars),
-                &defaults,
-                &t.content_sid,
-                &serde_json::json!(t.content_variables),
-            ],
+            &row.params(),
         )
         .await?;
     json(StatusCode::CREATED, Template::from_row(&row))
@@ -332,9 +352,7 @@ pub(super) async fn get_template(
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult {
     let client = a.pool.get().await?;
-    let sql = concat!("SELECT ", columns!(), " FROM templates WHERE id = $1");
-    let row = row_by_id(&client, sql, id, "template").await?;
-    json(StatusCode::OK, Template::from_row(&row))
+    json(StatusCode::OK, stored::<Template>(&client, id).await?)
 }
 
 /// Replace a template (409 while a READY, RUNNING or PAUSED campaign uses it)
@@ -351,29 +369,19 @@ pub(super) async fn update_template(
     ApiPath(id): ApiPath<i64>,
     ApiJson(t): ApiJson<TemplateIn>,
 ) -> ApiResult {
-    let vars = check_template(&t, &a)?;
-    let defaults = Value::Object(t.defaults.into_iter().collect());
+    let row = Columns::checked(t, &a)?;
     let mut client = a.pool.get().await?;
     let tx = client.transaction().await?;
     refuse_if_used(&tx, "template_id", id, CampaignStatus::ACTIVE, "updated").await?;
     let row = tx
         .query_opt(
             concat!(
-                "UPDATE templates SET name = $2, channel = $3, content = $4, variables = $5,
-                        defaults = $6, content_sid = $7, content_variables = $8, updated_at = now()
-                  WHERE id = $1 RETURNING ",
+                "UPDATE templates SET name = $1, channel = $2, content = $3, variables = $4,
+                        defaults = $5, content_sid = $6, content_variables = $7, updated_at = now()
+                  WHERE id = $8 RETURNING ",
                 columns!()
             ),
-            &[
-                &id,
-                &t.name,
-                &t.channel.as_str(),
-                &t.content,
-                &serde_json::json!(vars),
-                &defaults,
-                &t.content_sid,
-                &serde_json::json!(t.content_variables),
-            ],
+            &[&row.params()[..], &[&id]].concat(),
         )
         .await?
         .ok_or_else(|| ApiError::not_found("template", id))?;
