@@ -10,7 +10,8 @@
 //! - [`records`]: the record types on the topics, one per schema; [`codec`]:
 //!   their Avro encodings (single-object or schema-registry).
 //! - [`db`]: the Postgres pool (TLS as `sslmode` asks), migrations and the SQL
-//!   functions of `sql/functions/`, error classification.
+//!   functions of `sql/functions/`, error classification, the audit trail's
+//!   retention.
 //! - [`kafka`]: the one place Kafka clients are configured (`mod.rs`); the
 //!   producer, topic creation and out-of-group topic reading in its files.
 //! - [`http`]: the one place HTTP clients are built; [`metrics`]: the
@@ -26,7 +27,7 @@
 //! - [`sim`]: the Twilio-compatible provider simulator (`ese provider-sim`).
 //! - [`broker`]: the embedded Kafka-API broker (tansu) for development and tests.
 //! - [`reports`]: read-side queries (campaign performance, dashboard figures).
-//! - [`ops`]: `ese status`, `replay` and `dlq`.
+//! - [`ops`]: `ese status`, `replay`, `dlq` and `retention`.
 //! - [`engine`]: wiring a process together (`ese up`, `serve`, `run`).
 //! - [`demo`]: the whole loop on a running engine (`ese demo`).
 //! - [`cli`]: the `ese` command line: parses and dispatches; `main.rs` only calls [`cli::main`].
