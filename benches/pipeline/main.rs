@@ -22,12 +22,14 @@ use ese::stages::users::UserUpsert;
 
 mod e2e;
 mod fanout;
+mod ids;
 mod retention;
 mod sender;
 mod sinks;
 mod webhooks;
 use e2e::e2e;
 use fanout::fanout;
+use ids::ids;
 use retention::retention;
 use sender::sender;
 use sinks::receipts;
@@ -79,6 +81,7 @@ fn main() -> std::process::ExitCode {
             BenchCommand::Fanout { users } => fanout(settings, &users).await,
             BenchCommand::Receipts { records } => receipts(settings, records).await,
             BenchCommand::Retention { rows } => retention(settings, rows).await,
+            BenchCommand::Ids { rows } => ids(settings, rows).await,
         }
     };
     let result = match tokio::runtime::Runtime::new() {
@@ -139,6 +142,13 @@ enum BenchCommand {
         /// Callbacks (and consent decisions) to push through.
         #[arg(long, default_value_t = 50_000)]
         records: usize,
+    },
+    /// Message ids: BIGSERIAL against gen_random_uuid() and engine-made
+    /// UUIDv7, inserted as the fan-out pages and claimed as the sender does.
+    Ids {
+        /// Messages per kind of id.
+        #[arg(long, default_value_t = 2_000_000)]
+        rows: usize,
     },
     /// Retention of the audit trail: delivery_receipts of N rows over ten
     /// years, the seven-year-old ones deleted while a writer keeps inserting,
