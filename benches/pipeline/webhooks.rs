@@ -382,11 +382,20 @@ async fn copy_ceiling(
     let raw = ese::records::ParamsJson(&sample.params);
     let now = chrono::Utc::now();
     for i in 0..n {
-        let id = uuid::Uuid::new_v4();
+        let (event_id, id) = (uuid::Uuid::new_v4(), uuid::Uuid::now_v7());
         let sid = format!("SM{i:032x}");
         writer
             .as_mut()
-            .write(&[&id, &sid, &"sent", &None::<i32>, &raw, &now, &true])
+            .write(&[
+                &event_id,
+                &sid,
+                &"sent",
+                &None::<i32>,
+                &raw,
+                &now,
+                &true,
+                &id,
+            ])
             .await?;
     }
     writer.finish().await?;

@@ -34,12 +34,14 @@ pub const STATUSES: &[&str] = &[
 ];
 
 const INSERT_RECEIPTS: &str = "
-INSERT INTO delivery_receipts (event_id, message_sid, message_status, error_code, raw_payload, received_at, phone_valid)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::jsonb[], $6::timestamptz[], $7::bool[])
+INSERT INTO delivery_receipts (event_id, message_sid, message_status, error_code, raw_payload, received_at, phone_valid, id)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::jsonb[], $6::timestamptz[], $7::bool[], $8::uuid[])
 ON CONFLICT (event_id) DO NOTHING";
 
 /// Audit rows of status callbacks by binary COPY, and its column types.
-pub const COPY_RECEIPTS: &str = "COPY delivery_receipts (event_id, message_sid, message_status, error_code, raw_payload, received_at, phone_valid) FROM STDIN BINARY";
+/// Their `id` is a UUIDv7 the stage makes (time-ordered: the primary key's
+/// index grows at its end).
+pub const COPY_RECEIPTS: &str = "COPY delivery_receipts (event_id, message_sid, message_status, error_code, raw_payload, received_at, phone_valid, id) FROM STDIN BINARY";
 
 pub const RECEIPT_TYPES: &[Type] = &[
     Type::UUID,
@@ -49,11 +51,12 @@ pub const RECEIPT_TYPES: &[Type] = &[
     Type::JSONB,
     Type::TIMESTAMPTZ,
     Type::BOOL,
+    Type::UUID,
 ];
 
 const INSERT_INBOUND: &str = "
-INSERT INTO inbound_events (event_id, message_sid, from_phone, raw_from, to_phone, channel, body, raw_payload, processing_status, received_at)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::timestamptz[])
+INSERT INTO inbound_events (event_id, message_sid, from_phone, raw_from, to_phone, channel, body, raw_payload, processing_status, received_at, id)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::timestamptz[], $11::uuid[])
 ON CONFLICT (event_id) DO NOTHING";
 
 /// The normalize stage.
@@ -72,6 +75,7 @@ pub fn start(deps: Deps, shutdown: CancellationToken) -> BoxFuture<'static, anyh
 
 #[derive(Default)]
 struct ReceiptRows<'a> {
+    id: Vec<uuid::Uuid>,
     event_id: Vec<uuid::Uuid>,
     sid: Vec<String>,
     status: Vec<String>,
@@ -83,6 +87,7 @@ struct ReceiptRows<'a> {
 
 #[derive(Default)]
 struct InboundRows<'a> {
+    id: Vec<uuid::Uuid>,
     event_id: Vec<uuid::Uuid>,
     sid: Vec<String>,
     from: Vec<Option<String>>,
@@ -157,6 +162,7 @@ impl Normalize {
         } else {
             channel
         };
+        rows.id.push(uuid::Uuid::now_v7());
         rows.event_id.push(event_id);
         rows.sid.push(sid.clone());
         rows.status.push(status.clone());
@@ -197,6 +203,7 @@ impl Normalize {
             Err(_) if raw_from.to_ascii_lowercase().starts_with("whatsapp:") => Channel::Whatsapp,
             Err(_) => Channel::Sms,
         };
+        rows.id.push(uuid::Uuid::now_v7());
         rows.event_id.push(event_id);
         rows.sid.push(sid.clone());
         rows.from.push(parsed.as_ref().ok().map(|(_, p)| p.clone()));
@@ -279,6 +286,7 @@ impl Stage for Normalize {
                 &r.raw[i],
                 &r.received_at[i],
                 &r.phone_valid[i],
+                &r.id[i],
             ]
         });
         // Rows are new unless this batch is a replay: COPY them, and insert
@@ -297,6 +305,7 @@ impl Stage for Normalize {
                     &r.raw,
                     &r.received_at,
                     &r.phone_valid,
+                    &r.id,
                 ],
             )
             .await?;
@@ -317,6 +326,7 @@ impl Stage for Normalize {
                     &r.raw,
                     &r.status,
                     &r.received_at,
+                    &r.id,
                 ],
             )
             .await?;

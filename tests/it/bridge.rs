@@ -50,6 +50,20 @@ async fn realistic_callbacks_reach_the_audit_trail_once() {
     assert_eq!(row.get::<_, String>(0), "undelivered");
     assert_eq!(row.get::<_, Option<i32>>(1), Some(30003));
     assert!(row.get::<_, bool>(2));
+    // The audit rows' ids are the data model's UUIDs, version 7 (time-ordered).
+    for table in ["delivery_receipts", "inbound_events"] {
+        let ids: Vec<uuid::Uuid> = c
+            .query(&format!("SELECT id FROM {table}"), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(!ids.is_empty(), "{table}");
+        for id in ids {
+            assert_eq!(id.get_version_num(), 7, "{table}: {id}");
+        }
+    }
     let row = c
         .query_one(
             "SELECT message_status, raw_payload->>'EventType', raw_payload->>'ChannelPrefix', raw_payload->>'ChannelInstallSid'

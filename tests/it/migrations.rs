@@ -258,15 +258,19 @@ async fn a_database_at_the_previous_schema_migrates_forward_without_losing_a_row
         ),
         (
             "delivery_receipts",
-            "SELECT row(id, message_sid, status, error_code, raw_payload, received_at, event_id)::text
+            // Old ids map to UUIDs deterministically (ese_legacy_uuid, V14).
+            "SELECT row(('00000000-0000-8000-8000-' || lpad(to_hex(id), 12, '0'))::uuid, message_sid,
+                        status, error_code, raw_payload, received_at, event_id)::text
                FROM delivery_receipts ORDER BY id",
             "SELECT row(id, message_sid, message_status, error_code, raw_payload, received_at, event_id)::text
                FROM delivery_receipts ORDER BY id",
         ),
         (
             "inbound_events",
-            "SELECT t::text FROM inbound_events t ORDER BY id",
-            "SELECT t::text FROM inbound_events t ORDER BY id",
+            "SELECT (to_jsonb(t) || jsonb_build_object('id',
+                       '00000000-0000-8000-8000-' || lpad(to_hex(id), 12, '0')))::text
+               FROM inbound_events t ORDER BY id",
+            "SELECT to_jsonb(t)::text FROM inbound_events t ORDER BY id",
         ),
         (
             "consent_events",
@@ -338,6 +342,18 @@ async fn a_database_at_the_previous_schema_migrates_forward_without_losing_a_row
         .unwrap()
         .get(0);
     assert_eq!(defaults, "(DRAFT,1,22:00:00,08:00:00)");
+    // The audit trail's ids are UUIDs; a row written by others gets one too.
+    let ids: String = c
+        .query_one(
+            "SELECT string_agg(table_name || '.' || column_name || ' ' || data_type, ', ' ORDER BY table_name)
+               FROM information_schema.columns
+              WHERE table_name IN ('delivery_receipts', 'inbound_events') AND column_name = 'id'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ids, "delivery_receipts.id uuid, inbound_events.id uuid");
     for index in [
         "idx_users_attributes_gin",
         "idx_users_consent_state",
