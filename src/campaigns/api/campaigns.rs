@@ -167,33 +167,36 @@ impl Stored for Campaign {
         self.id
     }
 
-    fn from_row(row: &Row) -> Self {
-        let has_fanout: bool = row.get("has_fanout");
-        let counts: Json<BTreeMap<String, i64>> = row.get("counts");
-        Self {
-            id: row.get("id"),
-            name: row.get("name"),
-            template_id: row.get("template_id"),
-            segment_id: row.get("segment_id"),
-            status: row.get("status"),
-            paused_from: row.get("paused_from"),
-            rate_limit_per_second: row.get("rate_limit_per_second"),
-            quiet_hours_start: row.get("quiet_hours_start"),
-            quiet_hours_end: row.get("quiet_hours_end"),
-            schedule_time: row.get("schedule_time"),
-            started_at: row.get("started_at"),
-            completed_at: row.get("completed_at"),
-            created_at: row.get("created_at"),
-            updated_at: row.get("updated_at"),
+    fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error> {
+        let has_fanout: bool = row.try_get("has_fanout")?;
+        let counts: Json<BTreeMap<String, i64>> = row.try_get("counts")?;
+        Ok(Self {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            template_id: row.try_get("template_id")?,
+            segment_id: row.try_get("segment_id")?,
+            status: row.try_get("status")?,
+            paused_from: row.try_get("paused_from")?,
+            rate_limit_per_second: row.try_get("rate_limit_per_second")?,
+            quiet_hours_start: row.try_get("quiet_hours_start")?,
+            quiet_hours_end: row.try_get("quiet_hours_end")?,
+            schedule_time: row.try_get("schedule_time")?,
+            started_at: row.try_get("started_at")?,
+            completed_at: row.try_get("completed_at")?,
+            created_at: row.try_get("created_at")?,
+            updated_at: row.try_get("updated_at")?,
             counts: counts.0,
-            fanout: has_fanout.then(|| Fanout {
-                messages_created: row.get("messages_created"),
-                skipped: row.get("skipped"),
-                skipped_reasons: row.get("skipped_reasons"),
-                finished: row.get("finished"),
-                finished_at: row.get("finished_at"),
-            }),
-        }
+            fanout: match has_fanout {
+                false => None,
+                true => Some(Fanout {
+                    messages_created: row.try_get("messages_created")?,
+                    skipped: row.try_get("skipped")?,
+                    skipped_reasons: row.try_get("skipped_reasons")?,
+                    finished: row.try_get("finished")?,
+                    finished_at: row.try_get("finished_at")?,
+                }),
+            },
+        })
     }
 }
 
@@ -333,7 +336,7 @@ pub(super) async fn create_campaign(
         .await?;
     json(
         StatusCode::CREATED,
-        stored::<Campaign>(&client, row.get(0)).await?,
+        stored::<Campaign>(&client, row.try_get(0)?).await?,
     )
 }
 
@@ -374,7 +377,7 @@ pub(super) async fn delete_campaign(
         )
         .await?
         .ok_or_else(|| ApiError::not_found("campaign", id))?
-        .get(0);
+        .try_get(0)?;
     if CampaignStatus::ACTIVE.contains(&status) {
         return Err(ApiError::conflict(
             "in_use",
@@ -476,7 +479,7 @@ pub(super) async fn transition(
                 &[&id],
             )
             .await?
-            .get::<_, bool>(0);
+            .try_get::<_, bool>(0)?;
         if immediate {
             a.commands
                 .transition(&tx, id, CampaignAction::Start, "api")

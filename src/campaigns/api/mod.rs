@@ -182,18 +182,20 @@ trait Stored: Serialize + Sized {
     const SELECT: &'static str;
     /// Its id column in [`Stored::SELECT`].
     const ID: &'static str = "id";
-    fn from_row(row: &tokio_postgres::Row) -> Self;
+    /// A row of [`Stored::SELECT`]; a column of an unexpected type is an
+    /// error (500), never a panic.
+    fn from_row(row: &tokio_postgres::Row) -> Result<Self, tokio_postgres::Error>;
     fn id(&self) -> i64;
 }
 
 /// `T` `id`, or 404.
 async fn stored<T: Stored>(client: &deadpool_postgres::Client, id: i64) -> Result<T, ApiError> {
     let sql = format!("{} WHERE {} = $1", T::SELECT, T::ID);
-    client
+    let row = client
         .query_opt(&sql, &[&id])
         .await?
-        .map(|row| T::from_row(&row))
-        .ok_or_else(|| ApiError::not_found(T::NAME, id))
+        .ok_or_else(|| ApiError::not_found(T::NAME, id))?;
+    Ok(T::from_row(&row)?)
 }
 
 /// One page of `T` by id after `after`, at most `limit`, where `filter`
@@ -220,7 +222,7 @@ async fn page<T: Stored>(
         .await?
         .iter()
         .map(T::from_row)
-        .collect();
+        .collect::<Result<_, _>>()?;
     let next = extract::next_after(items.len(), items.last().map(T::id), limit);
     Ok((items, next))
 }
@@ -241,11 +243,12 @@ async fn refuse_if_used(
     // Every campaign using it is locked, so none becomes active meanwhile.
     let sql =
         format!("SELECT id, status FROM campaigns WHERE {column} = $1 ORDER BY id FOR UPDATE");
-    let users: Vec<String> = tx
-        .query(&sql, &[&id])
-        .await?
-        .iter()
-        .map(|r| (r.get::<_, i64>(0), r.get::<_, CampaignStatus>(1)))
+    let mut campaigns = Vec::new();
+    for r in tx.query(&sql, &[&id]).await? {
+        campaigns.push((r.try_get::<_, i64>(0)?, r.try_get::<_, CampaignStatus>(1)?));
+    }
+    let users: Vec<String> = campaigns
+        .into_iter()
         .filter(|(_, s)| statuses.contains(s))
         .take(5)
         .map(|(id, s)| format!("{id} ({s})"))

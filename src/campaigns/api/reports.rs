@@ -103,16 +103,18 @@ pub(super) async fn campaign_report(
     let rows = client.query(CAMPAIGNS_SINCE, &[&since]).await?;
     let items = rows
         .iter()
-        .map(|r| CampaignFigures {
-            campaign_id: r.get("id"),
-            name: r.get("name"),
-            status: r.get("status"),
-            created_at: r.get("created_at"),
-            total_sent: r.get("total_sent"),
-            delivered: r.get("delivered"),
-            avg_delivery_time_mins: r.get("avg_delivery_time_mins"),
+        .map(|r| {
+            Ok(CampaignFigures {
+                campaign_id: r.try_get("id")?,
+                name: r.try_get("name")?,
+                status: r.try_get("status")?,
+                created_at: r.try_get("created_at")?,
+                total_sent: r.try_get("total_sent")?,
+                delivered: r.try_get("delivered")?,
+                avg_delivery_time_mins: r.try_get("avg_delivery_time_mins")?,
+            })
         })
-        .collect();
+        .collect::<Result<_, tokio_postgres::Error>>()?;
     json(StatusCode::OK, CampaignReport { since, items })
 }
 
@@ -142,10 +144,10 @@ pub(super) async fn dashboard_report(State(a): State<Arc<Admin>>) -> ApiResult {
     json(
         StatusCode::OK,
         Dashboard {
-            active_campaigns: r.get("active_campaigns"),
-            opted_in_users: r.get("opted_in_users"),
-            delivered_today: r.get("delivered_today"),
-            recent_inbound: r.get("recent_inbound"),
+            active_campaigns: r.try_get("active_campaigns")?,
+            opted_in_users: r.try_get("opted_in_users")?,
+            delivered_today: r.try_get("delivered_today")?,
+            recent_inbound: r.try_get("recent_inbound")?,
         },
     )
 }

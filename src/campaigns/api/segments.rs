@@ -88,17 +88,17 @@ impl Stored for Segment {
         self.id
     }
 
-    fn from_row(row: &Row) -> Self {
-        Self {
-            id: row.get("id"),
-            name: row.get("name"),
-            description: row.get("description"),
-            filter_criteria: row.get("filter_criteria"),
-            estimated_audience_size: row.get("estimated_audience_size"),
-            estimated_at: row.get("estimated_at"),
-            created_at: row.get("created_at"),
-            updated_at: row.get("updated_at"),
-        }
+    fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error> {
+        Ok(Self {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            description: row.try_get("description")?,
+            filter_criteria: row.try_get("filter_criteria")?,
+            estimated_audience_size: row.try_get("estimated_audience_size")?,
+            estimated_at: row.try_get("estimated_at")?,
+            created_at: row.try_get("created_at")?,
+            updated_at: row.try_get("updated_at")?,
+        })
     }
 }
 
@@ -185,7 +185,7 @@ pub(super) async fn create_segment(
             &[&s.name, &s.description, &s.filter_criteria],
         )
         .await?;
-    let id: i64 = row.get(0);
+    let id: i64 = row.try_get(0)?;
     estimate(&client, id, a.max_depth).await?;
     json(StatusCode::CREATED, stored::<Segment>(&client, id).await?)
 }
@@ -272,7 +272,7 @@ async fn audience_node(
         .query_opt("SELECT filter_criteria FROM segments WHERE id = $1", &[&id])
         .await?
         .ok_or_else(|| ApiError::not_found("segment", id))?;
-    segment::parse(&row.get(0), max_depth)
+    segment::parse(&row.try_get(0)?, max_depth)
         .map_err(|e| ApiError::invalid(format!("/filter_criteria{}", e.pointer), e.message))
 }
 
@@ -377,11 +377,13 @@ pub(super) async fn preview_segment(
     let rows = client.query(&sql, &params).await?;
     let users = rows
         .iter()
-        .map(|r| AudienceUser {
-            phone_e164: r.get(0),
-            attributes: r.get(1),
+        .map(|r| {
+            Ok(AudienceUser {
+                phone_e164: r.try_get(0)?,
+                attributes: r.try_get(1)?,
+            })
         })
-        .collect();
+        .collect::<Result<_, tokio_postgres::Error>>()?;
     json(
         StatusCode::OK,
         Preview {

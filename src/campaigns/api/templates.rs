@@ -161,23 +161,23 @@ impl Stored for Template {
         self.id
     }
 
-    fn from_row(row: &Row) -> Self {
-        let content: String = row.get("content");
-        Self {
-            id: row.get("id"),
-            name: row.get("name"),
-            channel: row.get("channel"),
-            variables: serde_json::from_value(row.get("variables")).unwrap_or_default(),
-            character_count: row.get("character_count"),
-            defaults: row.get("defaults"),
+    fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error> {
+        let content: String = row.try_get("content")?;
+        Ok(Self {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            channel: row.try_get("channel")?,
+            variables: serde_json::from_value(row.try_get("variables")?).unwrap_or_default(),
+            character_count: row.try_get("character_count")?,
+            defaults: row.try_get("defaults")?,
             length: template::length(&content).into(),
             content,
-            content_sid: row.get("content_sid"),
-            content_variables: serde_json::from_value(row.get("content_variables"))
+            content_sid: row.try_get("content_sid")?,
+            content_variables: serde_json::from_value(row.try_get("content_variables")?)
                 .unwrap_or_default(),
-            created_at: row.get("created_at"),
-            updated_at: row.get("updated_at"),
-        }
+            created_at: row.try_get("created_at")?,
+            updated_at: row.try_get("updated_at")?,
+        })
     }
 }
 
@@ -336,7 +336,7 @@ pub(super) async fn create_template(
             &row.params(),
         )
         .await?;
-    json(StatusCode::CREATED, Template::from_row(&row))
+    json(StatusCode::CREATED, Template::from_row(&row)?)
 }
 
 /// Get a template
@@ -386,7 +386,7 @@ pub(super) async fn update_template(
         .await?
         .ok_or_else(|| ApiError::not_found("template", id))?;
     tx.commit().await?;
-    json(StatusCode::OK, Template::from_row(&row))
+    json(StatusCode::OK, Template::from_row(&row)?)
 }
 
 /// Delete a template (409 while a READY, RUNNING or PAUSED campaign uses it; other campaigns keep their rows with the template cleared)
@@ -468,10 +468,11 @@ pub(super) async fn render_template(
         )
         .await?
         .ok_or_else(|| ApiError::not_found("template", id))?;
-    let text: String = row.get(0);
-    let defaults: Value = row.get(1);
-    let content_sid: Option<String> = row.get(2);
-    let content_variables: Vec<String> = serde_json::from_value(row.get(3)).unwrap_or_default();
+    let text: String = row.try_get(0)?;
+    let defaults: Value = row.try_get(1)?;
+    let content_sid: Option<String> = row.try_get(2)?;
+    let content_variables: Vec<String> =
+        serde_json::from_value(row.try_get(3)?).unwrap_or_default();
     let parsed =
         template::parse(&text).map_err(|e| ApiError::invalid("/content", e.to_string()))?;
     let value = |name: &str| {
