@@ -479,6 +479,95 @@ mod tests {
         assert_eq!(codec.decode::<UserUpsert>(&v1).await.unwrap(), u);
     }
 
+    /// Ids are UUIDs since schema v2 of sends and campaign commands; a v1
+    /// record still on a topic at the upgrade (a `long` id) reads as the
+    /// UUID migration V15 gave that row, and v2 is BACKWARD compatible.
+    #[tokio::test]
+    async fn uuid_ids_round_trip_and_a_v1_long_id_reads_as_its_legacy_uuid() {
+        use crate::records::{CampaignCommand, SendRequest, legacy_uuid};
+        use apache_avro::schema_compatibility::SchemaCompatibility;
+        let codec = Codec::single_object().unwrap();
+        let send = SendRequest {
+            message_id: uuid::Uuid::now_v7(),
+            campaign_id: Some(uuid::Uuid::now_v7()),
+            recipient: "+14155550100".into(),
+            channel: crate::model::Channel::Sms,
+            body: "hi".into(),
+            attempt: 1,
+            kind: crate::model::SendKind::Campaign,
+            not_before: Some(5),
+        };
+        let bytes = codec.encode("t", &send).await.unwrap();
+        assert_eq!(codec.decode::<SendRequest>(&bytes).await.unwrap(), send);
+        let none = SendRequest {
+            campaign_id: None,
+            ..send.clone()
+        };
+        let bytes = codec.encode("t", &none).await.unwrap();
+        assert_eq!(codec.decode::<SendRequest>(&bytes).await.unwrap(), none);
+
+        for kind in [Kind::SendRequest, Kind::CampaignCommand] {
+            let [v1, v2] = kind.versions() else {
+                panic!("{kind:?}: two versions")
+            };
+            let (v1, v2) = (
+                Schema::parse_str(v1).unwrap(),
+                Schema::parse_str(v2).unwrap(),
+            );
+            SchemaCompatibility::can_read(&v1, &v2).unwrap();
+            // A v1 record: written with v1, framed with its fingerprint.
+            let mut record = apache_avro::types::Record::new(&v1).unwrap();
+            let fields: &[(&str, Value)] = match kind {
+                Kind::SendRequest => &[
+                    ("message_id", Value::Long(42)),
+                    ("campaign_id", Value::Union(1, Box::new(Value::Long(7)))),
+                    ("recipient", Value::String("+14155550100".into())),
+                    ("channel", Value::String("SMS".into())),
+                    ("body", Value::String("hi".into())),
+                    ("attempt", Value::Int(0)),
+                    ("kind", Value::String("campaign".into())),
+                    ("not_before", Value::Union(0, Box::new(Value::Null))),
+                ],
+                _ => &[
+                    ("command_id", Value::String("c".into())),
+                    ("campaign_id", Value::Long(7)),
+                    ("command", Value::String("start".into())),
+                    ("status", Value::String("RUNNING".into())),
+                    ("issued_by", Value::String("api".into())),
+                    ("issued_at", Value::TimestampMillis(1)),
+                ],
+            };
+            for (name, value) in fields {
+                record.put(name, value.clone());
+            }
+            let mut framed = vec![0xC3, 0x01];
+            framed.extend_from_slice(
+                &fingerprints(kind.versions()[0], &v1).unwrap()[0].to_le_bytes(),
+            );
+            GenericDatumWriter::builder(&v1)
+                .build()
+                .unwrap()
+                .write_value(&mut framed, Value::from(record))
+                .unwrap();
+            match kind {
+                Kind::SendRequest => {
+                    let s: SendRequest = codec.decode(&framed).await.unwrap();
+                    assert_eq!(s.message_id, legacy_uuid(42));
+                    assert_eq!(s.campaign_id, Some(legacy_uuid(7)));
+                }
+                _ => {
+                    let c: CampaignCommand = codec.decode(&framed).await.unwrap();
+                    assert_eq!(c.campaign_id, legacy_uuid(7));
+                }
+            }
+        }
+        assert_eq!(
+            legacy_uuid(42).to_string(),
+            "00000000-0000-8000-8000-00000000002a",
+            "as SQL's ese_legacy_uuid(42)"
+        );
+    }
+
     fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }

@@ -46,6 +46,13 @@ impl Admin {
     }
 }
 
+/// The `id` of a resource the admin API answered with.
+fn id_of<'a>(what: &str, resource: &'a serde_json::Value) -> anyhow::Result<&'a str> {
+    resource["id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("the admin API answered a {what} without an id: {resource}"))
+}
+
 /// Runs the demo with `users` recipients; fails after `timeout`.
 pub async fn run(settings: &Settings, users: u32, timeout: Duration) -> anyhow::Result<()> {
     let token = crate::campaigns::api::token_from_env().ok_or_else(|| {
@@ -118,7 +125,7 @@ pub async fn run(settings: &Settings, users: u32, timeout: Duration) -> anyhow::
         )
         .await?;
     let deadline = Instant::now() + timeout;
-    let sid = &segment["id"];
+    let sid = id_of("segment", &segment)?;
     loop {
         let e = admin
             .call(Method::GET, &format!("/segments/{sid}/estimate"), None)
@@ -144,7 +151,7 @@ pub async fn run(settings: &Settings, users: u32, timeout: Duration) -> anyhow::
             ),
         )
         .await?;
-    let id = &campaign["id"];
+    let id = id_of("campaign", &campaign)?;
     // No schedule_time: ready starts it at once.
     admin
         .call(Method::POST, &format!("/campaigns/{id}/ready"), None)

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 /// Ties a record type to its schema.
 pub trait Record: Serialize + serde::de::DeserializeOwned {
@@ -148,8 +149,10 @@ impl Record for InboundNormalized {
 /// `sends` (and the retry topics): a message for the sender.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SendRequest {
-    pub message_id: i64,
-    pub campaign_id: Option<i64>,
+    #[serde(with = "id")]
+    pub message_id: Uuid,
+    #[serde(with = "id::optional")]
+    pub campaign_id: Option<Uuid>,
     pub recipient: String,
     pub channel: crate::model::Channel,
     pub body: String,
@@ -185,7 +188,8 @@ impl Record for ConsentChange {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CampaignCommand {
     pub command_id: String,
-    pub campaign_id: i64,
+    #[serde(with = "id")]
+    pub campaign_id: Uuid,
     pub command: crate::model::CampaignAction,
     pub status: crate::model::CampaignStatus,
     pub issued_by: String,
@@ -194,6 +198,58 @@ pub struct CampaignCommand {
 
 impl Record for CampaignCommand {
     const KIND: Kind = Kind::CampaignCommand;
+}
+
+/// The ids of campaigns and messages in records: a UUID as its canonical
+/// text (schema v2: `["string", "long"]`). A `long` is a v1 record's id,
+/// from before the ids became UUIDs (migration V15), and reads as the UUID
+/// that row was given: [`legacy_uuid`].
+pub mod id {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use uuid::Uuid;
+
+    pub fn serialize<S: Serializer>(id: &Uuid, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(id)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Uuid, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Text(String),
+            Legacy(i64),
+        }
+        match Either::deserialize(d)? {
+            Either::Text(t) => Uuid::parse_str(&t)
+                .map_err(|e| serde::de::Error::custom(format!("id {t:?} is not a UUID: {e}"))),
+            Either::Legacy(n) => Ok(super::legacy_uuid(n)),
+        }
+    }
+
+    /// The same for an optional id.
+    pub mod optional {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(id: &Option<Uuid>, s: S) -> Result<S::Ok, S::Error> {
+            match id {
+                Some(id) => s.serialize_some(&id.to_string()),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Uuid>, D::Error> {
+            #[derive(Deserialize)]
+            struct Wrap(#[serde(with = "super")] Uuid);
+            Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
+        }
+    }
+}
+
+/// The UUID an id of before migrations V14/V15 was given: SQL's
+/// `ese_legacy_uuid(id)`, `00000000-0000-8000-8000-` and the number in 12
+/// hex digits (version 8).
+pub fn legacy_uuid(id: i64) -> Uuid {
+    Uuid::from_u64_pair(0x8000, (1 << 63) | (id as u64 & 0xFFFF_FFFF_FFFF))
 }
 
 #[cfg(test)]
@@ -250,12 +306,18 @@ impl Kind {
             Kind::WebhookRaw => &[include_str!("../schemas/webhook_raw.v1.avsc")],
             Kind::ReceiptNormalized => &[include_str!("../schemas/receipt_normalized.v1.avsc")],
             Kind::InboundNormalized => &[include_str!("../schemas/inbound_normalized.v1.avsc")],
-            Kind::SendRequest => &[include_str!("../schemas/send_request.v1.avsc")],
+            Kind::SendRequest => &[
+                include_str!("../schemas/send_request.v1.avsc"),
+                include_str!("../schemas/send_request.v2.avsc"),
+            ],
             Kind::ConsentChange => &[
                 include_str!("../schemas/consent_change.v1.avsc"),
                 include_str!("../schemas/consent_change.v2.avsc"),
             ],
-            Kind::CampaignCommand => &[include_str!("../schemas/campaign_command.v1.avsc")],
+            Kind::CampaignCommand => &[
+                include_str!("../schemas/campaign_command.v1.avsc"),
+                include_str!("../schemas/campaign_command.v2.avsc"),
+            ],
         }
     }
 

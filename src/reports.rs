@@ -4,6 +4,7 @@
 //! it, and one campaign's messages per status.
 
 use serde::Serialize;
+use uuid::Uuid;
 
 /// The data model's segment evaluation, verbatim.
 pub const MODEL_SEGMENT_EVALUATION: &str = include_str!("../sql/reports/segment_evaluation.sql");
@@ -39,7 +40,7 @@ SELECT c.id, c.name, c.status,
 /// A row of [`CAMPAIGN_PERFORMANCE`].
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct CampaignPerformance {
-    pub id: i64,
+    pub id: Uuid,
     pub name: String,
     pub status: String,
     pub total: i64,
@@ -57,7 +58,7 @@ pub struct CampaignPerformance {
 /// Runs [`CAMPAIGN_PERFORMANCE`] for campaign `id`; `None` if it does not exist.
 pub async fn campaign_performance(
     client: &tokio_postgres::Client,
-    id: i64,
+    id: Uuid,
 ) -> Result<Option<CampaignPerformance>, tokio_postgres::Error> {
     let row = client.query_opt(CAMPAIGN_PERFORMANCE, &[&id]).await?;
     Ok(row.map(|r| CampaignPerformance {

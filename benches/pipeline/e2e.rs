@@ -155,7 +155,7 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
             &[&(n as i64)],
         )
         .await?;
-    let campaign: i64 = client
+    let campaign: uuid::Uuid = client
         .query_one(
             "WITH t AS (INSERT INTO templates (name, content) VALUES ('e2e', 'Hello') RETURNING id),
                   s AS (INSERT INTO segments (name, filter_criteria) VALUES ('e2e', '{}') RETURNING id)
@@ -172,7 +172,7 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
     let writer = BinaryCopyInWriter::new(
         sink,
         &[
-            Type::INT8,
+            Type::UUID,
             Type::TEXT,
             Type::TEXT,
             Type::TEXT,
@@ -403,7 +403,7 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
             &[&users],
         )
         .await?;
-    let id: i64 = client
+    let id: uuid::Uuid = client
         .query_one(
             "WITH t AS (INSERT INTO templates (name, content) VALUES ('e2e campaign', 'Hi {first_name}') RETURNING id),
                   s AS (INSERT INTO segments (name, filter_criteria) VALUES ('e2e campaign',

@@ -46,7 +46,7 @@ async fn run(scratch: &Scratch, n: i64) -> anyhow::Result<()> {
         "  seeded users (setup)   {:>10.1} s",
         started.elapsed().as_secs_f64()
     );
-    let campaign: i64 = client
+    let campaign: uuid::Uuid = client
         .query_one(
             "WITH t AS (INSERT INTO templates (name, content, variables) VALUES
                           ('bench', 'Hello {first_name}, our spring sale starts today.', '[\"first_name\"]') RETURNING id),
@@ -74,14 +74,18 @@ async fn run(scratch: &Scratch, n: i64) -> anyhow::Result<()> {
     let started = Instant::now();
     let sink = client
         .copy_in(
-            "COPY bench_messages (campaign_id, recipient_phone, rendered_content) FROM STDIN BINARY",
+            "COPY bench_messages (id, campaign_id, recipient_phone, rendered_content) FROM STDIN BINARY",
         )
         .await?;
-    let writer = BinaryCopyInWriter::new(sink, &[Type::INT8, Type::TEXT, Type::TEXT]);
+    let writer = BinaryCopyInWriter::new(sink, &[Type::UUID, Type::UUID, Type::TEXT, Type::TEXT]);
     futures::pin_mut!(writer);
     for r in &rows {
         let (phone, body): (String, String) = (r.get(0), r.get(1));
-        writer.as_mut().write(&[&campaign, &phone, &body]).await?;
+        let id = uuid::Uuid::now_v7();
+        writer
+            .as_mut()
+            .write(&[&id, &campaign, &phone, &body])
+            .await?;
     }
     writer.finish().await?;
     let copy = started.elapsed();

@@ -1,7 +1,7 @@
 //! Which message ids keep fan-out and the sender fastest (issue 21: the
 //! data model's UUID ids): the same messages-shaped table keyed three ways —
-//! today's BIGSERIAL, `gen_random_uuid()` by default in the database, and
-//! UUIDv7 (time-ordered) made by the engine — filled page by page as the
+//! the BIGSERIAL of before, `gen_random_uuid()` by default in the database,
+//! and UUIDv7 (time-ordered) made by the engine — filled page by page as the
 //! fan-out inserts (`INSERT … SELECT unnest(…) RETURNING id`, pages of
 //! 5,000), then every message claimed by id in batches of 500 in send order
 //! as the sender does. BIGSERIAL is the ceiling, measured in the same run.

@@ -58,7 +58,7 @@ async fn run(scratch: &Scratch, channel: &str, limit: i32, n: i64) -> anyhow::Re
         )
         .await?;
     let per_second = if limit == 0 { 1_000_000 } else { limit };
-    let campaign: i64 = client
+    let campaign: uuid::Uuid = client
         .query_one(
             "WITH t AS (INSERT INTO templates (name, content, channel, content_sid, content_variables)
                         SELECT 'bench', 'Hello {plan}', $2::text,

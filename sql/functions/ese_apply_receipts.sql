@@ -7,7 +7,7 @@
 -- receipts_unmatched. Keeps each recipient's last_message_delivered.
 -- Returns the messages whose row changed.
 CREATE OR REPLACE FUNCTION ese_apply_receipts(sids text[])
-RETURNS TABLE (message_id bigint, old_status text, new_status text, sent_at timestamptz, delivered_at timestamptz)
+RETURNS TABLE (message_id uuid, old_status text, new_status text, sent_at timestamptz, delivered_at timestamptz)
 LANGUAGE sql AS $$
     WITH agg AS (
         SELECT d.message_sid AS sid,

@@ -10,6 +10,7 @@ pub mod segment;
 pub mod template;
 
 use std::time::Duration;
+use uuid::Uuid;
 
 use deadpool_postgres::Transaction;
 use rdkafka::producer::FutureRecord;
@@ -22,7 +23,7 @@ use crate::records::CampaignCommand;
 #[derive(Debug, thiserror::Error)]
 pub enum TransitionError {
     #[error("campaign {0} does not exist")]
-    NotFound(i64),
+    NotFound(Uuid),
     #[error(
         "cannot {action} a {status} campaign; allowed: {}",
         allowed_text(*status)
@@ -33,7 +34,7 @@ pub enum TransitionError {
     },
     #[error("campaign {id} has no {missing} (deleted); it cannot be {status}")]
     Incomplete {
-        id: i64,
+        id: Uuid,
         missing: &'static str,
         status: CampaignStatus,
     },
@@ -77,7 +78,7 @@ impl Commands {
     pub async fn transition(
         &self,
         tx: &Transaction<'_>,
-        id: i64,
+        id: Uuid,
         action: CampaignAction,
         issued_by: &str,
     ) -> Result<CampaignStatus, TransitionError> {
@@ -129,7 +130,7 @@ impl Commands {
 
     async fn publish(
         &self,
-        id: i64,
+        id: Uuid,
         action: CampaignAction,
         status: CampaignStatus,
         issued_by: &str,

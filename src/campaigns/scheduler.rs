@@ -4,6 +4,7 @@
 //! `FOR UPDATE SKIP LOCKED`, so any number of schedulers act once per campaign.
 
 use std::time::Duration;
+use uuid::Uuid;
 
 use deadpool_postgres::Pool;
 use futures::future::BoxFuture;
@@ -104,12 +105,14 @@ pub async fn refresh_estimates(
         )
         .await?;
     for row in stale {
-        let id: i64 = row.get(0);
+        let id: Uuid = row.get(0);
         match crate::campaigns::segment::parse(&row.get(1), max_depth) {
             Ok(node) => {
                 crate::campaigns::segment::store_estimate(&client, id, &node).await?;
             }
-            Err(e) => tracing::warn!(segment = id, error = %e, "stored filter cannot be estimated"),
+            Err(e) => {
+                tracing::warn!(segment = %id, error = %e, "stored filter cannot be estimated")
+            }
         }
     }
     Ok(())
@@ -134,7 +137,7 @@ async fn pass(
 ) -> anyhow::Result<usize> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let ids: Vec<i64> = tx
+    let ids: Vec<Uuid> = tx
         .query(query, &[])
         .await?
         .iter()
@@ -142,7 +145,7 @@ async fn pass(
         .collect();
     for id in &ids {
         commands.transition(&tx, *id, action, "scheduler").await?;
-        info!(campaign = id, %action, "scheduler");
+        info!(campaign = %id, %action, "scheduler");
     }
     tx.commit().await?;
     Ok(ids.len())

@@ -50,7 +50,7 @@ pub async fn apply_consent(
 pub const MARK_UNREACHABLE: &str = "
 INSERT INTO user_channels AS uc (phone_number, channel, unreachable_at, unreachable_code)
 SELECT m.recipient_phone, m.channel, now(), m.error_code FROM messages m
- WHERE m.id = ANY($1::bigint[]) AND m.error_code = ANY($2::int[])
+ WHERE m.id = ANY($1::uuid[]) AND m.error_code = ANY($2::int[])
  ORDER BY 1, 2
 ON CONFLICT (phone_number, channel) DO UPDATE
    SET unreachable_at = EXCLUDED.unreachable_at, unreachable_code = EXCLUDED.unreachable_code";

@@ -6,6 +6,7 @@
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use uuid::Uuid;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
@@ -80,7 +81,7 @@ impl Stage for Receipts {
             }
         }
         // A person the provider says is not on this channel (63003…).
-        let failed: Vec<i64> = changed
+        let failed: Vec<Uuid> = changed
             .iter()
             .filter(|r| {
                 matches!(

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::harness::{RunningApi, TestApp, kill9};
 
 /// A template, a segment and a DRAFT campaign over them; returns the campaign id.
-async fn campaign(api: &RunningApi, name: &str, body: &str, filter: Value) -> i64 {
+async fn campaign(api: &RunningApi, name: &str, body: &str, filter: Value) -> uuid::Uuid {
     let t = api
         .expect(
             201,
@@ -36,7 +36,7 @@ async fn campaign(api: &RunningApi, name: &str, body: &str, filter: Value) -> i6
         )
         .await;
     assert_eq!(c["status"], "DRAFT");
-    c["id"].as_i64().expect("campaign id")
+    crate::harness::id_of(&c)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -170,7 +170,7 @@ async fn every_operator_and_nesting_selects_the_right_users() {
                 Some(json!({"name": format!("case {i}"), "filter_criteria": filter})),
             )
             .await;
-        let id = s["id"].as_i64().unwrap();
+        let id = crate::harness::id_of(&s);
         let preview = api
             .expect(
                 200,
@@ -195,7 +195,7 @@ async fn every_operator_and_nesting_selects_the_right_users() {
         assert_eq!(est["estimated_audience_size"], expected.len(), "{what}");
         let stored = app
             .count(&format!(
-                "SELECT estimated_audience_size::bigint FROM segments WHERE id = {id}"
+                "SELECT estimated_audience_size::bigint FROM segments WHERE id = '{id}'"
             ))
             .await;
         assert_eq!(stored, expected.len() as i64, "{what}");
@@ -257,7 +257,7 @@ async fn templates_are_checked_rendered_and_protected_while_used() {
         )
         .await;
     assert_eq!(t["variables"], json!(["first_name", "day"]));
-    let id = t["id"].as_i64().unwrap();
+    let id = crate::harness::id_of(&t);
 
     let (status, err) = api
         .call(
@@ -336,7 +336,7 @@ async fn templates_are_checked_rendered_and_protected_while_used() {
     api.expect(
         200,
         "POST",
-        &format!("/api/v1/campaigns/{}/ready", c["id"]),
+        &format!("/api/v1/campaigns/{}/ready", crate::harness::id_of(&c)),
         None,
     )
     .await;
@@ -353,7 +353,7 @@ async fn templates_are_checked_rendered_and_protected_while_used() {
         )
         .await;
     assert_eq!(status, 409);
-    let unused = long["id"].as_i64().unwrap();
+    let unused = crate::harness::id_of(&long);
     api.expect(204, "DELETE", &format!("/api/v1/templates/{unused}"), None)
         .await;
     api.expect(404, "GET", &format!("/api/v1/templates/{unused}"), None)
@@ -373,7 +373,7 @@ async fn templates_are_checked_rendered_and_protected_while_used() {
         .call(
             "POST",
             "/api/v1/campaigns",
-            Some(json!({"name": "q", "template_id": 999_999, "segment_id": s["id"]})),
+            Some(json!({"name": "q", "template_id": "0199a5b0-0000-7000-8000-000000000009", "segment_id": s["id"]})),
         )
         .await;
     assert_eq!(status, 422);
@@ -521,7 +521,7 @@ async fn every_route_needs_the_token_and_is_documented() {
         ),
         (
             reqwest::Method::PUT,
-            "/api/v1/templates/1",
+            "/api/v1/templates/0199a5b0-0000-7000-8000-000000000001",
             "",
             "invalid_json",
         ),
@@ -553,13 +553,12 @@ async fn every_route_needs_the_token_and_is_documented() {
             Some(json!({"name": "s", "filter_criteria": {"attribute": "x", "operator": "exists"}})),
         )
         .await;
-    let whole = |v: &Value| json!(v.as_i64().unwrap() as f64);
     api.expect(
         201,
         "POST",
         "/api/v1/campaigns",
         Some(
-            json!({"name": "c", "template_id": whole(&t["id"]), "segment_id": whole(&s["id"]),
+            json!({"name": "c", "template_id": t["id"], "segment_id": s["id"],
                     "rate_limit_per_second": 5.0}),
         ),
     )
@@ -651,7 +650,7 @@ async fn illegal_transitions_are_409_and_legal_ones_publish_a_command() {
         "CANCELLED",
     ] {
         for action in ["ready", "start", "pause", "resume", "cancel"] {
-            let id: i64 = c
+            let id: uuid::Uuid = c
                 .query_one(
                     "INSERT INTO campaigns (name, template_id, segment_id, status, paused_from, schedule_time)
                      SELECT $1, template_id, segment_id, $2, CASE WHEN $2 = 'PAUSED' THEN 'RUNNING' END,
@@ -717,8 +716,13 @@ async fn illegal_transitions_are_409_and_legal_ones_publish_a_command() {
         )
         .await;
     assert_eq!(back["status"], "READY");
-    api.expect(404, "POST", "/api/v1/campaigns/999999/start", None)
-        .await;
+    api.expect(
+        404,
+        "POST",
+        "/api/v1/campaigns/0199a5b0-0000-7000-8000-000000000009/start",
+        None,
+    )
+    .await;
     api.expect(
         404,
         "POST",
@@ -728,7 +732,7 @@ async fn illegal_transitions_are_409_and_legal_ones_publish_a_command() {
     .await;
 
     // schedule_time NULL means immediate: ready starts it, with both commands.
-    let now: i64 = c
+    let now: uuid::Uuid = c
         .query_one(
             "INSERT INTO campaigns (name, template_id, segment_id)
              SELECT 'immediate', template_id, segment_id FROM campaigns WHERE id = $1 RETURNING id",
@@ -817,7 +821,7 @@ async fn scheduler_starts_each_due_campaign_once_even_when_two_run() {
     );
     let published = app.commands(21, Duration::from_secs(5)).await;
     assert_eq!(published.len(), 20);
-    let ids: HashSet<i64> = published.iter().map(|c| c.campaign_id).collect();
+    let ids: HashSet<uuid::Uuid> = published.iter().map(|c| c.campaign_id).collect();
     assert_eq!(ids.len(), 20, "one start per campaign");
     assert!(
         published
@@ -1065,7 +1069,7 @@ async fn inputs_are_bounded_and_the_bounds_are_documented() {
         .expect(
             200,
             "GET",
-            &format!("/api/v1/segments/{}", huge["id"]),
+            &format!("/api/v1/segments/{}", crate::harness::id_of(&huge)),
             None,
         )
         .await;

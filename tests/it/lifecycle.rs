@@ -7,7 +7,11 @@ use serde_json::json;
 use crate::harness::TestApp;
 
 /// A template, a segment and a campaign in `status` using them; the ids.
-async fn campaign_in(app: &TestApp, name: &str, status: &str) -> (i64, i64, i64) {
+async fn campaign_in(
+    app: &TestApp,
+    name: &str,
+    status: &str,
+) -> (uuid::Uuid, uuid::Uuid, uuid::Uuid) {
     let c = app.pool.get().await.unwrap();
     let r = c
         .query_one(
@@ -71,7 +75,7 @@ async fn deleting_follows_the_model_active_campaigns_hold_their_content_finished
     assert_eq!(kept["segment_id"], json!(null), "{kept}");
     assert_eq!(
         app.count(&format!(
-            "SELECT count(*) FROM messages WHERE campaign_id = {done} AND rendered_content = 'Hi Ada'"
+            "SELECT count(*) FROM messages WHERE campaign_id = '{done}' AND rendered_content = 'Hi Ada'"
         ))
         .await,
         1
@@ -82,7 +86,7 @@ async fn deleting_follows_the_model_active_campaigns_hold_their_content_finished
         .await;
     assert_eq!(
         app.count(&format!(
-            "SELECT count(*) FROM messages WHERE campaign_id = {done}"
+            "SELECT count(*) FROM messages WHERE campaign_id = '{done}'"
         ))
         .await,
         0,
@@ -135,7 +139,7 @@ async fn the_database_refuses_a_status_change_the_message_state_machine_does_not
         ("DELIVERED", "FAILED", false),
     ];
     for (i, (from, to, allowed)) in cases.into_iter().enumerate() {
-        let id: i64 = c
+        let id: uuid::Uuid = c
             .query_one(
                 "INSERT INTO messages (recipient_phone, rendered_content, status, idempotency_key)
                  VALUES ('+14155550001', 'x', $1, $2) RETURNING id",
@@ -300,7 +304,7 @@ async fn the_scheduler_keeps_audience_estimates_current() {
         TestApp::spawn_with(toml::from_str("[campaigns]\nestimate-interval = \"2s\"").unwrap())
             .await;
     let c = app.pool.get().await.unwrap();
-    let id: i64 = c
+    let id: uuid::Uuid = c
         .query_one(
             "INSERT INTO segments (name, filter_criteria)
              VALUES ('pro', '{\"attribute\": \"plan\", \"operator\": \"equals\", \"value\": \"pro\"}')
@@ -312,7 +316,7 @@ async fn the_scheduler_keeps_audience_estimates_current() {
         .get(0);
     app.seed_users(30, "'{\"plan\": \"pro\"}'::jsonb").await;
     let scheduler = app.start_stage("scheduler");
-    let size = format!("SELECT estimated_audience_size::bigint FROM segments WHERE id = {id}");
+    let size = format!("SELECT estimated_audience_size::bigint FROM segments WHERE id = '{id}'");
     app.wait_for_count(&size, 30, std::time::Duration::from_secs(20))
         .await;
     // The audience grows; the estimate follows within the interval.

@@ -52,10 +52,11 @@ async fn fresh_database_gets_the_full_schema_and_refuses_bad_data() {
     assert_eq!(err.code().unwrap().code(), "23514", "{err}");
 
     c.batch_execute(
-        "INSERT INTO templates (id, name, content) VALUES (1, 't', 'Hi {name}');
-         INSERT INTO segments (id, name, filter_criteria) VALUES (1, 's', '{}');
-         INSERT INTO campaigns (id, name, template_id, segment_id) VALUES (1, 'c', 1, 1);
-         INSERT INTO messages (campaign_id, recipient_phone, rendered_content) VALUES (1, '+14155552671', 'Hi');",
+        "INSERT INTO templates (id, name, content) VALUES (ese_legacy_uuid(1), 't', 'Hi {name}');
+         INSERT INTO segments (id, name, filter_criteria) VALUES (ese_legacy_uuid(1), 's', '{}');
+         INSERT INTO campaigns (id, name, template_id, segment_id)
+         SELECT ese_legacy_uuid(1), 'c', t.id, s.id FROM templates t, segments s;
+         INSERT INTO messages (campaign_id, recipient_phone, rendered_content) VALUES (ese_legacy_uuid(1), '+14155552671', 'Hi');",
     )
     .await
     .unwrap();
@@ -83,7 +84,7 @@ async fn fresh_database_gets_the_full_schema_and_refuses_bad_data() {
     // A duplicate (campaign, recipient) is refused.
     let err = c
         .execute(
-            "INSERT INTO messages (campaign_id, recipient_phone, rendered_content) VALUES (1, '+14155552671', 'again')",
+            "INSERT INTO messages (campaign_id, recipient_phone, rendered_content) VALUES (ese_legacy_uuid(1), '+14155552671', 'again')",
             &[],
         )
         .await
@@ -93,32 +94,38 @@ async fn fresh_database_gets_the_full_schema_and_refuses_bad_data() {
     // A template or segment an active campaign uses cannot be deleted; a
     // finished campaign keeps its row without it; a campaign's messages go
     // with it.
-    c.execute("UPDATE campaigns SET status = 'RUNNING' WHERE id = 1", &[])
-        .await
-        .unwrap();
+    c.execute(
+        "UPDATE campaigns SET status = 'RUNNING' WHERE id = ese_legacy_uuid(1)",
+        &[],
+    )
+    .await
+    .unwrap();
     for table in ["templates", "segments"] {
         let err = c
-            .execute(&format!("DELETE FROM {table} WHERE id = 1"), &[])
+            .execute(
+                &format!("DELETE FROM {table} WHERE id = ese_legacy_uuid(1)"),
+                &[],
+            )
             .await
             .unwrap_err();
         assert_eq!(err.code().unwrap().code(), "23514", "{table}: {err}");
     }
     c.batch_execute(
-        "UPDATE campaigns SET status = 'COMPLETED' WHERE id = 1;
-         DELETE FROM templates WHERE id = 1; DELETE FROM segments WHERE id = 1;",
+        "UPDATE campaigns SET status = 'COMPLETED' WHERE id = ese_legacy_uuid(1);
+         DELETE FROM templates WHERE id = ese_legacy_uuid(1); DELETE FROM segments WHERE id = ese_legacy_uuid(1);",
     )
     .await
     .unwrap();
     let cleared: bool = c
         .query_one(
-            "SELECT template_id IS NULL AND segment_id IS NULL FROM campaigns WHERE id = 1",
+            "SELECT template_id IS NULL AND segment_id IS NULL FROM campaigns WHERE id = ese_legacy_uuid(1)",
             &[],
         )
         .await
         .unwrap()
         .get(0);
     assert!(cleared);
-    c.execute("DELETE FROM campaigns WHERE id = 1", &[])
+    c.execute("DELETE FROM campaigns WHERE id = ese_legacy_uuid(1)", &[])
         .await
         .unwrap();
     let n: i64 = c
@@ -232,34 +239,36 @@ async fn a_database_at_the_previous_schema_migrates_forward_without_losing_a_row
         ),
         (
             "templates",
-            "SELECT row(id, name, channel, body, to_jsonb(variables), defaults, char_length(body), created_at)::text
+            // Old ids map to UUIDs deterministically (ese_legacy_uuid, V14 and V15).
+            "SELECT row(LEGACY(id), name, channel, body, to_jsonb(variables), defaults, char_length(body), created_at)::text
                FROM templates ORDER BY id",
             "SELECT row(id, name, channel, content, variables, defaults, character_count, created_at)::text
                FROM templates ORDER BY id",
         ),
         (
             "segments",
-            "SELECT row(id, name, description, filter, coalesce(estimated_audience_size, 0), estimated_at)::text
+            "SELECT row(LEGACY(id), name, description, filter, coalesce(estimated_audience_size, 0), estimated_at)::text
                FROM segments ORDER BY id",
             "SELECT row(id, name, description, filter_criteria, estimated_audience_size, estimated_at)::text
                FROM segments ORDER BY id",
         ),
         (
             "campaigns",
-            "SELECT t::text FROM campaigns t ORDER BY id",
-            "SELECT t::text FROM campaigns t ORDER BY id",
+            "SELECT (to_jsonb(t) || jsonb_build_object('id', LEGACY(id), 'template_id', LEGACY(template_id),
+                                                       'segment_id', LEGACY(segment_id)))::text
+               FROM campaigns t ORDER BY id",
+            "SELECT to_jsonb(t)::text FROM campaigns t ORDER BY id",
         ),
         (
             "messages",
-            "SELECT row(id, campaign_id, recipient_phone, channel, body, status, provider_sid, sent_at,
+            "SELECT row(LEGACY(id), LEGACY(campaign_id), recipient_phone, channel, body, status, provider_sid, sent_at,
                         delivered_at, kind, idempotency_key, retry_count, created_at)::text FROM messages ORDER BY id",
             "SELECT row(id, campaign_id, recipient_phone, channel, rendered_content, status, provider_sid, sent_at,
                         delivered_at, kind, idempotency_key, retry_count, created_at)::text FROM messages ORDER BY id",
         ),
         (
             "delivery_receipts",
-            // Old ids map to UUIDs deterministically (ese_legacy_uuid, V14).
-            "SELECT row(('00000000-0000-8000-8000-' || lpad(to_hex(id), 12, '0'))::uuid, message_sid,
+            "SELECT row(LEGACY(id), message_sid,
                         status, error_code, raw_payload, received_at, event_id)::text
                FROM delivery_receipts ORDER BY id",
             "SELECT row(id, message_sid, message_status, error_code, raw_payload, received_at, event_id)::text
@@ -267,8 +276,7 @@ async fn a_database_at_the_previous_schema_migrates_forward_without_losing_a_row
         ),
         (
             "inbound_events",
-            "SELECT (to_jsonb(t) || jsonb_build_object('id',
-                       '00000000-0000-8000-8000-' || lpad(to_hex(id), 12, '0')))::text
+            "SELECT (to_jsonb(t) || jsonb_build_object('id', LEGACY(id)))::text
                FROM inbound_events t ORDER BY id",
             "SELECT to_jsonb(t)::text FROM inbound_events t ORDER BY id",
         ),
@@ -279,8 +287,9 @@ async fn a_database_at_the_previous_schema_migrates_forward_without_losing_a_row
         ),
         (
             "fanout_progress",
-            "SELECT t::text FROM fanout_progress t ORDER BY campaign_id",
-            "SELECT t::text FROM fanout_progress t ORDER BY campaign_id",
+            "SELECT (to_jsonb(t) || jsonb_build_object('campaign_id', LEGACY(campaign_id)))::text
+               FROM fanout_progress t ORDER BY campaign_id",
+            "SELECT to_jsonb(t)::text FROM fanout_progress t ORDER BY campaign_id",
         ),
         (
             "user_channels",
@@ -296,10 +305,55 @@ async fn a_database_at_the_previous_schema_migrates_forward_without_losing_a_row
             .map(|r| r.get(0))
             .collect()
     };
+    // A v14 schema has no ese_legacy_uuid yet: the mapping, spelled out.
+    let legacy = |sql: &str| {
+        let mut out = String::new();
+        let mut rest = sql;
+        while let Some(i) = rest.find("LEGACY(") {
+            let close = i + rest[i..].find(')').expect("LEGACY(col)");
+            let column = &rest[i + "LEGACY(".len()..close];
+            out.push_str(&rest[..i]);
+            out.push_str(&format!(
+                "('00000000-0000-8000-8000-' || lpad(to_hex({column}), 12, '0'))::uuid"
+            ));
+            rest = &rest[close + 1..];
+        }
+        out + rest
+    };
     let mut before = Vec::new();
     for (_, old, _) in &reads {
-        before.push(read(old).await);
+        before.push(read(&legacy(old)).await);
     }
+    // A send record written before the upgrade (schema v1, a long id).
+    let old_message: i64 = c
+        .query_one("SELECT id FROM messages WHERE provider_sid = 'SM0001'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let v1 =
+        apache_avro::Schema::parse_str(include_str!("../../schemas/send_request.v1.avsc")).unwrap();
+    let mut record = apache_avro::types::Record::new(&v1).unwrap();
+    record.put("message_id", old_message);
+    record.put(
+        "campaign_id",
+        apache_avro::types::Value::Union(0, Box::new(apache_avro::types::Value::Null)),
+    );
+    record.put("recipient", "+14155550001");
+    record.put("channel", "SMS");
+    record.put("body", "Hi Ada, from here");
+    record.put("attempt", 0);
+    record.put("kind", "campaign");
+    record.put(
+        "not_before",
+        apache_avro::types::Value::Union(0, Box::new(apache_avro::types::Value::Null)),
+    );
+    let mut framed = vec![0xC3, 0x01];
+    framed.extend_from_slice(&v1.fingerprint::<apache_avro::rabin::Rabin>().bytes[..8]);
+    apache_avro::writer::datum::GenericDatumWriter::builder(&v1)
+        .build()
+        .unwrap()
+        .write_value(&mut framed, apache_avro::types::Value::from(record))
+        .unwrap();
     let applied = ese::db::migrate(&db.url).await.unwrap();
     assert!(!applied.is_empty(), "the newer migrations applied");
     for ((table, _, new), rows) in reads.iter().zip(before) {
@@ -354,6 +408,65 @@ async fn a_database_at_the_previous_schema_migrates_forward_without_losing_a_row
         .unwrap()
         .get(0);
     assert_eq!(ids, "delivery_receipts.id uuid, inbound_events.id uuid");
+    let references: String = c
+        .query_one(
+            "SELECT string_agg(table_name || '.' || column_name || ' ' || data_type, ', '
+                               ORDER BY table_name, column_name)
+               FROM information_schema.columns
+              WHERE table_name IN ('templates', 'segments', 'campaigns', 'messages', 'fanout_progress')
+                AND column_name IN ('id', 'template_id', 'segment_id', 'campaign_id')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        references,
+        "campaigns.id uuid, campaigns.segment_id uuid, campaigns.template_id uuid, \
+         fanout_progress.campaign_id uuid, messages.campaign_id uuid, messages.id uuid, \
+         segments.id uuid, templates.id uuid"
+    );
+    // The model's default for every id, for rows written by others.
+    let defaults: Vec<String> = c
+        .query(
+            "SELECT table_name || ' ' || column_default FROM information_schema.columns
+              WHERE column_name = 'id' AND table_name IN ('templates', 'segments', 'campaigns',
+                    'messages', 'delivery_receipts', 'inbound_events')
+              ORDER BY table_name",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        defaults,
+        [
+            "campaigns gen_random_uuid()",
+            "delivery_receipts gen_random_uuid()",
+            "inbound_events gen_random_uuid()",
+            "messages gen_random_uuid()",
+            "segments gen_random_uuid()",
+            "templates gen_random_uuid()",
+        ]
+    );
+    // The send record of before still finds its message.
+    let send: ese::records::SendRequest = ese::codec::Codec::single_object()
+        .unwrap()
+        .decode(&framed)
+        .await
+        .unwrap();
+    assert_eq!(send.message_id, ese::records::legacy_uuid(old_message));
+    let body: String = c
+        .query_one(
+            "SELECT rendered_content FROM messages WHERE id = $1",
+            &[&send.message_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(body, "Hi Ada, from here");
     for index in [
         "idx_users_attributes_gin",
         "idx_users_consent_state",

@@ -75,7 +75,7 @@ pub(crate) async fn publish(app: &TestApp, records: &[&WebhookRaw]) {
 }
 
 /// A template, segment and campaign, and one message per (phone, sid, status).
-async fn campaign(app: &TestApp, messages: &[(&str, Option<&str>, &str)]) -> i64 {
+async fn campaign(app: &TestApp, messages: &[(&str, Option<&str>, &str)]) -> uuid::Uuid {
     let c = app.pool.get().await.unwrap();
     c.batch_execute(
         "INSERT INTO templates (name, content) VALUES ('t', 'Hello {name}');
@@ -84,7 +84,7 @@ async fn campaign(app: &TestApp, messages: &[(&str, Option<&str>, &str)]) -> i64
     )
     .await
     .unwrap();
-    let id: i64 = c
+    let id: uuid::Uuid = c
         .query_one("SELECT id FROM campaigns", &[])
         .await
         .unwrap()
@@ -649,7 +649,7 @@ async fn a_number_first_seen_in_a_message_is_in_no_audience_until_it_opts_in() {
             Some(serde_json::json!({"name": "everyone", "filter_criteria": {"attribute": "x", "operator": "not_exists"}})),
         )
         .await;
-    let estimate = format!("/api/v1/segments/{}/estimate", seg["id"]);
+    let estimate = format!("/api/v1/segments/{}/estimate", crate::harness::id_of(&seg));
     assert_eq!(
         api.expect(200, "GET", &estimate, None).await["estimated_audience_size"],
         1,

@@ -109,9 +109,9 @@ async fn settle(l: &Loop, sql: &str, want: i64, timeout: Duration) -> i64 {
 /// Postgres exactly once; every message reached the simulator at most once,
 /// and each campaign recipient exactly once; nobody opted out was sent a
 /// campaign message after opting out; the consent history is complete.
-async fn assert_nothing_lost(l: &Loop, campaign: i64, inbound_accepted: usize) {
+async fn assert_nothing_lost(l: &Loop, campaign: uuid::Uuid, inbound_accepted: usize) {
     let final_sql = format!(
-        "SELECT count(*) FROM messages WHERE campaign_id = {campaign}
+        "SELECT count(*) FROM messages WHERE campaign_id = '{campaign}'
             AND status IN ('DELIVERED', 'UNDELIVERED', 'FAILED')"
     );
     let finals = settle(l, &final_sql, RECIPIENTS, Duration::from_secs(120)).await;
@@ -123,7 +123,7 @@ async fn assert_nothing_lost(l: &Loop, campaign: i64, inbound_accepted: usize) {
                         coalesce((SELECT string_agg(d.message_status, ',' ORDER BY d.received_at)
                                     FROM delivery_receipts d WHERE d.message_sid = m.provider_sid), 'none')
                    FROM messages m
-                  WHERE m.campaign_id = {campaign} AND m.status NOT IN ('DELIVERED', 'UNDELIVERED', 'FAILED')
+                  WHERE m.campaign_id = '{campaign}' AND m.status NOT IN ('DELIVERED', 'UNDELIVERED', 'FAILED')
                   LIMIT 10"
             ),
         )
@@ -210,7 +210,7 @@ async fn assert_nothing_lost(l: &Loop, campaign: i64, inbound_accepted: usize) {
     let once = l
         .app
         .count(&format!(
-            "SELECT count(*) FROM messages WHERE campaign_id = {campaign}
+            "SELECT count(*) FROM messages WHERE campaign_id = '{campaign}'
                 AND provider_sid IS NOT NULL AND recipient_phone NOT IN ({texters})"
         ))
         .await;
@@ -222,7 +222,7 @@ async fn assert_nothing_lost(l: &Loop, campaign: i64, inbound_accepted: usize) {
     let texters_done = l
         .app
         .count(&format!(
-            "SELECT count(*) FROM messages WHERE campaign_id = {campaign}
+            "SELECT count(*) FROM messages WHERE campaign_id = '{campaign}'
                 AND recipient_phone IN ({texters})
                 AND (provider_sid IS NOT NULL) <> coalesce(failure_reason LIKE 'suppressed%', false)"
         ))
@@ -243,7 +243,7 @@ async fn assert_nothing_lost(l: &Loop, campaign: i64, inbound_accepted: usize) {
                         (SELECT string_agg(e.new_state || ' ' || e.recorded_at, ', ' ORDER BY e.recorded_at, e.occurred_at)
                            FROM consent_events e WHERE e.phone_number = m.recipient_phone AND e.applied)
                    FROM messages m
-                  WHERE m.campaign_id = {campaign} AND m.provider_sid IS NOT NULL
+                  WHERE m.campaign_id = '{campaign}' AND m.provider_sid IS NOT NULL
                     AND EXISTS (
                         SELECT 1 FROM consent_events o
                          WHERE o.phone_number = m.recipient_phone AND o.applied AND o.new_state = 'OPT_OUT'
@@ -272,7 +272,7 @@ pub(crate) const SEND_STAGES: [&str; 3] = ["run", "fanout", "sender"];
 pub(crate) struct Load {
     webhooks: Proc,
     sends: Proc,
-    pub(crate) campaign: i64,
+    pub(crate) campaign: uuid::Uuid,
 }
 
 impl Load {
@@ -293,7 +293,7 @@ impl Load {
         // (sending at 100/s goes on for about three seconds more).
         l.app
             .wait_for_count(
-                &format!("SELECT count(*) FROM messages WHERE campaign_id = {campaign}"),
+                &format!("SELECT count(*) FROM messages WHERE campaign_id = '{campaign}'"),
                 RECIPIENTS,
                 Duration::from_secs(30),
             )
@@ -412,6 +412,8 @@ async fn poison_mixed_into_the_load_is_dead_lettered_and_the_rest_unaffected() {
     let l = Loop::start(Loop::SOME_UNDELIVERED).await;
     let load = Load::start(&l).await;
     let app = &l.app;
+    // A campaign and a message that do not exist.
+    let (nobody, nothing) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
     let poison = async {
         tokio::time::sleep(Duration::from_millis(500)).await;
         // Avro cut short, and JSON where Avro belongs, on the raw topics.
@@ -439,18 +441,19 @@ async fn poison_mixed_into_the_load_is_dead_lettered_and_the_rest_unaffected() {
         let commands = app.topic("campaigns.commands");
         let start = ese::records::CampaignCommand {
             command_id: uuid::Uuid::new_v4().to_string(),
-            campaign_id: 987_654,
+            campaign_id: nobody,
             command: ese::model::CampaignAction::Start,
             status: ese::model::CampaignStatus::Running,
             issued_by: "test".into(),
             issued_at: 0,
         };
         let payload = app.codec.encode(&commands, &start).await.unwrap();
-        app.produce(&commands, b"987654", &payload).await;
+        app.produce(&commands, nobody.to_string().as_bytes(), &payload)
+            .await;
         let sends = app.topic("sends");
         let send = ese::records::SendRequest {
-            message_id: 987_654_321,
-            campaign_id: Some(987_654),
+            message_id: nothing,
+            campaign_id: Some(nobody),
             recipient: "+14155550100".into(),
             channel: ese::model::Channel::Sms,
             body: "hello".into(),
@@ -491,9 +494,14 @@ async fn poison_mixed_into_the_load_is_dead_lettered_and_the_rest_unaffected() {
     assert!(reason(&normalize, b"json").contains("undecodable"));
     assert!(reason(&normalize, b"call me maybe").contains("call me maybe"));
     let fanout = app.read_topic(&app.topic("dlq.fanout"), 1, Duration::from_secs(30));
-    assert!(reason(&fanout, b"987654").contains("unknown campaign 987654"));
+    assert!(
+        reason(&fanout, nobody.to_string().as_bytes())
+            .contains(&format!("unknown campaign {nobody}"))
+    );
     let sender = app.read_topic(&app.topic("dlq.sender"), 1, Duration::from_secs(30));
-    assert!(reason(&sender, b"+14155550100").contains("message 987654321 does not exist"));
+    assert!(
+        reason(&sender, b"+14155550100").contains(&format!("message {nothing} does not exist"))
+    );
 }
 
 /// A PostgreSQL server of the test's own (initdb into a temp dir, a free

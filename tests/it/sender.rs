@@ -12,7 +12,7 @@ use crate::harness::{Loop, Proc, RunningStage, kill9};
 
 /// Creates template, segment (everyone with `plan = pro`) and a campaign with
 /// `options`, readies and starts it; returns its id.
-pub(crate) async fn start_campaign(l: &Loop, name: &str, options: Value) -> i64 {
+pub(crate) async fn start_campaign(l: &Loop, name: &str, options: Value) -> uuid::Uuid {
     let api = &l.api;
     let t = api
         .expect(
@@ -40,7 +40,7 @@ pub(crate) async fn start_campaign(l: &Loop, name: &str, options: Value) -> i64 
     let c = api
         .expect(201, "POST", "/api/v1/campaigns", Some(body))
         .await;
-    let id = c["id"].as_i64().unwrap();
+    let id = crate::harness::id_of(&c);
     // Without a schedule_time, ready starts it at once.
     api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/ready"), None)
         .await;
@@ -517,7 +517,7 @@ async fn the_sender_reads_a_messages_kind_from_its_row_never_from_the_record() {
     ];
     let mut ids = Vec::new();
     for (to, kind, campaign) in rows {
-        let id: i64 = c
+        let id: uuid::Uuid = c
             .query_one(
                 "INSERT INTO messages (campaign_id, recipient_phone, rendered_content, kind)
                  VALUES (CASE WHEN $3 THEN (SELECT id FROM campaigns) END, $1, 'hello', $2)
@@ -528,7 +528,7 @@ async fn the_sender_reads_a_messages_kind_from_its_row_never_from_the_record() {
             .unwrap()
             .get(0);
         ids.push(id);
-        let campaign_id: Option<i64> = c
+        let campaign_id: Option<uuid::Uuid> = c
             .query_one("SELECT campaign_id FROM messages WHERE id = $1", &[&id])
             .await
             .unwrap()
@@ -604,7 +604,7 @@ async fn the_same_text_twice_is_reconciled_as_two_messages() {
         .unwrap();
     let insert = "INSERT INTO messages (recipient_phone, rendered_content, kind, idempotency_key)
                   VALUES ($1, $2, 'opt_out_confirmation', $3) RETURNING id";
-    let first: i64 = c
+    let first: uuid::Uuid = c
         .query_one(insert, &[&to, &text, &"reply:first"])
         .await
         .unwrap()
@@ -622,7 +622,7 @@ async fn the_same_text_twice_is_reconciled_as_two_messages() {
     let topic = l.app.topic("sends");
     let payload = l.app.codec.encode(&topic, &send).await.unwrap();
     l.app.produce(&topic, to.as_bytes(), &payload).await;
-    let sid_of = async |id: i64| -> (String, Option<String>) {
+    let sid_of = async |id: uuid::Uuid| -> (String, Option<String>) {
         let r = c
             .query_one(
                 "SELECT status, provider_sid FROM messages WHERE id = $1",
@@ -637,7 +637,7 @@ async fn the_same_text_twice_is_reconciled_as_two_messages() {
     })
     .await;
     // The second: claimed 10 s ago by a sender that died before its call.
-    let second: i64 = c
+    let second: uuid::Uuid = c
         .query_one(
             "INSERT INTO messages (recipient_phone, rendered_content, kind, idempotency_key, status, claimed_at)
              VALUES ($1, $2, 'opt_out_confirmation', 'reply:second', 'SENDING', now() - interval '10 seconds')

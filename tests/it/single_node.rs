@@ -297,7 +297,7 @@ async fn up_killed_under_webhook_load_and_a_campaign_loses_and_repeats_nothing()
                         "quiet_hours_start": null, "quiet_hours_end": null})),
     )
     .await;
-    let id = c["id"].clone();
+    let id = crate::harness::id_of(&c);
     // Without a schedule_time, ready starts it at once.
     api("POST", &format!("/campaigns/{id}/ready"), None).await;
 

@@ -73,7 +73,7 @@ async fn person_writes(l: &Loop, from: &str, body: &str) {
 }
 
 /// A free-form WhatsApp reply row and its send record; its id.
-async fn reply(l: &Loop, to: &str, text: &str) -> i64 {
+async fn reply(l: &Loop, to: &str, text: &str) -> uuid::Uuid {
     let c = l.app.pool.get().await.unwrap();
     c.execute(
         "INSERT INTO users (phone_e164) VALUES ($1) ON CONFLICT DO NOTHING",
@@ -81,7 +81,7 @@ async fn reply(l: &Loop, to: &str, text: &str) -> i64 {
     )
     .await
     .unwrap();
-    let id: i64 = c
+    let id: uuid::Uuid = c
         .query_one(
             "INSERT INTO messages (recipient_phone, channel, rendered_content, kind)
              VALUES ($1, 'WHATSAPP', $2, 'reply') RETURNING id",
@@ -106,7 +106,7 @@ async fn reply(l: &Loop, to: &str, text: &str) -> i64 {
     id
 }
 
-async fn status(l: &Loop, id: i64) -> (String, Option<String>, Option<i32>) {
+async fn status(l: &Loop, id: uuid::Uuid) -> (String, Option<String>, Option<i32>) {
     let c = l.app.pool.get().await.unwrap();
     let r = c
         .query_one(
@@ -118,7 +118,7 @@ async fn status(l: &Loop, id: i64) -> (String, Option<String>, Option<i32>) {
     (r.get(0), r.get(1), r.get(2))
 }
 
-async fn wait_final(l: &Loop, id: i64) -> (String, Option<String>, Option<i32>) {
+async fn wait_final(l: &Loop, id: uuid::Uuid) -> (String, Option<String>, Option<i32>) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = status(l, id).await;
@@ -238,7 +238,7 @@ async fn a_whatsapp_campaign_goes_as_approved_content_and_free_form_keeps_to_the
         .expect(
             200,
             "POST",
-            &format!("/api/v1/templates/{}/render", t["id"]),
+            &format!("/api/v1/templates/{}/render", crate::harness::id_of(&t)),
             Some(json!({"variables": {"first_name": "Ada", "plan": "wa"}})),
         )
         .await;
@@ -279,7 +279,7 @@ async fn a_whatsapp_campaign_goes_as_approved_content_and_free_form_keeps_to_the
                         "quiet_hours_start": null, "quiet_hours_end": null})),
         )
         .await;
-    let id = campaign["id"].as_i64().unwrap();
+    let id = crate::harness::id_of(&campaign);
     // Without a schedule_time, ready starts it at once.
     api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/ready"), None)
         .await;
@@ -368,7 +368,7 @@ async fn a_whatsapp_campaign_goes_as_approved_content_and_free_form_keeps_to_the
             .expect(
                 200,
                 "GET",
-                &format!("/api/v1/segments/{}/estimate", seg["id"]),
+                &format!("/api/v1/segments/{}/estimate", crate::harness::id_of(&seg)),
                 None,
             )
             .await;
@@ -465,7 +465,7 @@ async fn whatsapp_sends_keep_to_the_senders_channel_limit() {
                         "quiet_hours_start": null, "quiet_hours_end": null})),
         )
         .await;
-    let id = c["id"].as_i64().unwrap();
+    let id = crate::harness::id_of(&c);
     // Without a schedule_time, ready starts it at once.
     api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/ready"), None)
         .await;
@@ -589,7 +589,7 @@ async fn a_stop_scoped_to_its_channel_stops_that_channel_alone() {
                         "quiet_hours_start": null, "quiet_hours_end": null})),
             )
             .await;
-        let id = campaign["id"].as_i64().unwrap();
+        let id = crate::harness::id_of(&campaign);
         // Without a schedule_time, ready starts it at once.
         api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/ready"), None)
             .await;
@@ -602,10 +602,10 @@ async fn a_stop_scoped_to_its_channel_stops_that_channel_alone() {
             Duration::from_secs(60),
         )
         .await;
-    let sent = async |campaign: i64| {
+    let sent = async |campaign: uuid::Uuid| {
         l.app
             .count(&format!(
-                "SELECT count(*) FROM messages WHERE campaign_id = {campaign} AND recipient_phone = '{ada}'"
+                "SELECT count(*) FROM messages WHERE campaign_id = '{campaign}' AND recipient_phone = '{ada}'"
             ))
             .await
     };

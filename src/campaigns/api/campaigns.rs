@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use uuid::Uuid;
 
 use axum::Router;
 use axum::extract::State;
@@ -51,11 +52,9 @@ pub(super) struct CampaignIn {
     #[schema(schema_with = super::schema::name)]
     name: String,
     /// An existing template (422 otherwise).
-    #[serde(deserialize_with = "integer")]
-    template_id: i64,
+    template_id: Uuid,
     /// An existing segment (422 otherwise).
-    #[serde(deserialize_with = "integer")]
-    segment_id: i64,
+    segment_id: Uuid,
     /// Messages sent per second, at most; 1 unless given (the data model's default).
     #[serde(default = "default_rate", deserialize_with = "integer")]
     #[schema(minimum = 1, default = 1)]
@@ -120,12 +119,12 @@ pub(super) struct Fanout {
 /// A stored campaign.
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct Campaign {
-    id: i64,
+    id: Uuid,
     name: String,
     /// Null once the template was deleted (a draft or finished campaign).
-    template_id: Option<i64>,
+    template_id: Option<Uuid>,
     /// Null once the segment was deleted (a draft or finished campaign).
-    segment_id: Option<i64>,
+    segment_id: Option<Uuid>,
     #[schema(schema_with = super::schema::campaign_status)]
     status: CampaignStatus,
     #[schema(schema_with = super::schema::paused_from)]
@@ -163,7 +162,7 @@ impl Stored for Campaign {
     const SELECT: &'static str = CAMPAIGN;
     const ID: &'static str = "c.id";
 
-    fn id(&self) -> i64 {
+    fn id(&self) -> Uuid {
         self.id
     }
 
@@ -209,10 +208,11 @@ pub(super) struct CampaignQuery {
     #[serde(default = "super::extract::default_limit")]
     #[param(minimum = 1, maximum = 500, default = 50)]
     limit: i64,
-    /// Keyset cursor: the last id of the previous page (`next_after`).
+    /// Keyset cursor: the last id of the previous page (`next_after`);
+    /// the first page by default.
     #[serde(default)]
-    #[param(default = 0)]
-    after: i64,
+    #[param(value_type = Option<String>, format = Uuid)]
+    after: Uuid,
     #[param(schema_with = super::schema::status_filter)]
     status: Option<CampaignStatus>,
 }
@@ -222,7 +222,7 @@ pub(super) struct CampaignQuery {
 pub(super) struct CampaignList {
     items: Vec<Campaign>,
     /// `after` for the next page; null on the last.
-    next_after: Option<i64>,
+    next_after: Option<Uuid>,
 }
 
 /// List campaigns with message counts per status
@@ -321,8 +321,8 @@ pub(super) async fn create_campaign(
     let row = client
         .query_one(
             "INSERT INTO campaigns (name, template_id, segment_id, rate_limit_per_second,
-                                    quiet_hours_start, quiet_hours_end, schedule_time)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                                    quiet_hours_start, quiet_hours_end, schedule_time, id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
             &[
                 &c.name,
                 &c.template_id,
@@ -331,6 +331,7 @@ pub(super) async fn create_campaign(
                 &start,
                 &end,
                 &c.schedule_time,
+                &Uuid::now_v7(),
             ],
         )
         .await?;
@@ -345,12 +346,12 @@ pub(super) async fn create_campaign(
     get,
     path = "/api/v1/campaigns/{id}",
     tag = "campaigns",
-    params(("id" = i64, Path, description = "Campaign id")),
+    params(("id" = Uuid, Path, description = "Campaign id")),
     responses((status = 200, description = "The campaign", body = Campaign))
 )]
 pub(super) async fn get_campaign(
     State(a): State<Arc<Admin>>,
-    ApiPath(id): ApiPath<i64>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult {
     let client = a.pool.get().await?;
     json(StatusCode::OK, stored::<Campaign>(&client, id).await?)
@@ -361,12 +362,12 @@ pub(super) async fn get_campaign(
     delete,
     path = "/api/v1/campaigns/{id}",
     tag = "campaigns",
-    params(("id" = i64, Path, description = "Campaign id")),
+    params(("id" = Uuid, Path, description = "Campaign id")),
     responses((status = 204, description = "Deleted, with its messages"))
 )]
 pub(super) async fn delete_campaign(
     State(a): State<Arc<Admin>>,
-    ApiPath(id): ApiPath<i64>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult {
     let mut client = a.pool.get().await?;
     let tx = client.transaction().await?;
@@ -444,14 +445,14 @@ impl Action {
     path = "/api/v1/campaigns/{id}/{action}",
     tag = "campaigns",
     params(
-        ("id" = i64, Path, description = "Campaign id"),
+        ("id" = Uuid, Path, description = "Campaign id"),
         ("action" = inline(Action), Path, description = "What to do")
     ),
     responses((status = 200, description = "The campaign after the transition", body = Campaign))
 )]
 pub(super) async fn transition(
     State(a): State<Arc<Admin>>,
-    ApiPath((id, action)): ApiPath<(i64, String)>,
+    ApiPath((id, action)): ApiPath<(Uuid, String)>,
 ) -> ApiResult {
     let Some(action) = Action::parse(&action) else {
         let actions: Vec<&str> = Action::ALL

@@ -63,7 +63,7 @@ impl ApiError {
         }
     }
 
-    pub(super) fn not_found(what: &str, id: i64) -> Self {
+    pub(super) fn not_found(what: &str, id: impl std::fmt::Display) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             "not_found",

@@ -9,6 +9,7 @@ use axum::http::request::Parts;
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer};
 use utoipa::IntoParams;
+use uuid::Uuid;
 
 use super::error::ApiError;
 
@@ -162,10 +163,11 @@ pub(super) struct ListQuery {
     #[serde(default = "default_limit")]
     #[param(minimum = 1, maximum = 500, default = 50)]
     pub limit: i64,
-    /// Keyset cursor: the last id of the previous page (`next_after`).
+    /// Keyset cursor: the last id of the previous page (`next_after`);
+    /// the first page by default.
     #[serde(default)]
-    #[param(default = 0)]
-    pub after: i64,
+    #[param(value_type = Option<String>, format = Uuid)]
+    pub after: Uuid,
 }
 
 /// The most items one page of a list holds.
@@ -189,7 +191,7 @@ pub(super) fn check_limit(limit: i64, max: i64) -> Result<(), ApiError> {
 }
 
 /// The cursor of the next page: the last id when the page is full.
-pub(super) fn next_after(len: usize, last: Option<i64>, limit: i64) -> Option<i64> {
+pub(super) fn next_after<T>(len: usize, last: Option<T>, limit: i64) -> Option<T> {
     let full = i64::try_from(len).is_ok_and(|n| n == limit);
     if full { last } else { None }
 }

@@ -26,6 +26,7 @@ mod segments;
 mod templates;
 
 use std::sync::Arc;
+use uuid::Uuid;
 
 use axum::Json;
 use axum::Router;
@@ -185,11 +186,11 @@ trait Stored: Serialize + Sized {
     /// A row of [`Stored::SELECT`]; a column of an unexpected type is an
     /// error (500), never a panic.
     fn from_row(row: &tokio_postgres::Row) -> Result<Self, tokio_postgres::Error>;
-    fn id(&self) -> i64;
+    fn id(&self) -> Uuid;
 }
 
 /// `T` `id`, or 404.
-async fn stored<T: Stored>(client: &deadpool_postgres::Client, id: i64) -> Result<T, ApiError> {
+async fn stored<T: Stored>(client: &deadpool_postgres::Client, id: Uuid) -> Result<T, ApiError> {
     let sql = format!("{} WHERE {} = $1", T::SELECT, T::ID);
     let row = client
         .query_opt(&sql, &[&id])
@@ -202,10 +203,10 @@ async fn stored<T: Stored>(client: &deadpool_postgres::Client, id: i64) -> Resul
 /// (SQL over `$3`, `extra`) holds; and `next_after`.
 async fn page<T: Stored>(
     a: &Admin,
-    after: i64,
+    after: Uuid,
     limit: i64,
     filter: Option<(&str, &(dyn tokio_postgres::types::ToSql + Sync))>,
-) -> Result<(Vec<T>, Option<i64>), ApiError> {
+) -> Result<(Vec<T>, Option<Uuid>), ApiError> {
     extract::check_limit(limit, extract::MAX_PAGE)?;
     let client = a.pool.get().await?;
     let (id, mut params) = (T::ID, vec![&after as _, &limit as _]);
@@ -236,7 +237,7 @@ fn json<T: Serialize>(status: StatusCode, value: T) -> ApiResult {
 async fn refuse_if_used(
     tx: &deadpool_postgres::Transaction<'_>,
     column: &str,
-    id: i64,
+    id: Uuid,
     statuses: &[CampaignStatus],
     verb: &str,
 ) -> Result<(), ApiError> {
@@ -245,7 +246,7 @@ async fn refuse_if_used(
         format!("SELECT id, status FROM campaigns WHERE {column} = $1 ORDER BY id FOR UPDATE");
     let mut campaigns = Vec::new();
     for r in tx.query(&sql, &[&id]).await? {
-        campaigns.push((r.try_get::<_, i64>(0)?, r.try_get::<_, CampaignStatus>(1)?));
+        campaigns.push((r.try_get::<_, Uuid>(0)?, r.try_get::<_, CampaignStatus>(1)?));
     }
     let users: Vec<String> = campaigns
         .into_iter()
@@ -268,7 +269,7 @@ async fn refuse_if_used(
 /// Deletes template or segment `id` (`table`, referenced as `column`):
 /// 204, 404, or 409 while an active campaign (READY, RUNNING, PAUSED) uses
 /// it; draft and finished campaigns keep their rows, the reference cleared.
-async fn delete_unused(a: &Admin, table: &str, column: &str, id: i64) -> ApiResult {
+async fn delete_unused(a: &Admin, table: &str, column: &str, id: Uuid) -> ApiResult {
     let mut client = a.pool.get().await?;
     let tx = client.transaction().await?;
     refuse_if_used(&tx, column, id, CampaignStatus::ACTIVE, "deleted").await?;

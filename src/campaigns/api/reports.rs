@@ -2,6 +2,7 @@
 //! dashboard figures (`crate::reports`).
 
 use std::sync::Arc;
+use uuid::Uuid;
 
 use axum::Router;
 use axum::extract::State;
@@ -41,7 +42,7 @@ pub(super) struct ReportQuery {
 /// One campaign's delivery figures.
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct CampaignFigures {
-    campaign_id: i64,
+    campaign_id: Uuid,
     name: String,
     status: String,
     created_at: DateTime<Utc>,

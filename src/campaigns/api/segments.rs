@@ -2,6 +2,7 @@
 //! size and their first users.
 
 use std::sync::Arc;
+use uuid::Uuid;
 
 use axum::Router;
 use axum::extract::State;
@@ -60,7 +61,7 @@ pub(super) struct SegmentIn {
 /// A stored segment.
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct Segment {
-    id: i64,
+    id: Uuid,
     name: String,
     description: Option<String>,
     #[schema(schema_with = super::schema::filter)]
@@ -84,7 +85,7 @@ impl Stored for Segment {
     const NAME: &'static str = "segment";
     const SELECT: &'static str = concat!("SELECT ", columns!(), " FROM segments");
 
-    fn id(&self) -> i64 {
+    fn id(&self) -> Uuid {
         self.id
     }
 
@@ -107,7 +108,7 @@ impl Stored for Segment {
 pub(super) struct SegmentList {
     items: Vec<Segment>,
     /// `after` for the next page; null on the last.
-    next_after: Option<i64>,
+    next_after: Option<Uuid>,
 }
 
 fn check_segment(s: &SegmentIn, a: &Admin) -> Result<(), ApiError> {
@@ -181,11 +182,11 @@ pub(super) async fn create_segment(
     let client = a.pool.get().await?;
     let row = client
         .query_one(
-            "INSERT INTO segments (name, description, filter_criteria) VALUES ($1, $2, $3) RETURNING id",
-            &[&s.name, &s.description, &s.filter_criteria],
+            "INSERT INTO segments (id, name, description, filter_criteria) VALUES ($1, $2, $3, $4) RETURNING id",
+            &[&Uuid::now_v7(), &s.name, &s.description, &s.filter_criteria],
         )
         .await?;
-    let id: i64 = row.try_get(0)?;
+    let id: Uuid = row.try_get(0)?;
     estimate(&client, id, a.max_depth).await?;
     json(StatusCode::CREATED, stored::<Segment>(&client, id).await?)
 }
@@ -195,12 +196,12 @@ pub(super) async fn create_segment(
     get,
     path = "/api/v1/segments/{id}",
     tag = "segments",
-    params(("id" = i64, Path, description = "Segment id")),
+    params(("id" = Uuid, Path, description = "Segment id")),
     responses((status = 200, description = "The segment", body = Segment))
 )]
 pub(super) async fn get_segment(
     State(a): State<Arc<Admin>>,
-    ApiPath(id): ApiPath<i64>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult {
     let client = a.pool.get().await?;
     json(StatusCode::OK, stored::<Segment>(&client, id).await?)
@@ -211,13 +212,13 @@ pub(super) async fn get_segment(
     put,
     path = "/api/v1/segments/{id}",
     tag = "segments",
-    params(("id" = i64, Path, description = "Segment id")),
+    params(("id" = Uuid, Path, description = "Segment id")),
     request_body = SegmentIn,
     responses((status = 200, description = "The segment as stored", body = Segment))
 )]
 pub(super) async fn update_segment(
     State(a): State<Arc<Admin>>,
-    ApiPath(id): ApiPath<i64>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiJson(s): ApiJson<SegmentIn>,
 ) -> ApiResult {
     check_segment(&s, &a)?;
@@ -241,12 +242,12 @@ pub(super) async fn update_segment(
     delete,
     path = "/api/v1/segments/{id}",
     tag = "segments",
-    params(("id" = i64, Path, description = "Segment id")),
+    params(("id" = Uuid, Path, description = "Segment id")),
     responses((status = 204, description = "Deleted"))
 )]
 pub(super) async fn delete_segment(
     State(a): State<Arc<Admin>>,
-    ApiPath(id): ApiPath<i64>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult {
     delete_unused(&a, "segments", "segment_id", id).await
 }
@@ -254,7 +255,7 @@ pub(super) async fn delete_segment(
 /// The compiled audience condition of segment `id` (`u` = users), with its params.
 async fn audience(
     client: &deadpool_postgres::Client,
-    id: i64,
+    id: Uuid,
     max_depth: usize,
     first: usize,
 ) -> Result<segment::Compiled, ApiError> {
@@ -265,7 +266,7 @@ async fn audience(
 /// Segment `id`'s stored filter.
 async fn audience_node(
     client: &deadpool_postgres::Client,
-    id: i64,
+    id: Uuid,
     max_depth: usize,
 ) -> Result<segment::Node, ApiError> {
     let row = client
@@ -281,7 +282,7 @@ async fn audience_node(
 /// (the scheduler refreshes it every `campaigns.estimate-interval`).
 pub(super) async fn estimate(
     client: &deadpool_postgres::Client,
-    id: i64,
+    id: Uuid,
     max_depth: usize,
 ) -> Result<(i64, DateTime<Utc>), ApiError> {
     let node = audience_node(client, id, max_depth).await?;
@@ -291,7 +292,7 @@ pub(super) async fn estimate(
 /// A fresh audience count.
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct Estimate {
-    segment_id: i64,
+    segment_id: Uuid,
     /// Opted-in users the filter selects now.
     estimated_audience_size: i64,
     estimated_at: DateTime<Utc>,
@@ -302,12 +303,12 @@ pub(super) struct Estimate {
     get,
     path = "/api/v1/segments/{id}/estimate",
     tag = "segments",
-    params(("id" = i64, Path, description = "Segment id")),
+    params(("id" = Uuid, Path, description = "Segment id")),
     responses((status = 200, description = "The audience size", body = Estimate))
 )]
 pub(super) async fn estimate_segment(
     State(a): State<Arc<Admin>>,
-    ApiPath(id): ApiPath<i64>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult {
     let client = a.pool.get().await?;
     let (size, at) = estimate(&client, id, a.max_depth).await?;
@@ -347,7 +348,7 @@ pub(super) struct AudienceUser {
 /// The first users of an audience.
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct Preview {
-    segment_id: i64,
+    segment_id: Uuid,
     users: Vec<AudienceUser>,
 }
 
@@ -356,12 +357,12 @@ pub(super) struct Preview {
     get,
     path = "/api/v1/segments/{id}/preview",
     tag = "segments",
-    params(("id" = i64, Path, description = "Segment id"), PreviewQuery),
+    params(("id" = Uuid, Path, description = "Segment id"), PreviewQuery),
     responses((status = 200, description = "Opted-in users the filter selects", body = Preview))
 )]
 pub(super) async fn preview_segment(
     State(a): State<Arc<Admin>>,
-    ApiPath(id): ApiPath<i64>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiQuery(q): ApiQuery<PreviewQuery>,
 ) -> ApiResult {
     check_limit(q.limit, 100)?;

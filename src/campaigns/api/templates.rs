@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use uuid::Uuid;
 
 use axum::Router;
 use axum::extract::State;
@@ -124,7 +125,7 @@ impl From<template::Length> for Length {
 /// A stored template.
 #[derive(Debug, Serialize, ToSchema)]
 pub(super) struct Template {
-    id: i64,
+    id: Uuid,
     name: String,
     #[schema(value_type = Channel)]
     channel: String,
@@ -157,7 +158,7 @@ impl Stored for Template {
     const NAME: &'static str = "template";
     const SELECT: &'static str = concat!("SELECT ", columns!(), " FROM templates");
 
-    fn id(&self) -> i64 {
+    fn id(&self) -> Uuid {
         self.id
     }
 
@@ -186,7 +187,7 @@ impl Stored for Template {
 pub(super) struct TemplateList {
     items: Vec<Template>,
     /// `after` for the next page; null on the last.
-    next_after: Option<i64>,
+    next_after: Option<Uuid>,
 }
 
 /// A checked template's columns, as INSERT and UPDATE bind them.
@@ -329,11 +330,11 @@ pub(super) async fn create_template(
     let row = client
         .query_one(
             concat!(
-                "INSERT INTO templates (name, channel, content, variables, defaults, content_sid, content_variables)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING ",
+                "INSERT INTO templates (name, channel, content, variables, defaults, content_sid, content_variables, id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING ",
                 columns!()
             ),
-            &row.params(),
+            &[&row.params()[..], &[&Uuid::now_v7()]].concat(),
         )
         .await?;
     json(StatusCode::CREATED, Template::from_row(&row)?)
@@ -344,12 +345,12 @@ pub(super) async fn create_template(
     get,
     path = "/api/v1/templates/{id}",
     tag = "templates",
-    params(("id" = i64, Path, description = "Template id")),
+    params(("id" = Uuid, Path, description = "Template id")),
     responses((status = 200, description = "The template", body = Template))
 )]
 pub(super) async fn get_template(
     State(a): State<Arc<Admin>>,
-    ApiPath(id): ApiPath<i64>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult {
     let client = a.pool.get().await?;
     json(StatusCode::OK, stored::<Template>(&client, id).await?)
@@ -360,13 +361,13 @@ pub(super) async fn get_template(
     put,
     path = "/api/v1/templates/{id}",
     tag = "templates",
-    params(("id" = i64, Path, description = "Template id")),
+    params(("id" = Uuid, Path, description = "Template id")),
     request_body = TemplateIn,
     responses((status = 200, description = "The template as stored", body = Template))
 )]
 pub(super) async fn update_template(
     State(a): State<Arc<Admin>>,
-    ApiPath(id): ApiPath<i64>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiJson(t): ApiJson<TemplateIn>,
 ) -> ApiResult {
     let row = Columns::checked(t, &a)?;
@@ -394,12 +395,12 @@ pub(super) async fn update_template(
     delete,
     path = "/api/v1/templates/{id}",
     tag = "templates",
-    params(("id" = i64, Path, description = "Template id")),
+    params(("id" = Uuid, Path, description = "Template id")),
     responses((status = 204, description = "Deleted"))
 )]
 pub(super) async fn delete_template(
     State(a): State<Arc<Admin>>,
-    ApiPath(id): ApiPath<i64>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult {
     delete_unused(&a, "templates", "template_id", id).await
 }
@@ -439,13 +440,13 @@ pub(super) struct ContentSend {
     post,
     path = "/api/v1/templates/{id}/render",
     tag = "templates",
-    params(("id" = i64, Path, description = "Template id")),
+    params(("id" = Uuid, Path, description = "Template id")),
     request_body = Option<RenderIn>,
     responses((status = 200, description = "The rendered text", body = Rendered))
 )]
 pub(super) async fn render_template(
     State(a): State<Arc<Admin>>,
-    ApiPath(id): ApiPath<i64>,
+    ApiPath(id): ApiPath<Uuid>,
     OptionalJson(input): OptionalJson<RenderIn>,
 ) -> ApiResult {
     let input = input.unwrap_or_default();

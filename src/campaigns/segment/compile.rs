@@ -1,6 +1,7 @@
 //! Compiling a [`Node`] tree into a parameterised SQL boolean expression.
 
 use serde_json::Value;
+use uuid::Uuid;
 
 use super::{ChannelOp, Figure, Node, Op};
 
@@ -39,7 +40,7 @@ impl Compiled {
 /// INTEGER); returns the count and when it was taken.
 pub async fn store_estimate(
     client: &tokio_postgres::Client,
-    id: i64,
+    id: Uuid,
     node: &Node,
 ) -> Result<(i64, chrono::DateTime<chrono::Utc>), tokio_postgres::Error> {
     let filter = compile(node, "u", 1);

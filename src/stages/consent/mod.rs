@@ -88,9 +88,10 @@ UPDATE inbound_events SET processing_status = 'PROCESSED', processed_at = now()
  WHERE event_id = ANY($1::uuid[]) AND processing_status = 'PENDING'";
 
 const INSERT_REPLIES: &str = "
-INSERT INTO messages (recipient_phone, channel, rendered_content, idempotency_key, kind)
-SELECT x.p, x.c, x.b, x.k, x.kind
-  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS x(p, c, b, k, kind)
+INSERT INTO messages (id, recipient_phone, channel, rendered_content, idempotency_key, kind)
+SELECT x.id, x.p, x.c, x.b, x.k, x.kind
+  FROM unnest($6::uuid[], $1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+       AS x(id, p, c, b, k, kind)
 ON CONFLICT (idempotency_key) DO NOTHING";
 
 const QUEUED_REPLIES: &str = "
@@ -318,9 +319,10 @@ impl Stage for Consent {
             let b: Vec<&str> = replies.iter().map(|r| r.2.as_str()).collect();
             let k: Vec<&str> = replies.iter().map(|r| r.3.as_str()).collect();
             let kinds: Vec<SendKind> = replies.iter().map(|r| r.4).collect();
+            let ids: Vec<uuid::Uuid> = replies.iter().map(|_| uuid::Uuid::now_v7()).collect();
             tx.execute(
                 &tx.prepare_cached(INSERT_REPLIES).await?,
-                &[&p, &c, &b, &k, &kinds],
+                &[&p, &c, &b, &k, &kinds, &ids],
             )
             .await?;
         }

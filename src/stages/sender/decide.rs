@@ -2,19 +2,20 @@
 //! until a time, or send it now.
 
 use chrono::{DateTime, NaiveTime, TimeZone, Utc};
+use uuid::Uuid;
 
 use super::Sender;
 use crate::model::{CampaignStatus, Channel, ConsentState, MessageStatus, SendKind};
 
 /// A message as the sender sees it.
 pub(super) struct Msg {
-    pub id: i64,
+    pub id: Uuid,
     pub status: MessageStatus,
     pub phone: String,
     pub channel: Channel,
     pub body: String,
     pub retries: i32,
-    pub campaign: Option<i64>,
+    pub campaign: Option<Uuid>,
     pub campaign_status: Option<CampaignStatus>,
     pub rate: Option<i32>,
     pub quiet: Option<(NaiveTime, NaiveTime)>,

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use uuid::Uuid;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tracing::info;
@@ -25,7 +26,7 @@ pub struct Limits {
     share: Mutex<f64>,
     sms: Mutex<Option<(f64, Limiter)>>,
     whatsapp: Mutex<Option<(f64, Limiter)>>,
-    campaigns: Mutex<HashMap<i64, (f64, Limiter)>>,
+    campaigns: Mutex<HashMap<Uuid, (f64, Limiter)>>,
 }
 
 impl Limits {
@@ -107,7 +108,7 @@ impl Limits {
         Some(self.scaled(&mut g, rate))
     }
 
-    pub(super) fn campaign(&self, id: i64, rate: u32) -> Limiter {
+    pub(super) fn campaign(&self, id: Uuid, rate: u32) -> Limiter {
         let mut all = self.campaigns.lock().unwrap_or_else(|p| p.into_inner());
         let mut slot = all.remove(&id);
         let l = self.scaled(&mut slot, rate);

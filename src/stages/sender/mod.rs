@@ -31,6 +31,7 @@ pub use pump::Pump;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
+use uuid::Uuid;
 
 use chrono::{DateTime, NaiveTime, Utc};
 use deadpool_postgres::{Pool, Transaction};
@@ -165,11 +166,11 @@ fn unique(batch: &[Item<SendRequest>]) -> Vec<(usize, &SendRequest)> {
 #[derive(Default)]
 struct Plan {
     /// (message, why) to fail without a call.
-    fail: Vec<(i64, Option<i32>, String)>,
+    fail: Vec<(Uuid, Option<i32>, String)>,
     /// (message, until, why) to hold.
-    park: Vec<(i64, DateTime<Utc>, &'static str)>,
+    park: Vec<(Uuid, DateTime<Utc>, &'static str)>,
     /// (batch index, message) to send now.
-    go: Vec<(usize, i64)>,
+    go: Vec<(usize, Uuid)>,
 }
 
 /// One message sent (or tried): its batch index, the message, and the
@@ -182,8 +183,8 @@ impl Sender {
         &self,
         tx: &Transaction<'_>,
         sends: &[(usize, &SendRequest)],
-    ) -> Result<HashMap<i64, Msg>, StageError> {
-        let ids: Vec<i64> = sends.iter().map(|(_, s)| s.message_id).collect();
+    ) -> Result<HashMap<Uuid, Msg>, StageError> {
+        let ids: Vec<Uuid> = sends.iter().map(|(_, s)| s.message_id).collect();
         let stmt = tx.prepare_cached(LOOKUP).await?;
         let mut msgs = HashMap::new();
         for r in tx.query(&stmt, &[&ids]).await? {
@@ -226,7 +227,7 @@ impl Sender {
     fn plan(
         &self,
         sends: &[(usize, &SendRequest)],
-        msgs: &HashMap<i64, Msg>,
+        msgs: &HashMap<Uuid, Msg>,
         now: DateTime<Utc>,
         out: &mut Collector,
     ) -> Plan {
@@ -253,12 +254,12 @@ impl Sender {
     async fn park(
         &self,
         tx: &Transaction<'_>,
-        park: &[(i64, DateTime<Utc>, &'static str)],
+        park: &[(Uuid, DateTime<Utc>, &'static str)],
     ) -> Result<(), StageError> {
         if park.is_empty() {
             return Ok(());
         }
-        let ids: Vec<i64> = park.iter().map(|p| p.0).collect();
+        let ids: Vec<Uuid> = park.iter().map(|p| p.0).collect();
         let ts: Vec<DateTime<Utc>> = park.iter().map(|p| p.1).collect();
         let rs: Vec<&str> = park.iter().map(|p| p.2).collect();
         tx.execute(PARK, &[&ids, &ts, &rs]).await?;
@@ -316,7 +317,7 @@ impl Sender {
         tx: &Transaction<'_>,
         batch: &[Item<SendRequest>],
         attempts: Vec<Attempt>,
-        mut fail: Vec<(i64, Option<i32>, String)>,
+        mut fail: Vec<(Uuid, Option<i32>, String)>,
         now: DateTime<Utc>,
         out: &mut Collector,
     ) -> Result<(), StageError> {
@@ -377,7 +378,7 @@ impl Sender {
                     fail.push((m.id, code, why));
                 }
                 Outcome::Unknown(why) => {
-                    warn!(message = m.id, error = %why, "provider outcome unknown; left SENDING for reconciliation");
+                    warn!(message = %m.id, error = %why, "provider outcome unknown; left SENDING for reconciliation");
                 }
             }
         }
@@ -389,13 +390,13 @@ impl Sender {
             tx.execute(PARK, &[&unclaimed, &ts, &rs]).await?;
         }
         if !requeue.is_empty() {
-            let ids: Vec<i64> = requeue.iter().map(|r| r.0).collect();
+            let ids: Vec<Uuid> = requeue.iter().map(|r| r.0).collect();
             let codes: Vec<Option<i32>> = requeue.iter().map(|r| r.1).collect();
             let why: Vec<&str> = requeue.iter().map(|r| r.2.as_str()).collect();
             tx.execute(REQUEUE, &[&ids, &codes, &why]).await?;
         }
         if !fail.is_empty() {
-            let ids: Vec<i64> = fail.iter().map(|f| f.0).collect();
+            let ids: Vec<Uuid> = fail.iter().map(|f| f.0).collect();
             let codes: Vec<Option<i32>> = fail.iter().map(|f| f.1).collect();
             let why: Vec<&str> = fail.iter().map(|f| f.2.as_str()).collect();
             tx.execute(FAIL, &[&ids, &codes, &why]).await?;
@@ -440,7 +441,7 @@ impl Sender {
         for (_, m) in &chunk {
             self.pace(m).await;
         }
-        let ids: Vec<i64> = chunk.iter().map(|(_, m)| m.id).collect();
+        let ids: Vec<Uuid> = chunk.iter().map(|(_, m)| m.id).collect();
         // Taken before the claim's round trip, so it errs on the early side.
         let claimed_at = Instant::now();
         let latest_start = self
@@ -473,7 +474,7 @@ impl Sender {
             (n, m, Some(outcome))
         });
         let results = futures::future::join_all(calls).await;
-        let sent: Vec<(i64, &str)> = results
+        let sent: Vec<(Uuid, &str)> = results
             .iter()
             .filter_map(|(_, m, o)| match o {
                 Some(Outcome::Sent(sid)) => Some((m.id, sid.as_str())),
@@ -492,19 +493,19 @@ impl Sender {
     /// between an in-transaction link and its commit would find no message
     /// and stay parked. Committed first, then linked, so every callback is
     /// linked either here or by the receipts stage.
-    async fn mark_sent(&self, sent: &[(i64, &str)]) -> anyhow::Result<()> {
+    async fn mark_sent(&self, sent: &[(Uuid, &str)]) -> anyhow::Result<()> {
         if sent.is_empty() {
             return Ok(());
         }
         let client = self.pool.get().await?;
-        let ids: Vec<i64> = sent.iter().map(|s| s.0).collect();
+        let ids: Vec<Uuid> = sent.iter().map(|s| s.0).collect();
         let sids: Vec<&str> = sent.iter().map(|s| s.1).collect();
         client.execute(SENT, &[&ids, &sids]).await?;
         client.query(APPLY_RECEIPTS, &[&sids]).await?;
         Ok(())
     }
 
-    async fn claim(&self, ids: &[i64]) -> anyhow::Result<HashSet<i64>> {
+    async fn claim(&self, ids: &[Uuid]) -> anyhow::Result<HashSet<Uuid>> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(CLAIM).await?;
         let rows = client.query(&stmt, &[&ids]).await?;

@@ -3,6 +3,7 @@
 //! reconciled with the provider.
 
 use std::time::Duration;
+use uuid::Uuid;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
@@ -96,7 +97,7 @@ impl Pump {
                 self.produce_timeout,
             )
             .await?;
-            let ids: Vec<i64> = sends.iter().map(|s| s.message_id).collect();
+            let ids: Vec<Uuid> = sends.iter().map(|s| s.message_id).collect();
             tx.execute(UNPARK, &[&ids]).await?;
             tx.commit().await?;
             counter!(crate::metrics::names::SENDER_RELEASED_TOTAL).increment(ids.len() as u64);
@@ -108,8 +109,13 @@ impl Pump {
     async fn reconcile(&self, client: &deadpool_postgres::Client) -> anyhow::Result<()> {
         let secs = self.reconcile_after.as_secs_f64();
         for r in client.query(STUCK, &[&secs]).await? {
-            let (id, phone, channel, body, claimed): (i64, String, Channel, String, DateTime<Utc>) =
-                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            let (id, phone, channel, body, claimed): (
+                Uuid,
+                String,
+                Channel,
+                String,
+                DateTime<Utc>,
+            ) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
             // A template's text is the provider's rendering: any text matches.
             let template =
                 r.get::<_, bool>(5) || (channel == Channel::Whatsapp && self.whatsapp_fallback);
@@ -142,7 +148,7 @@ impl Pump {
                     client.query(APPLY_RECEIPTS, &[&vec![sid.as_str()]]).await?;
                     counter!(crate::metrics::names::SENDER_RECONCILED_TOTAL, "outcome" => "sent")
                         .increment(1);
-                    info!(message = id, sid, "reconciled: the provider has it");
+                    info!(message = %id, sid, "reconciled: the provider has it");
                 }
                 None => {
                     client
@@ -155,7 +161,7 @@ impl Pump {
                         .await?;
                     counter!(crate::metrics::names::SENDER_RECONCILED_TOTAL, "outcome" => "requeued").increment(1);
                     info!(
-                        message = id,
+                        message = %id,
                         "reconciled: the provider never got it; sending again"
                     );
                 }

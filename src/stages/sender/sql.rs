@@ -35,24 +35,24 @@ RETURNING id";
 
 pub const PARK: &str = "
 UPDATE messages m SET parked_until = x.t, parked_reason = x.r, updated_at = now()
-  FROM unnest($1::bigint[], $2::timestamptz[], $3::text[]) AS x(id, t, r)
+  FROM unnest($1::uuid[], $2::timestamptz[], $3::text[]) AS x(id, t, r)
  WHERE m.id = x.id AND m.status = 'QUEUED'";
 
 pub const FAIL: &str = "
 UPDATE messages m SET status = 'FAILED', error_code = x.c, failure_reason = x.r,
                       parked_until = NULL, updated_at = now()
-  FROM unnest($1::bigint[], $2::int[], $3::text[]) AS x(id, c, r)
+  FROM unnest($1::uuid[], $2::int[], $3::text[]) AS x(id, c, r)
  WHERE m.id = x.id AND m.status IN ('QUEUED', 'SENDING')";
 
 pub const SENT: &str = "
 UPDATE messages m SET status = 'SENT', provider_sid = x.sid, sent_at = now(), updated_at = now()
-  FROM unnest($1::bigint[], $2::text[]) AS x(id, sid)
+  FROM unnest($1::uuid[], $2::text[]) AS x(id, sid)
  WHERE m.id = x.id AND m.status = 'SENDING'";
 
 pub const REQUEUE: &str = "
 UPDATE messages m SET status = 'QUEUED', retry_count = m.retry_count + 1, error_code = x.c,
                       failure_reason = x.r, claimed_at = NULL, updated_at = now()
-  FROM unnest($1::bigint[], $2::int[], $3::text[]) AS x(id, c, r)
+  FROM unnest($1::uuid[], $2::int[], $3::text[]) AS x(id, c, r)
  WHERE m.id = x.id AND m.status = 'SENDING'";
 
 pub use crate::db::calls::APPLY_RECEIPTS;

@@ -79,7 +79,7 @@ impl Loop {
     }
 
     /// Runs a scheduler tick and checks campaign `id` became COMPLETED.
-    pub async fn assert_completes(&self, id: i64) {
+    pub async fn assert_completes(&self, id: uuid::Uuid) {
         let commands = ese::campaigns::Commands::new(&self.app.deps()).expect("commands producer");
         ese::campaigns::scheduler::tick(&self.app.pool, &commands)
             .await

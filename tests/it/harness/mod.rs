@@ -684,3 +684,11 @@ impl Drop for EmptyDb {
         .join();
     }
 }
+
+/// The `id` of a resource the admin API answered with: a UUID.
+pub fn id_of(resource: &serde_json::Value) -> uuid::Uuid {
+    resource["id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no UUID id in {resource}"))
+}
