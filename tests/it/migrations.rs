@@ -427,19 +427,13 @@ async fn a_database_at_the_previous_schema_migrates_forward_without_losing_a_row
          segments.id uuid, templates.id uuid"
     );
     // The model's default for every id, for rows written by others.
-    let defaults: Vec<String> = c
-        .query(
-            "SELECT table_name || ' ' || column_default FROM information_schema.columns
-              WHERE column_name = 'id' AND table_name IN ('templates', 'segments', 'campaigns',
-                    'messages', 'delivery_receipts', 'inbound_events')
-              ORDER BY table_name",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let defaults = read(
+        "SELECT table_name || ' ' || column_default FROM information_schema.columns
+          WHERE column_name = 'id' AND table_name IN ('templates', 'segments', 'campaigns',
+                'messages', 'delivery_receipts', 'inbound_events')
+          ORDER BY table_name",
+    )
+    .await;
     assert_eq!(
         defaults,
         [

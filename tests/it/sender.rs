@@ -557,7 +557,7 @@ async fn the_sender_reads_a_messages_kind_from_its_row_never_from_the_record() {
         .await;
     let outcome: Vec<(String, Option<String>)> = c
         .query(
-            "SELECT status, failure_reason FROM messages WHERE id = ANY($1) ORDER BY id",
+            "SELECT status, failure_reason FROM messages WHERE id = ANY($1) ORDER BY array_position($1, id)",
             &[&ids],
         )
         .await
