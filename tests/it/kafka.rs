@@ -79,11 +79,28 @@ async fn a_read_can_start_inside_a_batch() {
 /// produce must never skip a batch that is not written yet).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_consumer_sees_every_acknowledged_record_of_concurrent_producers() {
+    live_consumer_sees_every_acknowledged_record(&TestApp::spawn().await).await;
+}
+
+/// The same on the durable SQLite storage `ese up` runs by default, where
+/// fetches run beside produces (vendor/tansu-storage, fifteenth patch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_consumer_sees_every_acknowledged_record_on_durable_storage() {
+    let port = crate::harness::free_port();
+    let db = crate::harness::BrokerDb::new();
+    let _broker = crate::harness::spawn_broker(port, &db.storage());
+    let app = TestApp::spawn_with(
+        toml::from_str(&format!("[kafka]\nbrokers = \"127.0.0.1:{port}\"")).unwrap(),
+    )
+    .await;
+    live_consumer_sees_every_acknowledged_record(&app).await;
+}
+
+async fn live_consumer_sees_every_acknowledged_record(app: &TestApp) {
     use futures::StreamExt;
     use rdkafka::Message;
     use rdkafka::consumer::{Consumer, StreamConsumer};
 
-    let app = TestApp::spawn().await;
     let topic = app.topic("webhooks.status.raw");
     let (producers, each) = (4, 5_000);
     // A consumer of `topic` in a new group, from the start.
