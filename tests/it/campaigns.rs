@@ -525,6 +525,19 @@ async fn every_route_needs_the_token_and_is_documented() {
             "",
             "invalid_json",
         ),
+        // serde alone would read a struct from its fields in order.
+        (
+            reqwest::Method::POST,
+            "/api/v1/templates",
+            "[\"t\", \"Hi\"]",
+            "invalid_json",
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/v1/templates/0199a5b0-0000-7000-8000-000000000001/render",
+            "[]",
+            "invalid_json",
+        ),
     ] {
         let resp = raw(method.clone(), path, body).await.unwrap();
         assert_eq!(resp.status(), 400, "{method} {path}");

@@ -85,11 +85,11 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = read_body(req, state).await?;
-        if bytes.is_empty() {
+        // JSON `null` is no body too (the document says the body is optional).
+        if bytes.is_empty() || bytes.trim_ascii() == b"null" {
             return Ok(Self(None));
         }
-        // JSON `null` is no body too (the document says the body is optional).
-        parse::<Option<T>>(&bytes).map(Self)
+        parse(&bytes).map(Some).map(Self)
     }
 }
 
@@ -99,15 +99,21 @@ async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Api
     })
 }
 
-/// Parses a JSON body, naming what is wrong.
+/// Parses a JSON body, naming what is wrong. Every body the document names
+/// is an object: serde would also read a struct from an array of its fields
+/// in order (`[]`, `["t", "Hi"]`), which the document does not allow.
 fn parse<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("request body: {e}"),
-        )
-    })
+    let invalid = |detail: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", detail);
+    match bytes.trim_ascii_start().first() {
+        Some(b'{') => {}
+        Some(b'[') => {
+            return Err(invalid(
+                "request body: must be a JSON object, not an array".into(),
+            ));
+        }
+        _ => return Err(invalid("request body: must be a JSON object".into())),
+    }
+    serde_json::from_slice(bytes).map_err(|e| invalid(format!("request body: {e}")))
 }
 
 /// For `#[serde(default, deserialize_with = "present")]`: an optional member
