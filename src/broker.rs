@@ -50,7 +50,7 @@ impl Drop for EmbeddedBroker {
 }
 
 /// Starts the broker listening on `listen` (`host:port`; port 0 picks a free
-/// one) with `storage` (`memory://…` or `sqlite://PATH`), and waits until it
+/// one) with `storage` (`memory://…`, `file:///DIR` or `sqlite://PATH`), and waits until it
 /// accepts connections.
 pub async fn start(listen: &str, storage: &str) -> anyhow::Result<EmbeddedBroker> {
     let mut addr: SocketAddr = listen
@@ -121,4 +121,131 @@ async fn spawn(
 #[cfg(not(feature = "embedded-broker"))]
 async fn spawn(_: Url, _: Url, _: CancellationToken) -> anyhow::Result<JoinHandle<()>> {
     anyhow::bail!("this ese was built without the embedded-broker feature; set KAFKA_BROKERS")
+}
+
+/// The `file://` storage's journal (vendor/tansu-storage, dynostore/journal.rs).
+#[cfg(all(test, feature = "embedded-broker"))]
+mod journal_tests {
+    use std::fs::OpenOptions;
+    use std::path::PathBuf;
+
+    use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, path::Path};
+    use tansu_storage::{JOURNAL_COMPACT_FLOOR as COMPACT_FLOOR, JOURNAL_FILE as FILE, Journal};
+
+    fn scratch() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("journal-test-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    async fn text(store: &Journal, path: &str) -> Option<String> {
+        match store.get(&Path::from(path)).await {
+            Ok(r) => Some(String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap()),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn what_was_answered_is_there_after_reopening() {
+        let dir = scratch();
+        {
+            let store = Journal::open(&dir).await.unwrap();
+            store.put(&Path::from("a/1"), "one".into()).await.unwrap();
+            let v = store.put(&Path::from("a/2"), "two".into()).await.unwrap();
+            store.put(&Path::from("gone"), "x".into()).await.unwrap();
+            store.delete(&Path::from("gone")).await.unwrap();
+            let opts = PutOptions {
+                mode: PutMode::Update(v.into()),
+                ..Default::default()
+            };
+            store
+                .put_opts(&Path::from("a/2"), "two, updated".into(), opts.clone())
+                .await
+                .unwrap();
+            // A stale version is refused and leaves nothing in the journal.
+            let refused = store
+                .put_opts(&Path::from("a/2"), "stale".into(), opts)
+                .await;
+            assert!(matches!(
+                refused,
+                Err(object_store::Error::Precondition { .. })
+            ));
+            let create = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            let refused = store
+                .put_opts(&Path::from("a/1"), "again".into(), create)
+                .await;
+            assert!(matches!(
+                refused,
+                Err(object_store::Error::AlreadyExists { .. })
+            ));
+            // A second broker on the same folder is refused while this one runs.
+            let second = Journal::open(&dir).await.err().unwrap().to_string();
+            assert!(second.contains("in use by another process"), "{second}");
+        }
+        let store = Journal::open(&dir).await.unwrap();
+        assert_eq!(text(&store, "a/1").await.as_deref(), Some("one"));
+        assert_eq!(text(&store, "a/2").await.as_deref(), Some("two, updated"));
+        assert_eq!(text(&store, "gone").await, None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_dropped_and_the_rest_kept() {
+        let dir = scratch();
+        {
+            let store = Journal::open(&dir).await.unwrap();
+            store.put(&Path::from("kept"), "yes".into()).await.unwrap();
+            store.put(&Path::from("torn"), "no".into()).await.unwrap();
+        }
+        let path = dir.join(FILE);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(len - 3).unwrap();
+        drop(file);
+        {
+            let store = Journal::open(&dir).await.unwrap();
+            assert_eq!(text(&store, "kept").await.as_deref(), Some("yes"));
+            assert_eq!(text(&store, "torn").await, None);
+            // Writes after the cut land where the tail was.
+            store.put(&Path::from("after"), "ok".into()).await.unwrap();
+        }
+        let store = Journal::open(&dir).await.unwrap();
+        assert_eq!(text(&store, "after").await.as_deref(), Some("ok"));
+        assert_eq!(text(&store, "kept").await.as_deref(), Some("yes"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_journal_of_overwrites_is_rewritten_to_the_live_objects() {
+        let dir = scratch();
+        let big = vec![7u8; 1 << 20];
+        {
+            let store = Journal::open(&dir).await.unwrap();
+            for _ in 0..(3 * (COMPACT_FLOOR >> 20)) {
+                store
+                    .put(&Path::from("same"), big.clone().into())
+                    .await
+                    .unwrap();
+            }
+        }
+        let len = std::fs::metadata(dir.join(FILE)).unwrap().len();
+        assert!(
+            len < COMPACT_FLOOR + (4 << 20),
+            "journal of {len} bytes not rewritten"
+        );
+        let store = Journal::open(&dir).await.unwrap();
+        let back = store
+            .get(&Path::from("same"))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(back.len(), big.len());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

@@ -134,9 +134,10 @@ pub enum Command {
         /// Address to listen on (default `broker.listen`, 127.0.0.1:9092).
         #[arg(long)]
         listen: Option<String>,
-        /// `memory://NAME/` (lost on exit), `sqlite://RELATIVE/PATH` or
-        /// `sqlite:///ABSOLUTE/PATH` (both survive kill -9 and restart).
-        /// Default `broker.storage`: durable, in `broker.data-dir`.
+        /// `memory://NAME/` (lost on exit), `file:///ABSOLUTE/DIR` (a
+        /// journal in DIR) or `sqlite:///ABSOLUTE/PATH` (both survive kill -9
+        /// and restart). Default `broker.storage`: a journal in
+        /// `broker.data-dir`.
         #[arg(long)]
         storage: Option<String>,
     },

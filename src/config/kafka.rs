@@ -121,15 +121,22 @@ pub struct BrokerConfig {
     /// `dlq`, `demo` and `run` look for it when no brokers are configured.
     /// Default `127.0.0.1:9092`.
     pub listen: String,
-    /// Embedded broker storage. Empty (the default): durable, a SQLite file
-    /// `broker.db` in `data-dir`, which survives kill -9 and restarts with
-    /// every acknowledged record. `memory://NAME/` keeps nothing (for
-    /// throwaway runs); `sqlite:///ABSOLUTE/PATH.db` another file.
+    /// Embedded broker storage. Empty (the default): durable, a journal
+    /// file `broker.journal` in `data-dir` (`file://DATA-DIR`): records are
+    /// served from memory and every write is in the journal before it is
+    /// acknowledged, so kill -9 and restarts keep every acknowledged record.
+    /// A data folder that already holds `broker.db` (from an ese before the
+    /// journal) stays on it. `memory://NAME/` keeps nothing (for throwaway
+    /// runs); `file:///ABSOLUTE/DIR` another folder; `sqlite:///ABSOLUTE/PATH.db`
+    /// SQLite (slower, records not held in memory).
     pub storage: String,
     /// The embedded broker's data folder, created on first run. Empty (the
     /// default): `$XDG_DATA_HOME/ese`, else `$HOME/.local/share/ese`.
     pub data_dir: String,
 }
+
+/// The journal of `file://` storage in its folder (vendor/tansu-storage).
+const JOURNAL: &str = "broker.journal";
 
 impl BrokerConfig {
     /// The data folder (see `data-dir`).
@@ -161,6 +168,13 @@ impl BrokerConfig {
         })?;
         let dir = std::path::absolute(&dir)
             .map_err(|e| anyhow::anyhow!("broker.data-dir {}: {e}", dir.display()))?;
-        Ok(format!("sqlite://{}", dir.join("broker.db").display()))
+        let sqlite = dir.join("broker.db");
+        if sqlite.exists() && !dir.join(JOURNAL).exists() {
+            return Ok(format!("sqlite://{}", sqlite.display()));
+        }
+        let url = url::Url::from_directory_path(&dir).map_err(|()| {
+            anyhow::anyhow!("broker.data-dir {}: not a usable path", dir.display())
+        })?;
+        Ok(url.to_string())
     }
 }

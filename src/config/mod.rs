@@ -569,6 +569,20 @@ mod tests {
     }
 
     #[test]
+    fn the_default_broker_storage_is_a_journal_unless_the_folder_has_sqlite() {
+        let dir = std::env::temp_dir().join(format!("ese-data-{}", uuid::Uuid::now_v7()));
+        let mut broker = Settings::load(None).unwrap().broker;
+        broker.data_dir = dir.display().to_string();
+        let url = broker.storage_url().unwrap();
+        assert_eq!(url, format!("file://{}/", dir.display()));
+        // A folder an older ese left its SQLite file in stays on it.
+        std::fs::write(dir.join("broker.db"), b"").unwrap();
+        let url = broker.storage_url().unwrap();
+        assert_eq!(url, format!("sqlite://{}", dir.join("broker.db").display()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn defaults_load() {
         let s = Settings::load(None).unwrap();
         assert!(s.pipelines.contains_key("users"));

@@ -82,8 +82,7 @@ async fn live_consumer_sees_every_acknowledged_record_of_concurrent_producers() 
     live_consumer_sees_every_acknowledged_record(&TestApp::spawn().await).await;
 }
 
-/// The same on the durable SQLite storage `ese up` runs by default, where
-/// fetches run beside produces (vendor/tansu-storage, fifteenth patch).
+/// The same on the journal storage `ese up` runs by default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_consumer_sees_every_acknowledged_record_on_durable_storage() {
     let port = crate::harness::free_port();
@@ -300,4 +299,120 @@ async fn topics_create_sets_and_updates_retention(app: &TestApp) {
 async fn topics_get_their_retention_from_config() {
     let app = TestApp::spawn().await;
     topics_create_sets_and_updates_retention(&app).await;
+}
+
+/// The journal storage `ese up` runs by default keeps each topic to its
+/// `retention.ms`: batches whose newest record is older go and the log
+/// start moves past them; the offset for a time comes from the records' own
+/// times, also after the broker is killed and its journal loaded again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_storage_keeps_retention_and_finds_offsets_by_record_time() {
+    let port = crate::harness::free_port();
+    let db = crate::harness::BrokerDb::new();
+    // Retention runs at the broker's maintenance, every second here.
+    let storage = format!("{}?maintenance_interval=1s", db.storage());
+    let mut broker = crate::harness::spawn_broker(port, &storage);
+    let app = TestApp::spawn_with(
+        toml::from_str(&format!(
+            "[kafka]\nbrokers = \"127.0.0.1:{port}\"\n[retention]\ntopic-retention = \"1h\""
+        ))
+        .unwrap(),
+    )
+    .await;
+    let topic = app.topic("sends");
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    let minutes_ago = |m: i64| now - m * 60_000;
+    // One batch each on partition 0, at offsets 0..4: two past the hour's
+    // retention, two within it.
+    for (i, age) in [180, 120, 10, 0].into_iter().enumerate() {
+        let payload = format!("record {i}");
+        let record = FutureRecord::to(&topic)
+            .partition(0)
+            .key("k".as_bytes())
+            .payload(payload.as_bytes())
+            .timestamp(minutes_ago(age));
+        app.producer
+            .send_all(vec![record], Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    let reader = TopicReader::new(&app.settings.kafka).unwrap();
+    let start_of = |offsets: Vec<(i32, i64)>| offsets.iter().find(|p| p.0 == 0).map(|p| p.1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let start = start_of(reader.start_offsets(&topic).await.unwrap());
+        if start == Some(2) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "log start {start:?}, expected 2 once retention ran"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let kept = reader.read_messages(&topic, &[(0, 2)]).await.unwrap();
+    let kept: Vec<String> = kept
+        .iter()
+        .map(|m| String::from_utf8_lossy(rdkafka::Message::payload(m).unwrap_or_default()).into())
+        .collect();
+    assert_eq!(kept, ["record 2", "record 3"]);
+
+    let at = |offsets: Vec<(i32, Option<i64>)>| offsets.iter().find(|p| p.0 == 0).and_then(|p| p.1);
+    assert_eq!(
+        at(reader
+            .offsets_for_time(&topic, minutes_ago(30))
+            .await
+            .unwrap()),
+        Some(2)
+    );
+    assert_eq!(
+        at(reader
+            .offsets_for_time(&topic, minutes_ago(5))
+            .await
+            .unwrap()),
+        Some(3)
+    );
+    assert_eq!(
+        at(reader.offsets_for_time(&topic, now + 60_000).await.unwrap()),
+        None
+    );
+
+    // Killed and started again on the same journal: the same answers.
+    broker.kill9();
+    let _broker = crate::harness::spawn_broker(port, &storage);
+    let reader = TopicReader::new(&app.settings.kafka).unwrap();
+    assert_eq!(
+        start_of(reader.start_offsets(&topic).await.unwrap()),
+        Some(2)
+    );
+    assert_eq!(
+        reader
+            .end_offsets(&topic)
+            .await
+            .unwrap()
+            .iter()
+            .find(|p| p.0 == 0)
+            .map(|p| p.1),
+        Some(4)
+    );
+    assert_eq!(
+        at(reader
+            .offsets_for_time(&topic, minutes_ago(5))
+            .await
+            .unwrap()),
+        Some(3)
+    );
+    assert_eq!(
+        at(reader
+            .offsets_for_time(&topic, minutes_ago(30))
+            .await
+            .unwrap()),
+        Some(2)
+    );
 }

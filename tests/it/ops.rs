@@ -377,14 +377,14 @@ async fn replay_cli_shows_the_plan_and_moves_only_what_it_names() {
     assert!(out.contains("0 records will be processed again"), "{out}");
 }
 
-/// `ese status` on the durable SQLite storage that `ese up` runs by
-/// default: the running stage's group is described with its member and no
+/// `ese status` on the SQLite storage (durable, a choice beside the default
+/// journal): the running stage's group is described with its member and no
 /// lag (the storage read a group's stored detail as a JSON string and the
 /// broker dropped every DescribeGroups).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_describes_running_groups_on_durable_storage() {
     let port = crate::harness::free_port();
-    let db = crate::harness::BrokerDb::new();
+    let db = crate::harness::BrokerDb::sqlite();
     let mut broker = crate::harness::spawn_broker(port, &db.storage());
     let app = TestApp::spawn_with(
         toml::from_str(&format!("[kafka]\nbrokers = \"127.0.0.1:{port}\"")).unwrap(),

@@ -21,31 +21,48 @@ pub fn child_log() -> String {
     std::env::var("ESE_TEST_RUST_LOG").unwrap_or_else(|_| "warn".into())
 }
 
-/// A SQLite file for `ese broker --storage` (durable across a broker
-/// restart), removed with its WAL files when dropped.
-pub struct BrokerDb(PathBuf);
+/// A data folder for `ese broker --storage` (durable across a broker
+/// restart), removed when dropped: the journal `ese up` runs by default
+/// ([`BrokerDb::new`]) or a SQLite file ([`BrokerDb::sqlite`]).
+pub struct BrokerDb {
+    dir: PathBuf,
+    sqlite: bool,
+}
 
 impl BrokerDb {
     pub fn new() -> Self {
-        Self(std::env::temp_dir().join(format!("ese-broker-{}.db", uuid::Uuid::new_v4().simple())))
+        Self::in_dir(false)
+    }
+
+    pub fn sqlite() -> Self {
+        Self::in_dir(true)
+    }
+
+    fn in_dir(sqlite: bool) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("ese-broker-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("broker data folder");
+        Self { dir, sqlite }
     }
 
     /// The `--storage` URL.
     pub fn storage(&self) -> String {
-        format!("sqlite://{}", self.0.display())
+        if self.sqlite {
+            format!("sqlite://{}", self.dir.join("broker.db").display())
+        } else {
+            format!("file://{}", self.dir.display())
+        }
     }
 }
 
 impl Drop for BrokerDb {
     fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
-        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 /// `ese broker` in a child process on `port` with `storage` (`memory://…`,
-/// `sqlite://…`), returned once it accepts connections.
+/// `file://…`, `sqlite://…`), returned once it accepts connections.
 pub fn spawn_broker(port: u16, storage: &str) -> Proc {
     let broker = Proc::new(
         Command::new(env!("CARGO_BIN_EXE_ese"))

@@ -61,7 +61,7 @@ use tansu_sans_io::{
     list_groups_response::ListedGroup,
     metadata_response::{MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic},
     record::{Record, deflated, inflated},
-    txn_offset_commit_response::{TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic},
+    txn_offset_commit_response::{TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic}, to_timestamp,
 };
 use tansu_schema::{
     Registry,
@@ -71,6 +71,7 @@ use tracing::{debug, error, instrument, warn};
 use url::Url;
 use uuid::Uuid;
 
+pub(crate) mod journal;
 mod metadata;
 mod opticon;
 
@@ -545,6 +546,166 @@ impl DynoStore {
         }
 
         Ok(holding)
+    }
+
+    /// ese patch: the partition's batches, by start offset.
+    async fn batch_starts(&self, topition: &Topition) -> Result<Vec<(i64, Path)>> {
+        let location = Path::from(format!(
+            "clusters/{}/topics/{}/partitions/{:0>10}/records/",
+            self.cluster, topition.topic, topition.partition
+        ));
+        let mut starts = vec![];
+        let mut list_stream = self.object_store.list(Some(&location));
+        while let Some(meta) = list_stream
+            .next()
+            .await
+            .transpose()
+            .inspect_err(|error| error!(?error, ?topition))
+            .map_err(|_| Error::Api(ErrorCode::UnknownServerError))?
+        {
+            let Some(start) = meta
+                .location
+                .parts()
+                .next_back()
+                .and_then(|name| name.as_ref().get(0..20).and_then(|n| i64::from_str(n).ok()))
+            else {
+                continue;
+            };
+            starts.push((start, meta.location));
+        }
+        starts.sort_unstable_by_key(|(start, _)| *start);
+        Ok(starts)
+    }
+
+    /// ese patch: the newest record time (ms) of the batch at `location`.
+    async fn batch_max_timestamp(&self, location: &Path) -> Result<Option<i64>> {
+        match self.batches.get(location).await {
+            Ok(got) => {
+                let encoded = got
+                    .bytes()
+                    .await
+                    .map_err(|_| Error::Api(ErrorCode::UnknownServerError))?;
+                self.decode(encoded).map(|batch| Some(batch.max_timestamp))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(error) => {
+                error!(?error, %location);
+                Err(Error::Api(ErrorCode::UnknownServerError))
+            }
+        }
+    }
+
+    /// ese patch: ListOffsets for the earliest offset or a time, from the
+    /// batches themselves: the first batch still held (retention removes the
+    /// oldest), or the first batch with a record at or after the time (by
+    /// the records' own timestamps, as Kafka; the object store's write
+    /// times, used before, are the time of loading for a journal replayed
+    /// at start). -1 when no record is that new, as Kafka.
+    async fn offset_from_batches(
+        &self,
+        topition: &Topition,
+        request: &ListOffset,
+    ) -> Result<ListOffsetResponse> {
+        let starts = self.batch_starts(topition).await?;
+        let offset = match request {
+            ListOffset::Timestamp(at) => {
+                let at = to_timestamp(at)?;
+                let mut found = -1;
+                for (start, location) in &starts {
+                    if self
+                        .batch_max_timestamp(location)
+                        .await?
+                        .is_some_and(|newest| newest >= at)
+                    {
+                        found = *start;
+                        break;
+                    }
+                }
+                found
+            }
+            _ => match starts.first() {
+                Some((start, _)) => *start,
+                None => self.offset_stage(topition).await?.high_watermark,
+            },
+        };
+        Ok(ListOffsetResponse {
+            error_code: ErrorCode::None,
+            offset: Some(offset),
+            ..Default::default()
+        })
+    }
+
+    /// ese patch: retention, as Kafka's `cleanup.policy=delete`. Each
+    /// partition's oldest batches whose newest record is older than the
+    /// topic's `retention.ms` (7 days when unset, as the SQLite storage; -1
+    /// keeps everything) are removed, and the partition's log start moves
+    /// past them. Returns the batches removed.
+    async fn apply_retention(&self, now: SystemTime) -> Result<u64> {
+        const DEFAULT_RETENTION_MS: i64 = 7 * 24 * 3_600_000;
+        let now = to_timestamp(&now)?;
+        let topics = self
+            .meta
+            .with(&self.object_store, |meta| {
+                Ok(meta.topics.values().cloned().collect::<Vec<_>>())
+            })
+            .await?;
+        let mut removed = 0;
+        for metadata in topics {
+            let retention_ms = metadata
+                .topic
+                .configs
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .find(|config| config.name == "retention.ms")
+                .and_then(|config| config.value.as_deref())
+                .and_then(|value| i64::from_str(value.trim()).ok())
+                .unwrap_or(DEFAULT_RETENTION_MS);
+            if retention_ms < 0 {
+                continue;
+            }
+            let cutoff = now.saturating_sub(retention_ms);
+            for partition in 0..metadata.topic.num_partitions.max(0) {
+                let topition = Topition::new(metadata.topic.name.clone(), partition);
+                let starts = self.batch_starts(&topition).await?;
+                // The newest batch stays: it holds the partition's end.
+                let mut log_start = None;
+                for (i, (_, location)) in starts.iter().enumerate() {
+                    let Some((next, _)) = starts.get(i + 1) else {
+                        break;
+                    };
+                    match self.batch_max_timestamp(location).await? {
+                        Some(newest) if newest < cutoff => {}
+                        _ => break,
+                    }
+                    log_start = Some(*next);
+                    match self.batches.delete(location).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => removed += 1,
+                        Err(error) => {
+                            error!(?error, %location);
+                            return Err(Error::Api(ErrorCode::UnknownServerError));
+                        }
+                    }
+                }
+                if let Some(log_start) = log_start {
+                    let watermark = self.watermarks.lock().map(|mut locked| {
+                        locked
+                            .entry(topition.to_owned())
+                            .or_insert_with(|| {
+                                OptiCon::<Watermark>::new(self.cluster.as_str(), &topition)
+                            })
+                            .to_owned()
+                    })?;
+                    watermark
+                        .with_mut(&self.object_store, |watermark| {
+                            watermark.low = Some(watermark.low.unwrap_or(0).max(log_start));
+                            Ok(())
+                        })
+                        .await?;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// The produce itself; see `produce` (ese patch).
@@ -1275,6 +1436,14 @@ impl Storage for DynoStore {
                         offset: Some(high),
                         ..Default::default()
                     },
+                ));
+                continue;
+            }
+
+            if offset_request != &ListOffset::Latest {
+                responses.push((
+                    topition.to_owned(),
+                    self.offset_from_batches(topition, offset_request).await?,
                 ));
                 continue;
             }
@@ -2693,7 +2862,12 @@ impl Storage for DynoStore {
         Ok(ErrorCode::None)
     }
 
-    async fn maintain(&self, _now: SystemTime) -> Result<()> {
+    async fn maintain(&self, now: SystemTime) -> Result<()> {
+        let removed = self.apply_retention(now).await?;
+        if removed > 0 {
+            debug!(removed, "retention");
+        }
+
         if let Some(ref lake) = self.lake {
             return lake
                 .maintain()

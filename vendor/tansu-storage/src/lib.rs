@@ -197,6 +197,10 @@ use uuid::Uuid;
 #[cfg(feature = "dynostore")]
 mod dynostore;
 
+// ese patch: the durable object store of `file://` storage.
+#[cfg(feature = "dynostore")]
+pub use dynostore::journal::{COMPACT_FLOOR as JOURNAL_COMPACT_FLOOR, FILE as JOURNAL_FILE, Journal};
+
 mod null;
 
 #[cfg(feature = "postgres")]
@@ -1761,8 +1765,27 @@ impl Builder<i32, String, Url, Url> {
                     .lake(self.lake_house.clone()),
             )),
 
+            // ese patch: objects in memory, every change journaled to a
+            // file in the folder first (dynostore/journal.rs).
+            #[cfg(feature = "dynostore")]
+            "file" => {
+                let dir = self.storage.to_file_path().map_err(|()| {
+                    Error::Message(format!("{}: needs an absolute path", self.storage))
+                })?;
+                Journal::open(&dir)
+                    .await
+                    .map(|journal| {
+                        DynoStore::new(self.cluster_id.as_str(), self.node_id, journal)
+                            .advertised_listener(self.advertised_listener.clone())
+                            .schemas(self.schema_registry)
+                            .lake(self.lake_house.clone())
+                    })
+                    .map(StorageContainer::DynoStore)
+                    .map_err(Into::into)
+            }
+
             #[cfg(not(feature = "dynostore"))]
-            "s3" | "memory" => Err(Error::FeatureNotEnabled {
+            "s3" | "memory" | "file" => Err(Error::FeatureNotEnabled {
                 feature: "dynostore".into(),
                 message: self.storage.to_string(),
             }),

@@ -202,9 +202,20 @@ impl FetchService {
             .await
             .inspect_err(|error| error!(?error, ?tp))?;
 
+        // ese patch: an offset before the log start (retention removed its
+        // batches) is OFFSET_OUT_OF_RANGE, as in Kafka, so the consumer
+        // resets by its `auto.offset.reset` instead of waiting forever.
+        let error_code = if batches.is_empty()
+            && fetch_partition.fetch_offset < offset_stage.log_start()
+        {
+            ErrorCode::OffsetOutOfRange
+        } else {
+            ErrorCode::None
+        };
+
         Ok(PartitionData::default()
             .partition_index(partition_index)
-            .error_code(ErrorCode::None.into())
+            .error_code(error_code.into())
             .high_watermark(offset_stage.high_watermark())
             .last_stable_offset(Some(offset_stage.last_stable()))
             .log_start_offset(Some(offset_stage.log_start()))

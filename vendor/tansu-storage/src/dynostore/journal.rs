@@ -1,0 +1,465 @@
+// ese patch: a durable object store for the single-node broker (`file://DIR`).
+//
+// Objects live in memory (object_store's `InMemory`, as `memory://`), and
+// every change is appended to one journal file (`DIR/broker.journal`)
+// *before* it is applied and answered: a put or delete that returned Ok is
+// in the file. Opening replays the journal into memory, drops a torn or
+// corrupt tail (a write the crash cut short was never answered), and writes
+// the live objects anew when the journal has grown past twice their size.
+//
+// A write reaches the operating system before it is answered, so it
+// survives the process being killed (kill -9) and a clean restart of the
+// machine; the file is flushed to the disk (`fdatasync`) every second and at
+// drop, so a power cut can take the last second, as with Apache Kafka's
+// defaults (which leave flushing to the operating system) and SQLite's
+// `synchronous = normal`.
+//
+// One process owns a journal: the file is locked while open.
+
+use std::{
+    fmt,
+    fs::{File, OpenOptions},
+    io::{BufReader, ErrorKind, Read, Seek, SeekFrom, Write},
+    ops::Range,
+    path::{Path as FsPath, PathBuf},
+    sync::{Arc, Weak},
+    thread,
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt, stream::BoxStream};
+use object_store::{
+    CopyMode, CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta,
+    ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    memory::InMemory, path::Path,
+};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+const STORE: &str = "Journal";
+/// The journal's file name in its folder.
+pub const FILE: &str = "broker.journal";
+const PUT: u8 = 1;
+const DELETE: u8 = 2;
+/// The journal is rewritten when it exceeds twice the live objects and this.
+pub const COMPACT_FLOOR: u64 = 64 << 20;
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// Objects in memory, every change journaled first (see the module's text).
+#[derive(Clone)]
+pub struct Journal {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    memory: InMemory,
+    dir: PathBuf,
+    log: Mutex<Log>,
+}
+
+struct Log {
+    file: Arc<File>,
+    /// Bytes in the file, all of them whole frames.
+    len: u64,
+    /// Journal length that triggers the next rewrite.
+    compact_at: u64,
+    /// A write failed part way and could not be undone: refuse the rest.
+    broken: Option<String>,
+}
+
+fn generic(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> object_store::Error {
+    object_store::Error::Generic {
+        store: STORE,
+        source: source.into(),
+    }
+}
+
+/// `len u32 | op u8 | path_len u16 | path | payload | crc32 u32` (little
+/// endian; `len` counts op to payload, the CRC covers the same bytes).
+fn frame(op: u8, location: &Path, payload: &[u8]) -> object_store::Result<Vec<u8>> {
+    let path = location.as_ref().as_bytes();
+    let path_len = u16::try_from(path.len()).map_err(|_| generic("path longer than 64 KiB"))?;
+    let len = u32::try_from(1 + 2 + path.len() + payload.len())
+        .map_err(|_| generic("object larger than 4 GiB"))?;
+    let mut out = Vec::with_capacity(len as usize + 8);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.push(op);
+    out.extend_from_slice(&path_len.to_le_bytes());
+    out.extend_from_slice(path);
+    out.extend_from_slice(payload);
+    let crc = crc32fast::hash(&out[4..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
+/// One frame read back: `None` at the end or at a torn or corrupt tail.
+fn read_frame(reader: &mut impl Read) -> std::io::Result<Option<(u8, Path, Bytes)>> {
+    let mut len = [0u8; 4];
+    match reader.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len < 3 {
+        return Ok(None);
+    }
+    let mut body = vec![0u8; len + 4];
+    match reader.read_exact(&mut body) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let crc = u32::from_le_bytes([body[len], body[len + 1], body[len + 2], body[len + 3]]);
+    if crc32fast::hash(&body[..len]) != crc {
+        return Ok(None);
+    }
+    let op = body[0];
+    let path_len = u16::from_le_bytes([body[1], body[2]]) as usize;
+    if 3 + path_len > len || !(op == PUT || op == DELETE) {
+        return Ok(None);
+    }
+    let Ok(path) = std::str::from_utf8(&body[3..3 + path_len]) else {
+        return Ok(None);
+    };
+    let path = Path::from(path);
+    body.truncate(len);
+    let payload = Bytes::from(body).slice(3 + path_len..);
+    Ok(Some((op, path, payload)))
+}
+
+impl Journal {
+    /// Opens (creating when absent) the journal in `dir` and loads it.
+    pub async fn open(dir: &FsPath) -> object_store::Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| generic(format!("{}: cannot create it: {e}", dir.display())))?;
+        let path = dir.join(FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| generic(format!("{}: {e}", path.display())))?;
+        file.try_lock().map_err(|e| {
+            generic(format!(
+                "{}: in use by another process ({e}); one broker per data folder",
+                path.display()
+            ))
+        })?;
+
+        let memory = InMemory::new();
+        let total = file
+            .metadata()
+            .map_err(|e| generic(format!("{}: {e}", path.display())))?
+            .len();
+        let (mut frames, mut good) = (0u64, 0u64);
+        {
+            let mut reader = BufReader::with_capacity(1 << 20, &file);
+            while let Some((op, location, payload)) =
+                read_frame(&mut reader).map_err(|e| generic(format!("{}: {e}", path.display())))?
+            {
+                match op {
+                    PUT => _ = memory.put(&location, payload.clone().into()).await?,
+                    _ => match memory.delete(&location).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(e),
+                    },
+                }
+                frames += 1;
+                good += 4 + 4 + 3 + location.as_ref().len() as u64 + payload.len() as u64;
+            }
+        }
+        if good < total {
+            warn!(
+                journal = %path.display(),
+                dropped_bytes = total - good,
+                "journal: dropping a torn or corrupt tail (a write cut short, never answered)"
+            );
+            file.set_len(good)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| generic(format!("{}: {e}", path.display())))?;
+        }
+        _ = file
+            .seek(SeekFrom::Start(good))
+            .map_err(|e| generic(format!("{}: {e}", path.display())))?;
+
+        let journal = Self {
+            inner: Arc::new(Inner {
+                memory,
+                dir: dir.to_path_buf(),
+                log: Mutex::new(Log {
+                    file: Arc::new(file),
+                    len: good,
+                    compact_at: 0,
+                    broken: None,
+                }),
+            }),
+        };
+        let live = {
+            let mut log = journal.inner.log.lock().await;
+            let live = journal.inner.live_bytes().await?;
+            if good > 2 * live + COMPACT_FLOOR {
+                journal.inner.compact(&mut log).await?
+            } else {
+                log.compact_at = (2 * live).max(good) + COMPACT_FLOOR;
+                live
+            }
+        };
+        info!(journal = %path.display(), frames, bytes = good, live, "journal: loaded");
+        journal.spawn_sync();
+        Ok(journal)
+    }
+
+    /// Flushes the journal to the disk every [`SYNC_EVERY`] until dropped.
+    fn spawn_sync(&self) {
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        _ = thread::Builder::new()
+            .name("journal-sync".into())
+            .spawn(move || {
+                loop {
+                    thread::sleep(SYNC_EVERY);
+                    let Some(inner) = weak.upgrade() else { break };
+                    let file = inner.log.blocking_lock().file.clone();
+                    drop(inner);
+                    if let Err(e) = file.sync_data() {
+                        warn!(error = %e, "journal: flush to disk failed");
+                    }
+                }
+            });
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(log) = self.log.try_lock() {
+            _ = log.file.sync_data();
+        }
+    }
+}
+
+impl Inner {
+    /// Appends one frame, leaving the file whole if the write fails.
+    fn append(&self, log: &mut Log, frame: &[u8]) -> object_store::Result<()> {
+        if let Some(broken) = &log.broken {
+            return Err(generic(format!("journal unusable: {broken}")));
+        }
+        if let Err(e) = (&*log.file).write_all(frame) {
+            let undo = log
+                .file
+                .set_len(log.len)
+                .and_then(|()| (&*log.file).seek(SeekFrom::Start(log.len)).map(|_| ()));
+            if let Err(undo) = undo {
+                log.broken = Some(format!(
+                    "write failed ({e}) and could not be undone ({undo})"
+                ));
+            }
+            return Err(generic(format!("journal write: {e}")));
+        }
+        log.len += frame.len() as u64;
+        Ok(())
+    }
+
+    async fn live_bytes(&self) -> object_store::Result<u64> {
+        self.memory
+            .list(None)
+            .try_fold(0u64, |n, meta| async move { Ok(n + meta.size) })
+            .await
+    }
+
+    /// Writes the live objects to a new journal and puts it in place of the
+    /// old one (written, flushed, renamed: a crash leaves one or the other).
+    async fn compact(&self, log: &mut Log) -> object_store::Result<u64> {
+        let path = self.dir.join(FILE);
+        let tmp = self.dir.join(format!("{FILE}.new"));
+        let io = |e: std::io::Error| generic(format!("{}: {e}", tmp.display()));
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io)?);
+        let mut live = 0u64;
+        let mut len = 0u64;
+        let mut objects = self.memory.list(None);
+        while let Some(meta) = objects.next().await.transpose()? {
+            let bytes = self.memory.get(&meta.location).await?.bytes().await?;
+            let frame = frame(PUT, &meta.location, &bytes)?;
+            out.write_all(&frame).map_err(io)?;
+            live += bytes.len() as u64;
+            len += frame.len() as u64;
+        }
+        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        drop(file);
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        if let Ok(dir) = File::open(&self.dir) {
+            _ = dir.sync_all();
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        file.try_lock().map_err(|e| io(e.into()))?;
+        _ = file.seek(SeekFrom::Start(len)).map_err(io)?;
+        info!(journal = %path.display(), before = log.len, after = len, "journal: rewritten");
+        log.file = Arc::new(file);
+        log.len = len;
+        log.compact_at = 2 * len + COMPACT_FLOOR;
+        Ok(live)
+    }
+
+    async fn after_write(&self, log: &mut Log) {
+        if log.len > log.compact_at
+            && let Err(e) = self.compact(log).await
+        {
+            warn!(error = %e, "journal: rewrite failed; the old journal stays in use");
+            log.compact_at = log.len + COMPACT_FLOOR;
+        }
+    }
+
+    async fn delete_one(&self, location: &Path) -> object_store::Result<()> {
+        let mut log = self.log.lock().await;
+        if self.memory.head(location).await.is_ok() {
+            self.append(&mut log, &frame(DELETE, location, &[])?)?;
+            self.memory.delete(location).await?;
+            self.after_write(&mut log).await;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Journal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Journal({})", self.inner.dir.join(FILE).display())
+    }
+}
+
+impl fmt::Debug for Journal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Journal {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        let inner = &self.inner;
+        let mut log = inner.log.lock().await;
+        // The conditions are checked here, before the journal is written;
+        // every write holds the lock, so they still hold when applied.
+        match &opts.mode {
+            PutMode::Overwrite => {}
+            PutMode::Create => {
+                if inner.memory.head(location).await.is_ok() {
+                    return Err(object_store::Error::AlreadyExists {
+                        path: location.to_string(),
+                        source: "object exists".into(),
+                    });
+                }
+            }
+            PutMode::Update(v) => {
+                let current = match inner.memory.head(location).await {
+                    Ok(meta) => meta.e_tag,
+                    Err(object_store::Error::NotFound { .. }) => None,
+                    Err(e) => return Err(e),
+                };
+                if current.is_none() || current != v.e_tag {
+                    return Err(object_store::Error::Precondition {
+                        path: location.to_string(),
+                        source: format!("{current:?} does not match {:?}", v.e_tag).into(),
+                    });
+                }
+            }
+        }
+        let bytes = Bytes::from(payload);
+        inner.append(&mut log, &frame(PUT, location, &bytes)?)?;
+        let result = inner.memory.put_opts(location, bytes.into(), opts).await?;
+        inner.after_write(&mut log).await;
+        Ok(result)
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        _location: &Path,
+        _opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        Err(object_store::Error::NotImplemented {
+            operation: "put_multipart_opts".into(),
+            implementer: STORE.into(),
+        })
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.inner.memory.get_opts(location, options).await
+    }
+
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[Range<u64>],
+    ) -> object_store::Result<Vec<Bytes>> {
+        self.inner.memory.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        let inner = self.inner.clone();
+        locations
+            .then(move |location| {
+                let inner = inner.clone();
+                async move {
+                    let location = location?;
+                    inner.delete_one(&location).await?;
+                    Ok(location)
+                }
+            })
+            .boxed()
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.memory.list(prefix)
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.memory.list_with_offset(prefix, offset)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.inner.memory.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        let inner = &self.inner;
+        let mut log = inner.log.lock().await;
+        if matches!(options.mode, CopyMode::Create) && inner.memory.head(to).await.is_ok() {
+            return Err(object_store::Error::AlreadyExists {
+                path: to.to_string(),
+                source: "object exists".into(),
+            });
+        }
+        let bytes = inner.memory.get(from).await?.bytes().await?;
+        inner.append(&mut log, &frame(PUT, to, &bytes)?)?;
+        inner.memory.copy_opts(from, to, options).await?;
+        inner.after_write(&mut log).await;
+        Ok(())
+    }
+}
