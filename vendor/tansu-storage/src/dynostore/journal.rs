@@ -5,7 +5,8 @@
 // *before* it is applied and answered: a put or delete that returned Ok is
 // in the file. Opening replays the journal into memory, drops a torn or
 // corrupt tail (a write the crash cut short was never answered), and writes
-// the live objects anew when the journal has grown past twice their size.
+// the live objects anew when the journal has grown past twice their size
+// (also while running, without holding writes up: see `rewrite`).
 //
 // A write reaches the operating system before it is answered, so it
 // survives the process being killed (kill -9) and a clean restart of the
@@ -67,6 +68,9 @@ struct Log {
     compact_at: u64,
     /// A write failed part way and could not be undone: refuse the rest.
     broken: Option<String>,
+    /// While a rewrite runs: every frame appended since it took the
+    /// objects, for the new journal too.
+    pending: Option<Vec<u8>>,
 }
 
 fn generic(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> object_store::Error {
@@ -195,19 +199,16 @@ impl Journal {
                     len: good,
                     compact_at: 0,
                     broken: None,
+                    pending: None,
                 }),
             }),
         };
-        let live = {
-            let mut log = journal.inner.log.lock().await;
-            let live = journal.inner.live_bytes().await?;
-            if good > 2 * live + COMPACT_FLOOR {
-                journal.inner.compact(&mut log).await?
-            } else {
-                log.compact_at = (2 * live).max(good) + COMPACT_FLOOR;
-                live
-            }
-        };
+        let live = journal.inner.live_bytes().await?;
+        if good > 2 * live + COMPACT_FLOOR {
+            journal.inner.rewrite().await?;
+        } else {
+            journal.inner.log.lock().await.compact_at = (2 * live).max(good) + COMPACT_FLOOR;
+        }
         info!(journal = %path.display(), frames, bytes = good, live, "journal: loaded");
         journal.spawn_sync();
         Ok(journal)
@@ -259,6 +260,9 @@ impl Inner {
             return Err(generic(format!("journal write: {e}")));
         }
         log.len += frame.len() as u64;
+        if let Some(pending) = &mut log.pending {
+            pending.extend_from_slice(frame);
+        }
         Ok(())
     }
 
@@ -270,50 +274,90 @@ impl Inner {
     }
 
     /// Writes the live objects to a new journal and puts it in place of the
-    /// old one (written, flushed, renamed: a crash leaves one or the other).
-    async fn compact(&self, log: &mut Log) -> object_store::Result<u64> {
-        let path = self.dir.join(FILE);
+    /// old one (written, flushed, renamed: a crash leaves one or the other),
+    /// when the journal has outgrown `compact_at` and no rewrite runs.
+    /// Writes go on meanwhile: the lock is held to take the objects (their
+    /// bytes are shared, not copied) and at the end, to add what was written
+    /// since and swap the files.
+    async fn rewrite(&self) -> object_store::Result<()> {
+        let objects = {
+            let mut log = self.log.lock().await;
+            if log.pending.is_some() || log.len <= log.compact_at {
+                return Ok(());
+            }
+            let mut objects = vec![];
+            let mut listed = self.memory.list(None);
+            while let Some(meta) = listed.next().await.transpose()? {
+                let bytes = self.memory.get(&meta.location).await?.bytes().await?;
+                objects.push((meta.location, bytes));
+            }
+            log.pending = Some(vec![]);
+            objects
+        };
         let tmp = self.dir.join(format!("{FILE}.new"));
-        let io = |e: std::io::Error| generic(format!("{}: {e}", tmp.display()));
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io)?);
-        let mut live = 0u64;
-        let mut len = 0u64;
-        let mut objects = self.memory.list(None);
-        while let Some(meta) = objects.next().await.transpose()? {
-            let bytes = self.memory.get(&meta.location).await?.bytes().await?;
-            let frame = frame(PUT, &meta.location, &bytes)?;
-            out.write_all(&frame).map_err(io)?;
-            live += bytes.len() as u64;
-            len += frame.len() as u64;
+        let result = self.rewrite_from(objects, &tmp).await;
+        if result.is_err() {
+            _ = std::fs::remove_file(&tmp);
+            let mut log = self.log.lock().await;
+            log.pending = None;
+            log.compact_at = log.len + COMPACT_FLOOR;
         }
-        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        drop(file);
-        std::fs::rename(&tmp, &path).map_err(io)?;
+        result
+    }
+
+    async fn rewrite_from(
+        &self,
+        objects: Vec<(Path, Bytes)>,
+        tmp: &FsPath,
+    ) -> object_store::Result<()> {
+        let io = |e: std::io::Error| generic(format!("{}: {e}", tmp.display()));
+        let (file, written) = {
+            let tmp = tmp.to_path_buf();
+            tokio::task::spawn_blocking(move || -> object_store::Result<(File, u64)> {
+                let io = |e: std::io::Error| generic(format!("{}: {e}", tmp.display()));
+                let file = File::create(&tmp).map_err(io)?;
+                file.try_lock().map_err(|e| io(e.into()))?;
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+                let mut written = 0u64;
+                for (location, bytes) in &objects {
+                    let frame = frame(PUT, location, bytes)?;
+                    out.write_all(&frame).map_err(io)?;
+                    written += frame.len() as u64;
+                }
+                let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+                file.sync_data().map_err(io)?;
+                Ok((file, written))
+            })
+            .await
+            .map_err(|e| generic(format!("journal rewrite: {e}")))??
+        };
+        let path = self.dir.join(FILE);
+        let mut log = self.log.lock().await;
+        let pending = log.pending.take().unwrap_or_default();
+        (&file).write_all(&pending).map_err(io)?;
+        file.sync_data().map_err(io)?;
+        std::fs::rename(tmp, &path).map_err(io)?;
         if let Ok(dir) = File::open(&self.dir) {
             _ = dir.sync_all();
         }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io)?;
-        file.try_lock().map_err(|e| io(e.into()))?;
-        _ = file.seek(SeekFrom::Start(len)).map_err(io)?;
+        let len = written + pending.len() as u64;
         info!(journal = %path.display(), before = log.len, after = len, "journal: rewritten");
         log.file = Arc::new(file);
         log.len = len;
         log.compact_at = 2 * len + COMPACT_FLOOR;
-        Ok(live)
+        Ok(())
     }
 
-    async fn after_write(&self, log: &mut Log) {
-        if log.len > log.compact_at
-            && let Err(e) = self.compact(log).await
-        {
+    /// After a write, with the lock let go: a rewrite if one is due.
+    async fn rewrite_if_due(&self) {
+        if let Err(e) = self.rewrite().await {
             warn!(error = %e, "journal: rewrite failed; the old journal stays in use");
-            log.compact_at = log.len + COMPACT_FLOOR;
         }
+    }
+
+    /// Whether the journal has outgrown its bound (checked under the lock).
+    fn due(log: &Log) -> bool {
+        log.len > log.compact_at && log.pending.is_none()
     }
 
     async fn delete_one(&self, location: &Path) -> object_store::Result<()> {
@@ -321,7 +365,10 @@ impl Inner {
         if self.memory.head(location).await.is_ok() {
             self.append(&mut log, &frame(DELETE, location, &[])?)?;
             self.memory.delete(location).await?;
-            self.after_write(&mut log).await;
+            if Self::due(&log) {
+                drop(log);
+                self.rewrite_if_due().await;
+            }
         }
         Ok(())
     }
@@ -378,7 +425,10 @@ impl ObjectStore for Journal {
         let bytes = Bytes::from(payload);
         inner.append(&mut log, &frame(PUT, location, &bytes)?)?;
         let result = inner.memory.put_opts(location, bytes.into(), opts).await?;
-        inner.after_write(&mut log).await;
+        if Inner::due(&log) {
+            drop(log);
+            inner.rewrite_if_due().await;
+        }
         Ok(result)
     }
 
@@ -459,7 +509,10 @@ impl ObjectStore for Journal {
         let bytes = inner.memory.get(from).await?.bytes().await?;
         inner.append(&mut log, &frame(PUT, to, &bytes)?)?;
         inner.memory.copy_opts(from, to, options).await?;
-        inner.after_write(&mut log).await;
+        if Inner::due(&log) {
+            drop(log);
+            inner.rewrite_if_due().await;
+        }
         Ok(())
     }
 }
