@@ -343,10 +343,9 @@ async fn journal_storage_keeps_retention_and_finds_offsets_by_record_time() {
             .unwrap();
     }
     let reader = TopicReader::new(&app.settings.kafka).unwrap();
-    let start_of = |offsets: Vec<(i32, i64)>| offsets.iter().find(|p| p.0 == 0).map(|p| p.1);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let start = start_of(reader.start_offsets(&topic).await.unwrap());
+        let (start, _, _) = partition_zero(&reader, &topic, &[]).await;
         if start == Some(2) {
             break;
         }
@@ -363,56 +362,30 @@ async fn journal_storage_keeps_retention_and_finds_offsets_by_record_time() {
         .collect();
     assert_eq!(kept, ["record 2", "record 3"]);
 
-    let at = |offsets: Vec<(i32, Option<i64>)>| offsets.iter().find(|p| p.0 == 0).and_then(|p| p.1);
-    assert_eq!(
-        at(reader
-            .offsets_for_time(&topic, minutes_ago(30))
-            .await
-            .unwrap()),
-        Some(2)
-    );
-    assert_eq!(
-        at(reader
-            .offsets_for_time(&topic, minutes_ago(5))
-            .await
-            .unwrap()),
-        Some(3)
-    );
-    assert_eq!(
-        at(reader.offsets_for_time(&topic, now + 60_000).await.unwrap()),
-        None
-    );
-
+    let times = [minutes_ago(30), minutes_ago(5), now + 60_000];
+    let expected = (Some(2), Some(4), vec![Some(2), Some(3), None]);
+    assert_eq!(partition_zero(&reader, &topic, &times).await, expected);
     // Killed and started again on the same journal: the same answers.
     broker.kill9();
     let _broker = crate::harness::spawn_broker(port, &storage);
     let reader = TopicReader::new(&app.settings.kafka).unwrap();
-    assert_eq!(
-        start_of(reader.start_offsets(&topic).await.unwrap()),
-        Some(2)
-    );
-    assert_eq!(
-        reader
-            .end_offsets(&topic)
-            .await
-            .unwrap()
-            .iter()
-            .find(|p| p.0 == 0)
-            .map(|p| p.1),
-        Some(4)
-    );
-    assert_eq!(
-        at(reader
-            .offsets_for_time(&topic, minutes_ago(5))
-            .await
-            .unwrap()),
-        Some(3)
-    );
-    assert_eq!(
-        at(reader
-            .offsets_for_time(&topic, minutes_ago(30))
-            .await
-            .unwrap()),
-        Some(2)
-    );
+    assert_eq!(partition_zero(&reader, &topic, &times).await, expected);
+}
+
+/// Partition 0 of `topic` as a reader sees it: its log start, its end, and
+/// the offset for each of `times` (None where every record is older).
+async fn partition_zero(
+    reader: &TopicReader,
+    topic: &str,
+    times: &[i64],
+) -> (Option<i64>, Option<i64>, Vec<Option<i64>>) {
+    let zero = |offsets: Vec<(i32, i64)>| offsets.iter().find(|p| p.0 == 0).map(|p| p.1);
+    let start = zero(reader.start_offsets(topic).await.unwrap());
+    let end = zero(reader.end_offsets(topic).await.unwrap());
+    let mut at = vec![];
+    for time in times {
+        let found = reader.offsets_for_time(topic, *time).await.unwrap();
+        at.push(found.iter().find(|p| p.0 == 0).and_then(|p| p.1));
+    }
+    (start, end, at)
 }

@@ -64,8 +64,11 @@ struct Log {
     file: Arc<File>,
     /// Bytes in the file, all of them whole frames.
     len: u64,
-    /// Journal length that triggers the next rewrite.
-    compact_at: u64,
+    /// Bytes of the objects held: the journal is rewritten when it has
+    /// grown past twice this (and [`COMPACT_FLOOR`]).
+    live: u64,
+    /// After a rewrite failed: none before the journal reaches this.
+    not_before: u64,
     /// A write failed part way and could not be undone: refuse the rest.
     broken: Option<String>,
     /// While a rewrite runs: every frame appended since it took the
@@ -197,18 +200,16 @@ impl Journal {
                 log: Mutex::new(Log {
                     file: Arc::new(file),
                     len: good,
-                    compact_at: 0,
+                    live: 0,
+                    not_before: 0,
                     broken: None,
                     pending: None,
                 }),
             }),
         };
         let live = journal.inner.live_bytes().await?;
-        if good > 2 * live + COMPACT_FLOOR {
-            journal.inner.rewrite().await?;
-        } else {
-            journal.inner.log.lock().await.compact_at = (2 * live).max(good) + COMPACT_FLOOR;
-        }
+        journal.inner.log.lock().await.live = live;
+        journal.inner.rewrite().await?;
         info!(journal = %path.display(), frames, bytes = good, live, "journal: loaded");
         journal.spawn_sync();
         Ok(journal)
@@ -275,14 +276,14 @@ impl Inner {
 
     /// Writes the live objects to a new journal and puts it in place of the
     /// old one (written, flushed, renamed: a crash leaves one or the other),
-    /// when the journal has outgrown `compact_at` and no rewrite runs.
+    /// when one is due (see [`Inner::due`]).
     /// Writes go on meanwhile: the lock is held to take the objects (their
     /// bytes are shared, not copied) and at the end, to add what was written
     /// since and swap the files.
     async fn rewrite(&self) -> object_store::Result<()> {
         let objects = {
             let mut log = self.log.lock().await;
-            if log.pending.is_some() || log.len <= log.compact_at {
+            if !Self::due(&log) {
                 return Ok(());
             }
             let mut objects = vec![];
@@ -300,7 +301,7 @@ impl Inner {
             _ = std::fs::remove_file(&tmp);
             let mut log = self.log.lock().await;
             log.pending = None;
-            log.compact_at = log.len + COMPACT_FLOOR;
+            log.not_before = log.len + COMPACT_FLOOR;
         }
         result
     }
@@ -344,7 +345,6 @@ impl Inner {
         info!(journal = %path.display(), before = log.len, after = len, "journal: rewritten");
         log.file = Arc::new(file);
         log.len = len;
-        log.compact_at = 2 * len + COMPACT_FLOOR;
         Ok(())
     }
 
@@ -355,16 +355,27 @@ impl Inner {
         }
     }
 
-    /// Whether the journal has outgrown its bound (checked under the lock).
+    /// Whether a rewrite is due (checked under the lock): none running and
+    /// the journal more than twice the objects held, past the floor.
     fn due(log: &Log) -> bool {
-        log.len > log.compact_at && log.pending.is_none()
+        log.pending.is_none() && log.len > log.not_before && log.len > 2 * log.live + COMPACT_FLOOR
+    }
+
+    /// The object at `location`, if any.
+    async fn current(&self, location: &Path) -> object_store::Result<Option<ObjectMeta>> {
+        match self.memory.head(location).await {
+            Ok(meta) => Ok(Some(meta)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     async fn delete_one(&self, location: &Path) -> object_store::Result<()> {
         let mut log = self.log.lock().await;
-        if self.memory.head(location).await.is_ok() {
+        if let Some(meta) = self.current(location).await? {
             self.append(&mut log, &frame(DELETE, location, &[])?)?;
             self.memory.delete(location).await?;
+            log.live = log.live.saturating_sub(meta.size);
             if Self::due(&log) {
                 drop(log);
                 self.rewrite_if_due().await;
@@ -398,10 +409,11 @@ impl ObjectStore for Journal {
         let mut log = inner.log.lock().await;
         // The conditions are checked here, before the journal is written;
         // every write holds the lock, so they still hold when applied.
+        let current = inner.current(location).await?;
         match &opts.mode {
             PutMode::Overwrite => {}
             PutMode::Create => {
-                if inner.memory.head(location).await.is_ok() {
+                if current.is_some() {
                     return Err(object_store::Error::AlreadyExists {
                         path: location.to_string(),
                         source: "object exists".into(),
@@ -409,22 +421,20 @@ impl ObjectStore for Journal {
                 }
             }
             PutMode::Update(v) => {
-                let current = match inner.memory.head(location).await {
-                    Ok(meta) => meta.e_tag,
-                    Err(object_store::Error::NotFound { .. }) => None,
-                    Err(e) => return Err(e),
-                };
-                if current.is_none() || current != v.e_tag {
+                let e_tag = current.as_ref().and_then(|meta| meta.e_tag.clone());
+                if e_tag.is_none() || e_tag != v.e_tag {
                     return Err(object_store::Error::Precondition {
                         path: location.to_string(),
-                        source: format!("{current:?} does not match {:?}", v.e_tag).into(),
+                        source: format!("{e_tag:?} does not match {:?}", v.e_tag).into(),
                     });
                 }
             }
         }
         let bytes = Bytes::from(payload);
+        let size = bytes.len() as u64;
         inner.append(&mut log, &frame(PUT, location, &bytes)?)?;
         let result = inner.memory.put_opts(location, bytes.into(), opts).await?;
+        log.live = log.live.saturating_sub(current.map_or(0, |meta| meta.size)) + size;
         if Inner::due(&log) {
             drop(log);
             inner.rewrite_if_due().await;
@@ -500,7 +510,8 @@ impl ObjectStore for Journal {
     ) -> object_store::Result<()> {
         let inner = &self.inner;
         let mut log = inner.log.lock().await;
-        if matches!(options.mode, CopyMode::Create) && inner.memory.head(to).await.is_ok() {
+        let current = inner.current(to).await?;
+        if matches!(options.mode, CopyMode::Create) && current.is_some() {
             return Err(object_store::Error::AlreadyExists {
                 path: to.to_string(),
                 source: "object exists".into(),
@@ -509,6 +520,8 @@ impl ObjectStore for Journal {
         let bytes = inner.memory.get(from).await?.bytes().await?;
         inner.append(&mut log, &frame(PUT, to, &bytes)?)?;
         inner.memory.copy_opts(from, to, options).await?;
+        log.live =
+            log.live.saturating_sub(current.map_or(0, |meta| meta.size)) + bytes.len() as u64;
         if Inner::due(&log) {
             drop(log);
             inner.rewrite_if_due().await;
