@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ese::codec::Codec;
+use ese::model::{Channel, SendKind};
 use ese::phone::Normalizer;
+use ese::records::SendRequest;
 use ese::stages::users::UserUpsert;
 use serde_json::json;
 
@@ -77,6 +79,31 @@ fn avro(c: &mut Criterion) {
     });
     g.bench_function("decode", |b| {
         b.iter(|| rt.block_on(codec.decode::<UserUpsert>(std::hint::black_box(&bytes))))
+    });
+    g.finish();
+
+    // A send record: its ids are a union (`["string", "long"]`, schema v2),
+    // which goes through apache-avro's `Value` rather than serde directly.
+    let send = SendRequest {
+        message_id: uuid::Uuid::now_v7(),
+        campaign_id: Some(uuid::Uuid::now_v7()),
+        recipient: "+14155552671".into(),
+        channel: Channel::Sms,
+        body: "Hi Ada, your order shipped.".into(),
+        attempt: 1,
+        kind: SendKind::Campaign,
+        not_before: None,
+    };
+    let bytes = rt
+        .block_on(codec.encode("messages.send", &send))
+        .expect("encodes");
+    let mut g = c.benchmark_group("avro_send_request");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("encode", |b| {
+        b.iter(|| rt.block_on(codec.encode("messages.send", std::hint::black_box(&send))))
+    });
+    g.bench_function("decode", |b| {
+        b.iter(|| rt.block_on(codec.decode::<SendRequest>(std::hint::black_box(&bytes))))
     });
     g.finish();
 }
