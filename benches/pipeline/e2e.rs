@@ -158,7 +158,8 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
     let campaign: uuid::Uuid = client
         .query_one(
             "WITH t AS (INSERT INTO templates (name, content) VALUES ('e2e', 'Hello') RETURNING id),
-                  s AS (INSERT INTO segments (name, filter_criteria) VALUES ('e2e', '{}') RETURNING id)
+                  s AS (INSERT INTO segments (name, filter_criteria) VALUES ('e2e',
+                          '{\"attribute\": \"plan\", \"operator\": \"equals\", \"value\": \"webhooks\"}') RETURNING id)
              INSERT INTO campaigns (name, template_id, segment_id, status)
              SELECT 'e2e webhooks', t.id, s.id, 'RUNNING' FROM t, s RETURNING id",
             &[],

@@ -206,8 +206,13 @@ impl Driver {
     }
 
     /// Fans out every campaign that needs it and no other process holds.
+    /// One that fails (a stored segment or template that no longer parses,
+    /// say) is logged with its id and retried on the next pass; the others
+    /// go on (ids are time-ordered, so an old broken campaign would otherwise
+    /// hold up every newer one).
     async fn pass(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let mut client = self.pool.get().await?;
+        let mut failed = None;
         let ids: Vec<Uuid> = client
             .query(WORK, &[])
             .await?
@@ -230,9 +235,12 @@ impl Driver {
             client
                 .execute("SELECT pg_advisory_unlock($1)", &[&key])
                 .await?;
-            result?;
+            if let Err(e) = result {
+                tracing::warn!(campaign = %id, error = %e, "fan-out of this campaign failed; the others go on");
+                failed.get_or_insert(e);
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     async fn plan(&self, client: &deadpool_postgres::Client, id: Uuid) -> anyhow::Result<Plan> {

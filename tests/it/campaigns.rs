@@ -954,6 +954,54 @@ async fn fanout_pauses_resumes_skips_missing_variables_and_completes() {
     fanout.stop().await;
 }
 
+/// A running campaign whose stored segment no longer parses (written by
+/// hand) fails alone: a newer campaign still fans out, and the broken one
+/// gets no messages.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_campaign_does_not_hold_up_the_fanout_of_the_others() {
+    let app = TestApp::spawn().await;
+    let api = app.start_api().await;
+    app.seed_users(10, "'{\"plan\": \"pro\"}'::jsonb").await;
+    let filter = json!({"attribute": "plan", "operator": "equals", "value": "pro"});
+    let broken = campaign(&api, "broken", "Hi", filter.clone()).await;
+    let fine = campaign(&api, "fine", "Hello", filter).await;
+    assert!(broken < fine, "the broken campaign comes first by id");
+    for id in [broken, fine] {
+        api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/ready"), None)
+            .await;
+    }
+    let c = app.pool.get().await.unwrap();
+    c.execute(
+        "UPDATE segments SET filter_criteria = '{}'
+          WHERE id = (SELECT segment_id FROM campaigns WHERE id = $1)",
+        &[&broken],
+    )
+    .await
+    .unwrap();
+    let fanout = app.start_stage("fanout");
+    app.wait_for_count(
+        &format!("SELECT count(*) FROM fanout_progress WHERE finished AND campaign_id = '{fine}'"),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM messages WHERE campaign_id = '{fine}'"
+        ))
+        .await,
+        10
+    );
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM messages WHERE campaign_id = '{broken}'"
+        ))
+        .await,
+        0
+    );
+    fanout.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn fanout_killed_midway_resumes_with_exactly_one_message_and_send_each() {
     const USERS: i64 = 10_000;

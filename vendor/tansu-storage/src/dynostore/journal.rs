@@ -176,7 +176,17 @@ impl Journal {
                     },
                 }
                 frames += 1;
+                let before = good;
                 good += 4 + 4 + 3 + location.as_ref().len() as u64 + payload.len() as u64;
+                // A long load says how far it is, every 256 MiB.
+                if good >> 28 != before >> 28 {
+                    info!(
+                        journal = %path.display(),
+                        loaded_mib = good >> 20,
+                        of_mib = total >> 20,
+                        "journal: loading"
+                    );
+                }
             }
         }
         if good < total {
