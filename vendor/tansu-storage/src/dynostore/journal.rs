@@ -150,12 +150,28 @@ impl Journal {
             .truncate(false)
             .open(&path)
             .map_err(|e| generic(format!("{}: {e}", path.display())))?;
-        file.try_lock().map_err(|e| {
-            generic(format!(
-                "{}: in use by another process ({e}); one broker per data folder",
-                path.display()
-            ))
-        })?;
+        // The lock of a journal just closed in this process can outlive it
+        // by the length of a flush (the flushing thread holds the file), so
+        // a busy lock is retried for a moment before it is refused.
+        let mut tries = 0;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if tries < 40 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(generic(format!(
+                        "{}: in use by another process; one broker per data folder",
+                        path.display()
+                    )));
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(generic(format!("{}: cannot lock it: {e}", path.display())));
+                }
+            }
+        }
 
         let memory = InMemory::new();
         let total = file
