@@ -25,8 +25,7 @@ SELECT id FROM campaigns
 const DONE: &str = "
 SELECT c.id FROM campaigns c JOIN fanout_progress f ON f.campaign_id = c.id
  WHERE c.status = 'RUNNING' AND f.finished
-   AND NOT EXISTS (SELECT 1 FROM messages m
-                    WHERE m.campaign_id = c.id AND m.status IN ('QUEUED', 'SENDING', 'SENT'))
+   AND NOT ese_campaign_pending(c.id)
  ORDER BY c.id LIMIT 100
  FOR UPDATE OF c SKIP LOCKED";
 

@@ -94,9 +94,10 @@ SELECT x.id, x.p, x.c, x.b, x.k, x.kind
        AS x(id, p, c, b, k, kind)
 ON CONFLICT (idempotency_key) DO NOTHING";
 
+/// Found by key; status compared so no index covers it (`sender::sql`).
 const QUEUED_REPLIES: &str = "
 SELECT id, recipient_phone, channel, rendered_content, idempotency_key, kind FROM messages
- WHERE idempotency_key = ANY($1::text[]) AND status = 'QUEUED'";
+ WHERE idempotency_key = ANY($1::text[]) AND status || '' = 'QUEUED'";
 
 /// The consent stage.
 pub struct Consent {
