@@ -4,6 +4,12 @@
 //! build; `-- --help` lists them). Each runs on a fresh database and fresh
 //! topics, on the embedded broker unless `KAFKA_BROKERS` is set.
 
+// The embedded broker and the load generator run in this process on the
+// allocator `ese` runs on: on glibc's malloc the broker spent a fifth of
+// its time allocating, which `ese up` never does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 

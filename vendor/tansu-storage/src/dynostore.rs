@@ -329,6 +329,51 @@ struct Watermark {
     low: Option<i64>,
     high: Option<i64>,
     timestamps: Option<BTreeMap<i64, i64>>,
+    /// ese patch: the next sequence of each idempotent producer on this
+    /// partition, with the epoch it counts in. Kept here, beside the high
+    /// watermark it advances with, rather than in the cluster's `meta`:
+    /// updating `meta` cloned, encoded and stored every producer's
+    /// sequences and every topic's metadata on each produce. At most
+    /// [`PRODUCERS_PER_PARTITION`], the lowest (oldest) ids dropped first.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    producers: BTreeMap<ProducerId, (ProducerEpoch, Sequence)>,
+}
+
+/// ese patch: how many producers' sequences a partition keeps; a producer
+/// dropped from it counts on from what `meta` last held for it.
+const PRODUCERS_PER_PARTITION: usize = 64;
+
+impl Watermark {
+    /// ese patch: checks `batch`'s sequence against the producer's
+    /// next one here (`fallback` when this partition has none for it) and
+    /// advances it.
+    fn sequence(&mut self, batch: &deflated::Batch, fallback: Sequence) -> Result<()> {
+        let next = match self.producers.get(&batch.producer_id) {
+            Some((epoch, next)) if *epoch == batch.producer_epoch => *next,
+            // A new epoch counts from zero.
+            Some(_) => 0,
+            None => fallback,
+        };
+        if next < batch.base_sequence {
+            debug!(next, base_sequence = batch.base_sequence);
+            return Err(Error::Api(ErrorCode::OutOfOrderSequenceNumber));
+        }
+        if next > batch.base_sequence {
+            debug!(next, base_sequence = batch.base_sequence);
+            return Err(Error::Api(ErrorCode::DuplicateSequenceNumber));
+        }
+        _ = self.producers.insert(
+            batch.producer_id,
+            (
+                batch.producer_epoch,
+                next + batch.last_offset_delta + 1,
+            ),
+        );
+        while self.producers.len() > PRODUCERS_PER_PARTITION {
+            _ = self.producers.pop_first();
+        }
+        Ok(())
+    }
 }
 
 impl OptiCon<Watermark> {
@@ -350,6 +395,19 @@ fn json_content_type() -> Attributes {
 }
 
 impl DynoStore {
+    /// ese patch: the watermark handle of a partition, made on first use
+    /// (its path was built on every call before, used or not).
+    fn watermark(&self, topition: &Topition) -> Result<OptiCon<Watermark>> {
+        let mut locked = self.watermarks.lock()?;
+        if let Some(watermark) = locked.get(topition) {
+            return Ok(watermark.to_owned());
+        }
+        Ok(locked
+            .entry(topition.to_owned())
+            .or_insert_with(|| OptiCon::<Watermark>::new(self.cluster.as_str(), topition))
+            .to_owned())
+    }
+
     pub fn new(cluster: &str, node: i32, object_store: impl ObjectStore) -> Self {
         let batches: Arc<DynObjectStore> = Arc::new(object_store);
         Self {
@@ -688,14 +746,7 @@ impl DynoStore {
                     }
                 }
                 if let Some(log_start) = log_start {
-                    let watermark = self.watermarks.lock().map(|mut locked| {
-                        locked
-                            .entry(topition.to_owned())
-                            .or_insert_with(|| {
-                                OptiCon::<Watermark>::new(self.cluster.as_str(), &topition)
-                            })
-                            .to_owned()
-                    })?;
+                    let watermark = self.watermark(&topition)?;
                     watermark
                         .with_mut(&self.object_store, |watermark| {
                             watermark.low = Some(watermark.low.unwrap_or(0).max(log_start));
@@ -740,12 +791,7 @@ impl DynoStore {
                 .unwrap_or(false)
         {
             // Get watermark to calculate proper offset for lake sink
-            let watermark = self.watermarks.lock().map(|mut locked| {
-                locked
-                    .entry(topition.to_owned())
-                    .or_insert_with(|| OptiCon::<Watermark>::new(self.cluster.as_str(), topition))
-                    .to_owned()
-            })?;
+            let watermark = self.watermark(&topition)?;
 
             let offset = watermark
                 .with_mut(&self.object_store, |watermark| {
@@ -800,57 +846,37 @@ impl DynoStore {
 
             Ok(offset)
         } else {
-            if deflated.is_idempotent() {
-                self.meta
-                .with_mut(&self.object_store, |meta| {
-                    let Some(pd) = meta.producers.get_mut(&deflated.producer_id) else {
-                        debug!(producer_id = deflated.producer_id, ?meta.producers);
-                        return Err(Error::Api(ErrorCode::UnknownProducerId));
-                    };
-
-                    let Some(mut current) = pd.sequences.last_entry() else {
-                        debug!(last_entry = ?pd.sequences.last_entry());
-                        return Err(Error::Api(ErrorCode::UnknownServerError));
-                    };
-
-                    if current.key() != &deflated.producer_epoch {
-                        debug!(current = ?current.key(), producer_epoch = deflated.producer_epoch);
-                        return Err(Error::Api(ErrorCode::ProducerFenced));
-                    }
-
-                    let sequences = current.get_mut();
-                    debug!(?sequences);
-
-                    match sequences
-                        .entry(topition.topic.clone())
-                        .or_default()
-                        .entry(topition.partition)
-                        .or_default()
-                    {
-                        sequence if *sequence < deflated.base_sequence => {
-                            debug!(?sequence, base_sequence = deflated.base_sequence);
-
-                            Err(Error::Api(ErrorCode::OutOfOrderSequenceNumber))
-                        }
-
-                        sequence if *sequence > deflated.base_sequence => {
-                            debug!(?sequence, base_sequence = deflated.base_sequence);
-
-                            Err(Error::Api(ErrorCode::DuplicateSequenceNumber))
-                        }
-
-                        sequence => {
-                            debug!(?sequence, delta = deflated.last_offset_delta + 1);
-
-                            *sequence += deflated.last_offset_delta + 1;
-                            Ok(())
-                        }
-                    }
-                })
-                .await
-                .inspect(|outcome| debug!(transaction_id, ?topition, ?outcome))
-                .inspect_err(|err| error!(?err, transaction_id, ?topition))?;
-            }
+            // ese patch: the producer's epoch is checked against `meta`
+            // (read, not rewritten); its sequence on this partition is
+            // checked and advanced with the high watermark below.
+            let fallback = if deflated.is_idempotent() {
+                Some(
+                    self.meta
+                        .with(&self.object_store, |meta| {
+                            let Some(pd) = meta.producers.get(&deflated.producer_id) else {
+                                debug!(producer_id = deflated.producer_id);
+                                return Err(Error::Api(ErrorCode::UnknownProducerId));
+                            };
+                            let Some((epoch, sequences)) = pd.sequences.last_key_value() else {
+                                return Err(Error::Api(ErrorCode::UnknownServerError));
+                            };
+                            if *epoch != deflated.producer_epoch {
+                                debug!(current = epoch, producer_epoch = deflated.producer_epoch);
+                                return Err(Error::Api(ErrorCode::ProducerFenced));
+                            }
+                            // Where a store written before this patch left it.
+                            Ok(sequences
+                                .get(&topition.topic)
+                                .and_then(|partitions| partitions.get(&topition.partition))
+                                .copied()
+                                .unwrap_or(0))
+                        })
+                        .await
+                        .inspect_err(|err| error!(?err, transaction_id, ?topition))?,
+                )
+            } else {
+                None
+            };
 
             if let Some(ref registry) = self.schemas {
                 let batch_attribute = BatchAttribute::try_from(deflated.attributes)
@@ -867,16 +893,15 @@ impl DynoStore {
                 }
             }
 
-            let watermark = self.watermarks.lock().map(|mut locked| {
-                locked
-                    .entry(topition.to_owned())
-                    .or_insert_with(|| OptiCon::<Watermark>::new(self.cluster.as_str(), topition))
-                    .to_owned()
-            })?;
+            let watermark = self.watermark(&topition)?;
 
             let offset = watermark
                 .with_mut(&self.object_store, |watermark| {
                     debug!(?watermark);
+
+                    if let Some(fallback) = fallback {
+                        watermark.sequence(&deflated, fallback)?;
+                    }
 
                     let offset = watermark.high.unwrap_or_default();
                     watermark.high = watermark.high.map_or_else(
@@ -1069,12 +1094,7 @@ impl Storage for DynoStore {
                 for partition in 0..topic.num_partitions {
                     let topition = Topition::new(topic.name.as_str(), partition);
 
-                    let watermark = self.watermarks.lock().map(|mut locked| {
-                        locked
-                            .entry(topition.to_owned())
-                            .or_insert(OptiCon::<Watermark>::new(self.cluster.as_str(), &topition))
-                            .to_owned()
-                    })?;
+                    let watermark = self.watermark(&topition)?;
 
                     watermark
                         .with_mut(&self.object_store, |watermark| {
@@ -1355,12 +1375,7 @@ impl Storage for DynoStore {
 
         debug!(?stable);
 
-        let watermark = self.watermarks.lock().map(|mut locked| {
-            locked
-                .entry(topition.to_owned())
-                .or_insert(OptiCon::<Watermark>::new(self.cluster.as_str(), topition))
-                .to_owned()
-        })?;
+        let watermark = self.watermark(&topition)?;
 
         watermark
             .with(&self.object_store, |watermark| {
@@ -3204,6 +3219,47 @@ where
 mod tests {
 
     use super::*;
+
+    /// ese patch: idempotent sequences kept in the partition's watermark.
+    #[test]
+    fn sequences_per_partition() -> Result<()> {
+        let batch = |producer_id, producer_epoch, base_sequence, last_offset_delta| deflated::Batch {
+            producer_id,
+            producer_epoch,
+            base_sequence,
+            last_offset_delta,
+            ..Default::default()
+        };
+        let mut w = Watermark::default();
+        // A partition stored before the patch counts on from `meta`'s sequence.
+        w.sequence(&batch(7, 0, 5, 2), 5)?;
+        assert!(matches!(
+            w.sequence(&batch(7, 0, 5, 2), 0),
+            Err(Error::Api(ErrorCode::DuplicateSequenceNumber))
+        ));
+        assert!(matches!(
+            w.sequence(&batch(7, 0, 9, 0), 0),
+            Err(Error::Api(ErrorCode::OutOfOrderSequenceNumber))
+        ));
+        w.sequence(&batch(7, 0, 8, 0), 0)?;
+        assert_eq!(Some(&(0, 9)), w.producers.get(&7));
+        // A new epoch counts from zero.
+        w.sequence(&batch(7, 1, 0, 3), 0)?;
+        assert_eq!(Some(&(1, 4)), w.producers.get(&7));
+        // Encoded and read back alike; a watermark stored before has none.
+        let back: Watermark = serde_json::from_slice(&serde_json::to_vec(&w)?)?;
+        assert_eq!(w, back);
+        let old: Watermark = serde_json::from_str(r#"{"low":0,"high":10,"timestamps":null}"#)?;
+        assert!(old.producers.is_empty());
+        // Bounded: the oldest producers go first.
+        for id in 100..200 {
+            w.sequence(&batch(id, 0, 0, 0), 0)?;
+        }
+        assert_eq!(PRODUCERS_PER_PARTITION, w.producers.len());
+        assert!(!w.producers.contains_key(&7));
+        assert!(w.producers.contains_key(&199));
+        Ok(())
+    }
 
     #[test]
     fn range_check() {
