@@ -7,7 +7,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ese::codec::Codec;
 use ese::model::{Channel, SendKind};
 use ese::phone::Normalizer;
-use ese::records::SendRequest;
+use ese::records::{Record, SendRequest};
 use ese::stages::users::UserUpsert;
 use serde_json::json;
 
@@ -69,18 +69,7 @@ fn avro(c: &mut Criterion) {
         attributes,
         occurred_at: 1_700_000_000_000,
     };
-    let bytes = rt
-        .block_on(codec.encode("users.upserts", &u))
-        .expect("encodes");
-    let mut g = c.benchmark_group("avro_user_upsert");
-    g.throughput(Throughput::Elements(1));
-    g.bench_function("encode", |b| {
-        b.iter(|| rt.block_on(codec.encode("users.upserts", std::hint::black_box(&u))))
-    });
-    g.bench_function("decode", |b| {
-        b.iter(|| rt.block_on(codec.decode::<UserUpsert>(std::hint::black_box(&bytes))))
-    });
-    g.finish();
+    encode_decode(c, &rt, &codec, "avro_user_upsert", "users.upserts", &u);
 
     // A send record: its ids are a union (`["string", "long"]`, schema v2),
     // which goes through apache-avro's `Value` rather than serde directly.
@@ -94,16 +83,26 @@ fn avro(c: &mut Criterion) {
         kind: SendKind::Campaign,
         not_before: None,
     };
-    let bytes = rt
-        .block_on(codec.encode("messages.send", &send))
-        .expect("encodes");
-    let mut g = c.benchmark_group("avro_send_request");
+    encode_decode(c, &rt, &codec, "avro_send_request", "messages.send", &send);
+}
+
+/// Criterion group `group`: one `item` encoded for `topic`, and decoded.
+fn encode_decode<R: Record>(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    codec: &Codec,
+    group: &str,
+    topic: &str,
+    item: &R,
+) {
+    let bytes = rt.block_on(codec.encode(topic, item)).expect("encodes");
+    let mut g = c.benchmark_group(group);
     g.throughput(Throughput::Elements(1));
     g.bench_function("encode", |b| {
-        b.iter(|| rt.block_on(codec.encode("messages.send", std::hint::black_box(&send))))
+        b.iter(|| rt.block_on(codec.encode(topic, std::hint::black_box(item))))
     });
     g.bench_function("decode", |b| {
-        b.iter(|| rt.block_on(codec.decode::<SendRequest>(std::hint::black_box(&bytes))))
+        b.iter(|| rt.block_on(codec.decode::<R>(std::hint::black_box(&bytes))))
     });
     g.finish();
 }
