@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+// The journal of `file://` storage in its folder (vendor/tansu-storage).
+use tansu_storage::JOURNAL_FILE as JOURNAL;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct KafkaConfig {
@@ -135,8 +138,6 @@ pub struct BrokerConfig {
     pub data_dir: String,
 }
 
-/// The journal of `file://` storage in its folder (vendor/tansu-storage).
-const JOURNAL: &str = "broker.journal";
 
 impl BrokerConfig {
     /// The data folder (see `data-dir`).

@@ -568,6 +568,17 @@ impl DynoStore {
     }
 }
 
+/// ese patch: logs why a produce was refused. An answer to the producer
+/// (a duplicate batch retried after a broker restart, an out-of-order
+/// sequence, an old epoch) is part of the protocol, logged at debug;
+/// anything else is the storage failing, logged as an error.
+fn produce_refused(err: &Error, transaction_id: Option<&str>, topition: &Topition) {
+    match err {
+        Error::Api(code) => debug!(?code, transaction_id, ?topition, "produce refused"),
+        otherwise => error!(?otherwise, transaction_id, ?topition),
+    }
+}
+
 impl DynoStore {
     /// ese patch: the start of the batch that holds `offset` (the greatest
     /// batch start at or below it), from a listing of the partition's batches.
@@ -577,33 +588,13 @@ impl DynoStore {
         offset: i64,
         high_watermark: i64,
     ) -> Result<Option<i64>> {
-        let location = Path::from(format!(
-            "clusters/{}/topics/{}/partitions/{:0>10}/records/",
-            self.cluster, topition.topic, topition.partition
-        ));
-
-        let mut list_stream = self.object_store.list(Some(&location));
-        let mut holding = None;
-
-        while let Some(meta) = list_stream
-            .next()
-            .await
-            .transpose()
-            .inspect_err(|error| error!(?error, ?topition, ?offset))
-            .map_err(|_| Error::Api(ErrorCode::UnknownServerError))?
-        {
-            let Some(name) = meta.location.parts().next_back() else {
-                continue;
-            };
-
-            let start = i64::from_str(&name.as_ref()[0..20])?;
-
-            if start <= offset && start < high_watermark && holding.is_none_or(|h| start > h) {
-                holding = Some(start);
-            }
-        }
-
-        Ok(holding)
+        Ok(self
+            .batch_starts(topition)
+            .await?
+            .into_iter()
+            .map(|(start, _)| start)
+            .take_while(|start| *start <= offset && *start < high_watermark)
+            .last())
     }
 
     /// ese patch: the partition's batches, by start offset.
@@ -872,7 +863,7 @@ impl DynoStore {
                                 .unwrap_or(0))
                         })
                         .await
-                        .inspect_err(|err| error!(?err, transaction_id, ?topition))?,
+                        .inspect_err(|err| produce_refused(err, transaction_id, topition))?,
                 )
             } else {
                 None
@@ -917,7 +908,7 @@ impl DynoStore {
                 })
                 .await
                 .inspect(|offset| debug!(offset, transaction_id, ?topition))
-                .inspect_err(|err| error!(?err, transaction_id, ?topition))?;
+                .inspect_err(|err| produce_refused(err, transaction_id, topition))?;
 
             let attributes =
                 BatchAttribute::try_from(deflated.attributes).inspect_err(|err| debug!(?err))?;

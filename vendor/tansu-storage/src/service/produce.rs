@@ -168,6 +168,11 @@ impl ProduceService {
                     .produce(transaction_id, &tp, batch)
                     .await
                     .inspect_err(|err| match err {
+                        // ese patch: a retried batch already stored is
+                        // answered as the protocol says, not a fault.
+                        Error::Api(ErrorCode::DuplicateSequenceNumber) => {
+                            debug!(?err)
+                        }
                         storage_api @ Error::Api(_) => {
                             warn!(?storage_api)
                         }
