@@ -167,6 +167,10 @@ const FINISHED: &str = "
 UPDATE fanout_progress SET finished = true, finished_at = now(), updated_at = now()
  WHERE campaign_id = $1";
 
+/// A page looks at most this many pages' worth of `seq` (a sparse audience
+/// gives smaller pages; a page never reads more than this many users).
+const WINDOW_PAGES: i64 = 8;
+
 /// A page written to Postgres whose send records are still to be produced.
 struct Page {
     /// Last user id the page covers.
@@ -264,10 +268,17 @@ impl Driver {
         // ~30 ms per page, these nothing measurable. The channel is one of
         // the enum's fixed names, so it is written in the text; the
         // filter's values are parameters from $4.
+        //
+        // The page walks a window of `seq` (the subquery, kept apart from the
+        // filter by `OFFSET 0`): a segment on an attribute value newer than
+        // the table's statistics is estimated at a handful of rows, and the
+        // planner then read the whole segment through the GIN index and
+        // sorted it for every page (0.14–0.28 s a page of a 100,000 segment,
+        // O(segment × pages)); a window bounds each page whatever the plan.
         let page_sql = format!(
-            "SELECT u.seq, u.phone_e164, u.attributes FROM users u
-              WHERE u.seq > $1 AND ($2::bigint IS NULL OR u.seq <= $2)
-                AND ((u.consent_state = 'OPT_IN' AND u.phone_e164 NOT IN (
+            "SELECT u.seq, u.phone_e164, u.attributes
+               FROM (SELECT * FROM users WHERE seq > $1 AND seq <= $2 ORDER BY seq OFFSET 0) u
+              WHERE ((u.consent_state = 'OPT_IN' AND u.phone_e164 NOT IN (
                         SELECT uc.phone_number FROM user_channels uc
                          WHERE uc.channel = '{c}' AND uc.consent_state = 'OPT_OUT'))
                      OR u.phone_e164 IN (
@@ -386,20 +397,14 @@ impl Driver {
         reasons: &mut BTreeMap<String, i64>,
     ) -> anyhow::Result<Option<Page>> {
         let id = plan.id;
-        let upper = redo.as_ref().map(|r| r.0);
         let tx = client.transaction().await?;
-        let limit = if redo.is_some() {
-            i64::MAX
-        } else {
-            self.page_size
+        let (users, end) = match &redo {
+            Some((to, _)) => (self.users(&tx, plan, cursor, *to, i64::MAX).await?, *to),
+            None => match self.next_users(&tx, plan, cursor).await? {
+                Some(found) => found,
+                None => return Ok(None),
+            },
         };
-        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            vec![&cursor, &upper, &limit];
-        params.extend(plan.filter.refs());
-        let users = tx.query(&plan.page_sql, &params).await?;
-        if users.is_empty() && redo.is_none() {
-            return Ok(None);
-        }
         let (mut phones, mut bodies) = (Vec::new(), Vec::new());
         let mut contents: Vec<Option<serde_json::Value>> = Vec::new();
         let mut skipped = 0i64;
@@ -443,11 +448,6 @@ impl Driver {
                 }
             }
         }
-        let end: i64 = match (upper, users.last()) {
-            (Some(to), _) => to,
-            (None, Some(u)) => u.get(0),
-            (None, None) => cursor,
-        };
         // UUIDv7 made here: time-ordered like the SQL default, without a
         // function call per row in the database (BENCHMARKS.md "which UUIDs").
         let ids: Vec<Uuid> = phones.iter().map(|_| Uuid::now_v7()).collect();
@@ -502,6 +502,52 @@ impl Driver {
             skipped,
             messages,
         }))
+    }
+
+    /// The audience after `cursor`: at most a page of users and the last
+    /// `seq` the page covers, walking windows of `seq` until one has
+    /// someone; `None` past the last user.
+    async fn next_users(
+        &self,
+        tx: &Transaction<'_>,
+        plan: &Plan,
+        mut cursor: i64,
+    ) -> anyhow::Result<Option<(Vec<tokio_postgres::Row>, i64)>> {
+        let last: i64 = tx
+            .query_one("SELECT coalesce(max(seq), 0) FROM users", &[])
+            .await?
+            .get(0);
+        while cursor < last {
+            let to = cursor
+                .saturating_add(self.page_size.saturating_mul(WINDOW_PAGES))
+                .min(last);
+            let users = self.users(tx, plan, cursor, to, self.page_size).await?;
+            match users.last() {
+                // A full page ends at its last user, the rest of the window
+                // is the next page's.
+                Some(u) if users.len() as i64 >= self.page_size => {
+                    let end = u.get(0);
+                    return Ok(Some((users, end)));
+                }
+                Some(_) => return Ok(Some((users, to))),
+                None => cursor = to,
+            }
+        }
+        Ok(None)
+    }
+
+    /// The campaign's audience with `seq` in (`from`, `to`], at most `limit`.
+    async fn users(
+        &self,
+        tx: &Transaction<'_>,
+        plan: &Plan,
+        from: i64,
+        to: i64,
+        limit: i64,
+    ) -> anyhow::Result<Vec<tokio_postgres::Row>> {
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&from, &to, &limit];
+        params.extend(plan.filter.refs());
+        Ok(tx.query(&plan.page_sql, &params).await?)
     }
 
     /// Produces a page's send records; returns how many were acknowledged.

@@ -954,6 +954,60 @@ async fn fanout_pauses_resumes_skips_missing_variables_and_completes() {
     fanout.stop().await;
 }
 
+/// A sparse audience spread over far more users than a page: every member
+/// gets exactly one message and one send record, across windows of users
+/// with nobody in them and a cluster that fills several pages.
+#[tokio::test(flavor = "multi_thread")]
+async fn fanout_walks_a_sparse_audience_across_empty_windows() {
+    let app =
+        TestApp::spawn_with(toml::from_str("[campaigns]\nfanout-page-size = 3").unwrap()).await;
+    let api = app.start_api().await;
+    // 400 users; the audience is every 90th (90, 180, 270, 360) and a run
+    // of ten (201-210): 14 people, with stretches of 89 users between.
+    app.seed_users(
+        400,
+        "CASE WHEN i % 90 = 0 OR i BETWEEN 201 AND 210 THEN '{\"plan\": \"rare\"}'::jsonb
+              ELSE '{\"plan\": \"basic\"}'::jsonb END",
+    )
+    .await;
+    let id = campaign(
+        &api,
+        "sparse",
+        "Hi",
+        json!({"attribute": "plan", "operator": "equals", "value": "rare"}),
+    )
+    .await;
+    api.expect(200, "POST", &format!("/api/v1/campaigns/{id}/ready"), None)
+        .await;
+    let fanout = app.start_stage("fanout");
+    app.wait_for_count(
+        "SELECT count(*) FROM fanout_progress WHERE finished",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        app.count(
+            "SELECT count(DISTINCT m.recipient_phone) FROM messages m
+               JOIN users u ON u.phone_e164 = m.recipient_phone
+              WHERE u.attributes->>'plan' = 'rare'"
+        )
+        .await,
+        14,
+        "every member of the audience has a message"
+    );
+    assert_eq!(app.count("SELECT count(*) FROM messages").await, 14);
+    let sends = app.read_topic(&app.topic("sends"), 15, Duration::from_secs(5));
+    let ids: HashSet<Vec<u8>> = sends.iter().filter_map(|r| r.key.clone()).collect();
+    assert_eq!(sends.len(), 14, "one send record each");
+    assert_eq!(ids.len(), 14, "to 14 different people");
+    let got = api
+        .expect(200, "GET", &format!("/api/v1/campaigns/{id}"), None)
+        .await;
+    assert_eq!(got["fanout"]["messages_created"], 14);
+    fanout.stop().await;
+}
+
 /// A running campaign whose stored segment no longer parses (written by
 /// hand) fails alone: a newer campaign still fans out, and the broken one
 /// gets no messages.
