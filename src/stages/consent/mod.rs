@@ -92,7 +92,7 @@ INSERT INTO messages (id, recipient_phone, channel, rendered_content, idempotenc
 SELECT x.id, x.p, x.c, x.b, x.k, x.kind
   FROM unnest($6::uuid[], $1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
        AS x(id, p, c, b, k, kind)
-ON CONFLICT (idempotency_key) DO NOTHING";
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING";
 
 /// Found by key; status compared so no index covers it (`sender::sql`).
 const QUEUED_REPLIES: &str = "
