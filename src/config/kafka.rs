@@ -138,7 +138,6 @@ pub struct BrokerConfig {
     pub data_dir: String,
 }
 
-
 impl BrokerConfig {
     /// The data folder (see `data-dir`).
     pub fn data_dir(&self) -> std::path::PathBuf {
