@@ -164,6 +164,55 @@ async fn campaign_of_500_runs_end_to_end_matching_the_simulator() {
     stages.stop().await;
 }
 
+/// The provider answers a send 2 s late, long after both of its status
+/// callbacks are stored (parked: no message has the SID yet). The sender
+/// writes each SID and folds the callbacks that beat it: every message ends
+/// DELIVERED, none stays parked.
+#[tokio::test(flavor = "multi_thread")]
+async fn callbacks_that_beat_the_providers_answer_are_folded_when_the_sid_is_written() {
+    let l = Loop::start(
+        r#"
+        [provider]
+        timeout = "5s"
+        [sender]
+        reconcile-after = "10s"
+        [provider-sim]
+        api-latency = "2s"
+        "#,
+    )
+    .await;
+    users(&l, 20, "UTC").await;
+    let stages = Stages::start(&l, 1);
+    start_campaign(&l, "late answers", json!({"rate_limit_per_second": 1000})).await;
+    wait_until(
+        "every message delivered",
+        Duration::from_secs(60),
+        async || {
+            l.app
+                .count("SELECT count(*) FROM messages WHERE status = 'DELIVERED'")
+                .await
+                == 20
+        },
+    )
+    .await;
+    assert_eq!(
+        l.app
+            .count(
+                "SELECT count(*) FROM messages
+                  WHERE delivered_at < claimed_at + interval '2 seconds' AND sent_at <= delivered_at"
+            )
+            .await,
+        20,
+        "each delivery was stored before the provider answered"
+    );
+    assert_eq!(
+        l.app.count("SELECT count(*) FROM receipts_unmatched").await,
+        0,
+        "nothing left parked"
+    );
+    stages.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn opt_out_after_fanout_is_never_messaged_and_pause_holds_everything() {
     // 55 sendable at 5/s with the limiter's burst of 20 take ~7 s, so the
