@@ -184,17 +184,13 @@ async fn callbacks_that_beat_the_providers_answer_are_folded_when_the_sid_is_wri
     users(&l, 20, "UTC").await;
     let stages = Stages::start(&l, 1);
     start_campaign(&l, "late answers", json!({"rate_limit_per_second": 1000})).await;
-    wait_until(
-        "every message delivered",
-        Duration::from_secs(60),
-        async || {
-            l.app
-                .count("SELECT count(*) FROM messages WHERE status = 'DELIVERED'")
-                .await
-                == 20
-        },
-    )
-    .await;
+    l.app
+        .wait_for_count(
+            "SELECT count(*) FROM messages WHERE status = 'DELIVERED'",
+            20,
+            Duration::from_secs(60),
+        )
+        .await;
     assert_eq!(
         l.app
             .count(

@@ -503,15 +503,7 @@ impl Sender {
         client
             .execute(&client.prepare_cached(SENT).await?, &[&ids, &sids])
             .await?;
-        // Nearly always no callback is stored yet; the fold (planned anew on
-        // every call, ~1.3 ms) runs only when one is.
-        let beaten = client
-            .query_opt(&client.prepare_cached(RECEIVED).await?, &[&sids])
-            .await?;
-        if beaten.is_some() {
-            client.query(APPLY_RECEIPTS, &[&sids]).await?;
-        }
-        Ok(())
+        fold_beaten(&client, &sids).await
     }
 
     async fn claim(&self, ids: &[Uuid]) -> anyhow::Result<HashSet<Uuid>> {
@@ -536,4 +528,21 @@ impl Sender {
         histogram!(crate::metrics::names::SENDER_RATE_LIMIT_WAIT_SECONDS)
             .record(started.elapsed().as_secs_f64());
     }
+}
+
+/// Folds the status callbacks that beat `sids`, once those SIDs are
+/// committed on their messages (the sender's answer, the pump's
+/// reconciliation). Nearly always none is stored yet; the fold (planned
+/// anew on every call, ~1.3 ms) runs only when one is.
+pub(super) async fn fold_beaten(
+    client: &deadpool_postgres::Client,
+    sids: &[&str],
+) -> anyhow::Result<()> {
+    let beaten = client
+        .query_opt(&client.prepare_cached(RECEIVED).await?, &[&sids])
+        .await?;
+    if beaten.is_some() {
+        client.query(APPLY_RECEIPTS, &[&sids]).await?;
+    }
+    Ok(())
 }

@@ -11,7 +11,7 @@ use metrics::counter;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::sql::APPLY_RECEIPTS;
+use super::fold_beaten;
 use crate::codec::Codec;
 use crate::kafka::Producer;
 use crate::model::Channel;
@@ -145,7 +145,7 @@ impl Pump {
                             &[&id, &sid, &claimed],
                         )
                         .await?;
-                    client.query(APPLY_RECEIPTS, &[&vec![sid.as_str()]]).await?;
+                    fold_beaten(client, &[sid.as_str()]).await?;
                     counter!(crate::metrics::names::SENDER_RECONCILED_TOTAL, "outcome" => "sent")
                         .increment(1);
                     info!(message = %id, sid, "reconciled: the provider has it");
