@@ -189,21 +189,30 @@ async fn assert_nothing_lost(l: &Loop, campaign: uuid::Uuid, inbound_accepted: u
         .await;
     assert_eq!(unique, receipts, "no receipt stored twice");
 
-    // Sends: the simulator's count per recipient is exactly the messages sent to it.
-    let stats = l.stats().await;
-    let seen: BTreeMap<String, i64> =
-        serde_json::from_value(stats["per_recipient"].clone()).expect("per_recipient");
+    // Sends: the simulator's count per recipient is exactly the messages sent
+    // to it, once the sends still going on (a reply retried, one left to the
+    // reconciler) are over: both sides are read until they agree or 60 s pass.
     let c = l.app.pool.get().await.expect("db");
-    let sent: BTreeMap<String, i64> = c
-        .query(
-            "SELECT recipient_phone, count(*) FROM messages WHERE provider_sid IS NOT NULL GROUP BY 1",
-            &[],
-        )
-        .await
-        .expect("sent per recipient")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (seen, sent) = loop {
+        let stats = l.stats().await;
+        let seen: BTreeMap<String, i64> =
+            serde_json::from_value(stats["per_recipient"].clone()).expect("per_recipient");
+        let sent: BTreeMap<String, i64> = c
+            .query(
+                "SELECT recipient_phone, count(*) FROM messages WHERE provider_sid IS NOT NULL GROUP BY 1",
+                &[],
+            )
+            .await
+            .expect("sent per recipient")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        if seen == sent || Instant::now() > deadline {
+            break (seen, sent);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
     assert_eq!(seen, sent, "simulator sends per recipient vs messages sent");
     // Recipients who never opted out: each sent exactly once. Texters: sent
     // (while opted in) or held back as opted out, never both.
