@@ -6,6 +6,10 @@
 /// new status, sent at, delivered at).
 pub const APPLY_RECEIPTS: &str = "SELECT message_id, old_status, new_status, sent_at, delivered_at FROM ese_apply_receipts($1::text[])";
 
+/// `ese_receipts_stored(sids)`: whether any of the SIDs has a status
+/// callback stored (one that beat the sender's write of its SID).
+pub const RECEIPTS_STORED: &str = "SELECT ese_receipts_stored($1::text[])";
+
 /// `ese_apply_consent(phones, channels, states, at, sources, keywords, event
 /// ids)`: consent decisions by event time, every one kept in
 /// `consent_events`; a decision with a channel is that channel's alone.

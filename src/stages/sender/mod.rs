@@ -538,10 +538,11 @@ pub(super) async fn fold_beaten(
     client: &deadpool_postgres::Client,
     sids: &[&str],
 ) -> anyhow::Result<()> {
-    let beaten = client
-        .query_opt(&client.prepare_cached(RECEIVED).await?, &[&sids])
-        .await?;
-    if beaten.is_some() {
+    let beaten: bool = client
+        .query_one(&client.prepare_cached(RECEIPTS_STORED).await?, &[&sids])
+        .await?
+        .get(0);
+    if beaten {
         client.query(APPLY_RECEIPTS, &[&sids]).await?;
     }
     Ok(())

@@ -65,9 +65,4 @@ UPDATE messages m SET status = 'QUEUED', retry_count = m.retry_count + 1, error_
   FROM unnest($1::uuid[], $2::int[], $3::text[]) AS x(id, c, r)
  WHERE m.id = x.id AND m.status || '' = 'SENDING'";
 
-/// Whether any of these SIDs has a status callback stored (one that beat
-/// the sender's write of its SID, to be folded in).
-pub const RECEIVED: &str = "
-SELECT 1 FROM delivery_receipts WHERE message_sid = ANY($1::text[]) LIMIT 1";
-
-pub use crate::db::calls::APPLY_RECEIPTS;
+pub use crate::db::calls::{APPLY_RECEIPTS, RECEIPTS_STORED};
