@@ -155,14 +155,18 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-/// Builds the pool shared by every stage of the process (no connection is made yet).
+/// Builds the pool shared by every stage of the process (no connection is
+/// made yet). A connection is handed out again as long as it is open
+/// (`Fast`): `Verified` spent a round trip on an empty query before every
+/// transaction, and a connection that dies after the check fails its
+/// statement all the same, which every caller retries as transient.
 pub fn pool(cfg: &DatabaseConfig) -> anyhow::Result<Pool> {
     let t = target(&cfg.url)?;
     let manager = Manager::from_config(
         t.config,
         t.tls,
         ManagerConfig {
-            recycling_method: RecyclingMethod::Verified,
+            recycling_method: RecyclingMethod::Fast,
         },
     );
     Pool::builder(manager)
