@@ -24,10 +24,32 @@ use tansu_sans_io::{
     metadata_response::MetadataResponseTopic,
     record::deflated::{Batch, Frame},
 };
+use tokio::sync::Notify;
 use tokio::time::sleep;
 use tracing::{debug, error, instrument};
 
 use crate::{Error, Result, Storage, Topition};
+
+// ese patch: a produce wakes the fetches waiting on its topic, which looked
+// again every 20 ms instead (a caught-up consumer cost a storage read of
+// each of its partitions 50 times a second, and data waited up to 20 ms).
+static PRODUCED: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Notify>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// The wake-up of fetches waiting on `topic`.
+fn on_produce(topic: &str) -> std::sync::Arc<Notify> {
+    let mut map = PRODUCED.lock().unwrap_or_else(|p| p.into_inner());
+    map.entry(topic.to_owned()).or_default().clone()
+}
+
+/// Wakes the fetches waiting on `topic` (called once a produce is stored).
+pub(crate) fn produced(topic: &str) {
+    let map = PRODUCED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = map.get(topic) {
+        n.notify_waiters();
+    }
+}
 
 /// A [`Service`] using [`Storage`] as [`Context`] taking [`FetchRequest`] returning [`FetchResponse`].
 /// ```
@@ -270,7 +292,7 @@ impl FetchService {
         max_bytes: &mut u32,
         isolation: IsolationLevel,
         fetch: &FetchTopic,
-        _is_first: bool,
+        names: &mut Vec<String>,
     ) -> Result<FetchableTopicResponse>
     where
         G: Storage,
@@ -285,6 +307,9 @@ impl FetchService {
             ..
         }) = metadata.topics().first()
         {
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_owned());
+            }
             let mut partitions = Vec::new();
 
             for fetch_partition in fetch.partitions.as_ref().unwrap_or(&Vec::new()) {
@@ -334,14 +359,22 @@ impl FetchService {
             let mut iteration = 0;
             let mut elapsed = Duration::from_millis(0);
             let mut bytes = 0;
+            let mut names = Vec::new();
 
             while elapsed <= max_wait && bytes <= min_bytes {
                 debug!(?elapsed, ?max_wait, ?bytes, ?min_bytes);
 
-                let enumerate = topics.iter().enumerate();
+                // ese patch: listen for produces before looking, so none
+                // stored after the look is missed.
+                let wakes: Vec<_> = names.iter().map(|n: &String| on_produce(n)).collect();
+                let mut waits: Vec<_> = wakes.iter().map(|w| Box::pin(w.notified())).collect();
+                for w in &mut waits {
+                    let _ = w.as_mut().enable();
+                }
+
                 responses.clear();
 
-                for (i, fetch) in enumerate {
+                for fetch in topics {
                     let fetch_response = self
                         .fetch_topic(
                             ctx.clone(),
@@ -350,7 +383,7 @@ impl FetchService {
                             max_bytes,
                             isolation,
                             fetch,
-                            i == 0,
+                            &mut names,
                         )
                         .await?;
 
@@ -375,12 +408,17 @@ impl FetchService {
                 // ese patch: answer as soon as min_bytes are there (this slept
                 // after finding data too, up to half of max_wait, so every
                 // fetch took >= 250 ms under librdkafka's default 500 ms), and
-                // look again every 20 ms while waiting rather than at halving
-                // intervals (data arriving mid-wait waited up to 250 ms).
+                // while waiting look again when a topic of the fetch is
+                // produced to (on the first look its topics' names were not
+                // known yet, so look once more at once, listening).
                 if bytes >= min_bytes.max(1) || remaining.is_zero() {
                     break;
                 }
-                sleep(remaining.min(Duration::from_millis(20))).await;
+                if !waits.is_empty() {
+                    let _ = tokio::time::timeout(remaining, futures::future::select_all(waits)).await;
+                } else if names.is_empty() {
+                    sleep(remaining.min(Duration::from_millis(20))).await;
+                }
 
                 iteration += 1;
             }

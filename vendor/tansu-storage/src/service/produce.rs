@@ -194,6 +194,8 @@ impl ProduceService {
             }
 
             if let Some(base_offset) = base_offset {
+                // ese patch: wake the fetches waiting on this topic.
+                super::fetch::produced(name);
                 PartitionProduceResponse::default()
                     .index(partition.index)
                     .error_code(ErrorCode::None.into())
