@@ -320,12 +320,16 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let page = http
-        .get(format!("http://{metrics}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics_page = || async {
+        anyhow::Ok(
+            http.get(format!("http://{metrics}/metrics"))
+                .send()
+                .await?
+                .text()
+                .await?,
+        )
+    };
+    let page = metrics_page().await?;
     for stage in ["normalize", "receipts"] {
         let none = Default::default();
         println!(
@@ -438,16 +442,7 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
         )
         .await?
         .get(0);
-    let scrape = || async {
-        let page = http
-            .get(format!("http://{metrics}/metrics"))
-            .send()
-            .await?
-            .text()
-            .await?;
-        anyhow::Ok(campaign_counts(&page))
-    };
-    let base = scrape().await?;
+    let base = campaign_counts(&metrics_page().await?);
     let cpu0 = cpu_seconds(pid);
     let t0 = Instant::now();
     let r = http
@@ -468,7 +463,7 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
         // 5%, and at each look once the metrics say all are final. Counting
         // them every second took a few percent of PostgreSQL's time from the
         // engine it measures (60–75 ms a count).
-        let (sent, fin) = scrape().await?;
+        let (sent, fin) = campaign_counts(&metrics_page().await?);
         let (sent, fin) = ((sent - base.0) as i64, (fin - base.1) as i64);
         let every = if fin >= users {
             Duration::ZERO
