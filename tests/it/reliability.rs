@@ -93,16 +93,29 @@ async fn lines(l: &Loop, sql: &str) -> Vec<String> {
         .collect()
 }
 
-/// Polls `sql` (one bigint) until it equals `want`; returns the last value.
-async fn settle(l: &Loop, sql: &str, want: i64, timeout: Duration) -> i64 {
+/// Reads a pair of values until they agree or `timeout` passes; returns the
+/// last pair read.
+async fn agree<T, F, Fut>(timeout: Duration, mut read: F) -> (T, T)
+where
+    T: PartialEq,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (T, T)>,
+{
     let deadline = Instant::now() + timeout;
     loop {
-        let n = l.app.count(sql).await;
-        if n == want || Instant::now() > deadline {
-            return n;
+        let (a, b) = read().await;
+        if a == b || Instant::now() > deadline {
+            return (a, b);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Polls `sql` (one bigint) until it equals `want`; returns the last value.
+async fn settle(l: &Loop, sql: &str, want: i64, timeout: Duration) -> i64 {
+    agree(timeout, || async { (l.app.count(sql).await, want) })
+        .await
+        .0
 }
 
 /// The checks every scenario ends with: every webhook answered 2xx is in
@@ -169,16 +182,13 @@ async fn assert_nothing_lost(l: &Loop, campaign: uuid::Uuid, inbound_accepted: u
 
     // Status callbacks: once the simulator is done, one receipt per callback
     // the bridge answered 2xx.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (callbacks, receipts) = loop {
+    let (callbacks, receipts) = agree(Duration::from_secs(60), || async {
         let stats = l.stats().await;
         let callbacks = stats["callbacks"]["sent"].as_i64().unwrap_or(-1);
         let receipts = l.app.count("SELECT count(*) FROM delivery_receipts").await;
-        if callbacks == receipts || Instant::now() > deadline {
-            break (callbacks, receipts);
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+        (callbacks, receipts)
+    })
+    .await;
     assert_eq!(
         receipts, callbacks,
         "status callbacks answered 2xx vs receipt rows"
@@ -193,8 +203,7 @@ async fn assert_nothing_lost(l: &Loop, campaign: uuid::Uuid, inbound_accepted: u
     // to it, once the sends still going on (a reply retried, one left to the
     // reconciler) are over: both sides are read until they agree or 60 s pass.
     let c = l.app.pool.get().await.expect("db");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (seen, sent) = loop {
+    let (seen, sent) = agree(Duration::from_secs(60), || async {
         let stats = l.stats().await;
         let seen: BTreeMap<String, i64> =
             serde_json::from_value(stats["per_recipient"].clone()).expect("per_recipient");
@@ -208,11 +217,9 @@ async fn assert_nothing_lost(l: &Loop, campaign: uuid::Uuid, inbound_accepted: u
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        if seen == sent || Instant::now() > deadline {
-            break (seen, sent);
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+        (seen, sent)
+    })
+    .await;
     assert_eq!(seen, sent, "simulator sends per recipient vs messages sent");
     // Recipients who never opted out: each sent exactly once. Texters: sent
     // (while opted in) or held back as opted out, never both.
