@@ -26,6 +26,16 @@ async fn fresh_database_gets_the_full_schema_and_refuses_bad_data() {
         .unwrap()
         .get(0);
     assert_eq!(gin, 1, "GIN index on users.attributes");
+    // Room on each users page for the delivery stamp's HOT update (V17).
+    let options: Option<Vec<String>> = c
+        .query_one(
+            "SELECT reloptions FROM pg_class WHERE oid = 'users'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(options, Some(vec!["fillfactor=90".to_string()]));
 
     // Migrating again is a no-op.
     let again = ese::db::migrate(&app.settings.database.url).await.unwrap();
