@@ -4,7 +4,9 @@
 //! Postgres, with lag, CPU and memory sampled every second; then a campaign
 //! through fan-out → sender → simulator → signed callbacks → receipts until
 //! every message is final. The ceilings beneath (bare produce and consume on
-//! the same broker, COPY of the same rows) are measured in the same run.
+//! the same broker, COPY of the same rows) are measured in the same run,
+//! and for each phase how busy the whole machine was and how much of its
+//! CPU the host took away (steal).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,6 +78,37 @@ fn cpu_seconds(pid: u32) -> f64 {
             .unwrap_or(0.0)
     };
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The whole machine's CPU ticks since boot, from `/proc/stat`: (busy,
+/// stolen by the host, all). Steal is time the VM wanted a core and the
+/// host gave it to someone else: it slows every figure beside it.
+fn machine_ticks() -> (f64, f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    // cpu user nice system idle iowait irq softirq steal …
+    let t: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let at = |i: usize| t.get(i).copied().unwrap_or(0.0);
+    let all: f64 = t.iter().sum();
+    (all - at(3) - at(4) - at(7), at(7), all)
+}
+
+/// The machine's share of CPU busy and stolen since `before`.
+fn machine_line(before: (f64, f64, f64)) -> String {
+    let now = machine_ticks();
+    let all = (now.2 - before.2).max(1.0);
+    format!(
+        "machine: CPU {:.0}% busy, {:.0}% stolen by the host",
+        100.0 * (now.0 - before.0) / all,
+        100.0 * (now.1 - before.1) / all
+    )
 }
 
 /// Kills the engine on every exit path.
@@ -288,6 +321,7 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
         }
     };
     let cpu0 = cpu_seconds(pid);
+    let machine0 = machine_ticks();
     let t0 = Instant::now();
     let load = tokio::spawn({
         let bodies = bodies.clone();
@@ -310,6 +344,7 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
     }
     let caught_up = t0.elapsed();
     let cpu = cpu_seconds(pid) - cpu0;
+    let machine = machine_line(machine0);
     let load = load.await??;
     load.print("webhooks accepted (HTTP)");
     println!(
@@ -418,6 +453,7 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
         100.0 * cpu / secs,
         samples.last().map_or(0, |s| s.2) / 1024
     );
+    println!("  {machine}");
 
     // A campaign at rate limit off: start → every message final.
     client
@@ -444,6 +480,7 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
         .get(0);
     let base = campaign_counts(&metrics_page().await?);
     let cpu0 = cpu_seconds(pid);
+    let machine0 = machine_ticks();
     let t0 = Instant::now();
     let r = http
         .post(format!("http://{admin}/api/v1/campaigns/{id}/start"))
@@ -529,6 +566,7 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
         100.0 * (cpu_seconds(pid) - cpu0) / took.as_secs_f64(),
         super::fanout::peak_rss_kib(pid).unwrap_or(0) / 1024
     );
+    println!("  {}", machine_line(machine0));
     drop(engine);
     let _ = std::fs::remove_file(&config);
     Ok(())
