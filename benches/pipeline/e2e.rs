@@ -111,6 +111,82 @@ fn machine_line(before: (f64, f64, f64)) -> String {
     )
 }
 
+/// The rows a campaign of `users` writes, written by plain SQL on one
+/// connection with nothing else running: the messages copied in QUEUED, then
+/// 50 at a time claimed and sent with a SID (as the sender's chunks), two
+/// receipts each copied in (sent, delivered), and those folded into their
+/// messages 50 SIDs at a time by the engine's own fold. No HTTP, no Kafka,
+/// no consent or campaign checks: the database's share of a campaign.
+async fn campaign_writes(
+    client: &deadpool_postgres::Client,
+    users: i64,
+) -> anyhow::Result<Duration> {
+    const CHUNK: usize = 50;
+    let campaign: uuid::Uuid = client
+        .query_one(
+            "INSERT INTO campaigns (name, template_id, segment_id, status)
+             SELECT 'e2e ceiling', template_id, segment_id, 'RUNNING'
+               FROM campaigns WHERE name = 'e2e campaign' RETURNING id",
+            &[],
+        )
+        .await?
+        .get(0);
+    let ids: Vec<uuid::Uuid> = (0..users).map(|_| uuid::Uuid::now_v7()).collect();
+    let sids: Vec<String> = (0..users).map(|i| format!("SMceiling{i:023x}")).collect();
+    let started = Instant::now();
+    let sink = client
+        .copy_in(
+            "COPY messages (id, campaign_id, recipient_phone, rendered_content) FROM STDIN BINARY",
+        )
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, &[Type::UUID, Type::UUID, Type::TEXT, Type::TEXT]);
+    futures::pin_mut!(writer);
+    for (i, id) in ids.iter().enumerate() {
+        let phone = format!("+1415{}", 2_000_001 + i);
+        writer
+            .as_mut()
+            .write(&[id, &campaign, &phone, &"Hi"])
+            .await?;
+    }
+    writer.finish().await?;
+    let claim = client
+        .prepare(
+            "UPDATE messages SET status = 'SENDING', claimed_at = now(), updated_at = now()
+              WHERE id = ANY($1)",
+        )
+        .await?;
+    let sent = client
+        .prepare(
+            "UPDATE messages m SET status = 'SENT', provider_sid = x.sid, sent_at = now(), updated_at = now()
+               FROM unnest($1::uuid[], $2::text[]) AS x(id, sid) WHERE m.id = x.id",
+        )
+        .await?;
+    for (ids, sids) in ids.chunks(CHUNK).zip(sids.chunks(CHUNK)) {
+        client.execute(&claim, &[&ids]).await?;
+        client.execute(&sent, &[&ids, &sids]).await?;
+    }
+    let sink = client
+        .copy_in("COPY delivery_receipts (event_id, message_sid, message_status, raw_payload) FROM STDIN BINARY")
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, &[Type::UUID, Type::TEXT, Type::TEXT, Type::JSONB]);
+    futures::pin_mut!(writer);
+    for sid in &sids {
+        for status in ["sent", "delivered"] {
+            let payload = serde_json::json!({"MessageSid": sid, "MessageStatus": status});
+            writer
+                .as_mut()
+                .write(&[&uuid::Uuid::new_v4(), sid, &status, &payload])
+                .await?;
+        }
+    }
+    writer.finish().await?;
+    let fold = client.prepare(ese::db::calls::APPLY_RECEIPTS).await?;
+    for sids in sids.chunks(CHUNK) {
+        client.query(&fold, &[&sids]).await?;
+    }
+    Ok(started.elapsed())
+}
+
 /// Kills the engine on every exit path.
 struct Engine(std::process::Child);
 
@@ -569,5 +645,16 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
     println!("  {}", machine_line(machine0));
     drop(engine);
     let _ = std::fs::remove_file(&config);
+
+    // The campaign's own ceiling, the engine stopped: the same rows written
+    // by plain SQL on one connection.
+    let machine0 = machine_ticks();
+    let alone = campaign_writes(&client, users).await?;
+    println!(
+        "  ceiling: the campaign's writes alone, one connection {:>6.1} s ({:.0}% of the campaign's time); {}",
+        alone.as_secs_f64(),
+        100.0 * alone.as_secs_f64() / took.as_secs_f64(),
+        machine_line(machine0)
+    );
     Ok(())
 }
