@@ -111,28 +111,39 @@ fn machine_line(before: (f64, f64, f64)) -> String {
     )
 }
 
-/// The rows a campaign of `users` writes, written by plain SQL on one
-/// connection with nothing else running: the messages copied in QUEUED, then
+/// The rows `campaign` wrote, written again by plain SQL on one connection
+/// for a copy of it, with nothing else running: the messages copied in QUEUED, then
 /// 50 at a time claimed and sent with a SID (as the sender's chunks), two
 /// receipts each copied in (sent, delivered), and those folded into their
 /// messages 50 SIDs at a time by the engine's own fold. No HTTP, no Kafka,
 /// no consent or campaign checks: the database's share of a campaign.
 async fn campaign_writes(
     client: &deadpool_postgres::Client,
-    users: i64,
+    campaign: uuid::Uuid,
 ) -> anyhow::Result<Duration> {
     const CHUNK: usize = 50;
+    let phones: Vec<String> = client
+        .query(
+            "SELECT recipient_phone FROM messages WHERE campaign_id = $1",
+            &[&campaign],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     let campaign: uuid::Uuid = client
         .query_one(
             "INSERT INTO campaigns (name, template_id, segment_id, status)
              SELECT 'e2e ceiling', template_id, segment_id, 'RUNNING'
-               FROM campaigns WHERE name = 'e2e campaign' RETURNING id",
-            &[],
+               FROM campaigns WHERE id = $1 RETURNING id",
+            &[&campaign],
         )
         .await?
         .get(0);
-    let ids: Vec<uuid::Uuid> = (0..users).map(|_| uuid::Uuid::now_v7()).collect();
-    let sids: Vec<String> = (0..users).map(|i| format!("SMceiling{i:023x}")).collect();
+    let ids: Vec<uuid::Uuid> = phones.iter().map(|_| uuid::Uuid::now_v7()).collect();
+    let sids: Vec<String> = (0..phones.len())
+        .map(|i| format!("SMceiling{i:023x}"))
+        .collect();
     let started = Instant::now();
     let sink = client
         .copy_in(
@@ -141,11 +152,10 @@ async fn campaign_writes(
         .await?;
     let writer = BinaryCopyInWriter::new(sink, &[Type::UUID, Type::UUID, Type::TEXT, Type::TEXT]);
     futures::pin_mut!(writer);
-    for (i, id) in ids.iter().enumerate() {
-        let phone = format!("+1415{}", 2_000_001 + i);
+    for (id, phone) in ids.iter().zip(&phones) {
         writer
             .as_mut()
-            .write(&[id, &campaign, &phone, &"Hi"])
+            .write(&[id, &campaign, phone, &"Hi"])
             .await?;
     }
     writer.finish().await?;
@@ -649,7 +659,7 @@ async fn run(scratch: &Scratch, per_second: u32, seconds: u64, users: i64) -> an
     // The campaign's own ceiling, the engine stopped: the same rows written
     // by plain SQL on one connection.
     let machine0 = machine_ticks();
-    let alone = campaign_writes(&client, users).await?;
+    let alone = campaign_writes(&client, id).await?;
     println!(
         "  ceiling: the campaign's writes alone, one connection {:>6.1} s ({:.0}% of the campaign's time); {}",
         alone.as_secs_f64(),
